@@ -1,0 +1,244 @@
+"""The one DeepSpeed wrapper: distributed init, ds_config resolution, initialize, checkpoints.
+
+Recipes never call `deepspeed.*` directly; they go through this module so that batch-size
+arithmetic, dtype choice, ZeRO-3 parameter gathering and checkpoint layout live in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from shield_ds import dist
+from shield_ds.errors import ShieldError
+
+log = dist.get_logger("engine")
+
+COMPLETE_MARKER = "COMPLETE"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+# --- distributed init ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 60) -> None:
+    """Start torch.distributed through DeepSpeed, whichever way the ranks were launched.
+
+    The deepspeed launcher and torchrun set RANK/WORLD_SIZE/...; Slurm (srun) and Open MPI
+    variables are mapped by `shield_ds.launch.env`; a plain `python recipe.py` becomes a
+    one-rank group on a free local port.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    from shield_ds.launch.env import export_distributed_env
+
+    export_distributed_env()
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
+    dist.setup_logging()
+
+
+# --- ds_config ---------------------------------------------------------------------------------
+def load_ds_config(path_or_dict: str | os.PathLike | dict) -> dict:
+    """Read a DeepSpeed JSON config (a path, or a name under ds_configs/); errors name the file."""
+    if isinstance(path_or_dict, dict):
+        return copy.deepcopy(path_or_dict)
+    path = Path(path_or_dict)
+    if not path.exists() and (DS_CONFIG_DIR / path).exists():
+        path = DS_CONFIG_DIR / path
+    if not path.is_file():
+        raise ShieldError(f"{path}: DeepSpeed config not found")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShieldError(f"{path}: malformed DeepSpeed config JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(config, dict):
+        raise ShieldError(f"{path}: a DeepSpeed config must be a JSON object")
+    return config
+
+
+def _set_dotted(config: dict, dotted: str, value: Any) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`zero_optimization.stage=3` -> ("zero_optimization.stage", 3) (values parsed as JSON when possible)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ShieldError(f"ds override {text!r}: expected KEY.PATH=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    elif isinstance(node, str) and node == "auto":
+        return path
+    return None
+
+
+def resolve_ds_config(config: str | os.PathLike | dict, *, micro_batch_size: int, grad_accum: int = 1,
+                      world_size: int | None = None, lr: float | None = None,
+                      overrides: Iterable[str] | dict[str, Any] | None = None, source: str | None = None) -> dict:
+    """A ds_config with batch sizes computed here (no unresolved "auto") and overrides applied."""
+    cfg = load_ds_config(config)
+    source = source or (str(config) if not isinstance(config, dict) else "ds_config")
+    world = world_size if world_size is not None else dist.world_size()
+    cfg["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+    cfg["gradient_accumulation_steps"] = int(grad_accum)
+    cfg["train_batch_size"] = int(micro_batch_size) * int(grad_accum) * int(world)
+    if lr is not None and isinstance(cfg.get("optimizer"), dict):
+        cfg["optimizer"].setdefault("params", {})["lr"] = float(lr)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for key, value in items:
+        _set_dotted(cfg, key, value)
+    auto = _find_auto(cfg)
+    if auto:
+        raise ShieldError(f"{source}: '{auto}' is \"auto\"; shield-ds computes batch sizes itself, "
+                          f"set a value or remove the key")
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def config_dtype(ds_config: dict) -> torch.dtype:
+    """The parameter dtype a ds_config trains/infers in."""
+    if ds_config.get("bf16", {}).get("enabled", False) is True:
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False) is True:
+        return torch.float16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def gathered(params: torch.nn.Parameter | list[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters for reading (or writing on `modifier_rank`); no-op otherwise.
+
+    Collective under ZeRO-3: every rank must enter it with the same parameters.
+    """
+    plist = params if isinstance(params, (list, tuple)) else [params]
+    partitioned = [p for p in plist if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+# --- the engine --------------------------------------------------------------------------------
+class ShieldEngine:
+    """Owns deepspeed.initialize for a model, plus save/load of complete-or-absent checkpoints."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, *, training: bool,
+                 optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None):
+        import deepspeed
+
+        self.ds_config = ds_config
+        self.training = training
+        params = [p for p in model.parameters() if p.requires_grad] if training else None
+        if training and not params:
+            raise ShieldError("no trainable parameters (is the neuron set empty?)")
+        if not training:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        self.ds, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            config=ds_config, dist_init_required=False)
+        self.module: torch.nn.Module = self.ds.module
+        if not training:
+            self.module.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.ds(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def is_accumulation_boundary(self) -> bool:
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def step(self) -> None:
+        self.ds.step()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+                        keep_last: int | None = None) -> Path:
+        """Save tag `step-N`; a checkpoint counts only once its COMPLETE marker exists."""
+        ckpt_dir = Path(ckpt_dir)
+        tag = f"step-{step:08d}"
+        if dist.is_rank0():
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        dist.barrier()
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()
+        if dist.is_rank0():
+            (ckpt_dir / tag / COMPLETE_MARKER).write_text(f"{step}\n")
+            if keep_last:
+                for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return ckpt_dir / tag
+
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint; returns its client state, or None if there is none."""
+        found = complete_checkpoints(ckpt_dir)
+        if not found:
+            return None
+        tag_dir = found[-1]
+        load_path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ShieldError(f"{tag_dir}: checkpoint could not be loaded")
+        log.info("resumed from %s", tag_dir)
+        return client_state
+
+
+def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint tag directories, oldest first (partial ones are ignored)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)
+            and (p / COMPLETE_MARKER).exists()]
+    return sorted(tags, key=lambda p: p.name)

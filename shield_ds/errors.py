@@ -1,0 +1,29 @@
+"""User-facing errors: one line that names the offending thing, and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class ShieldError(Exception):
+    """An error caused by the user's input (files, flags, models); printed as one line."""
+
+
+def exit_on_error(fn: F) -> F:
+    """Decorate a recipe's main(): a ShieldError becomes `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ShieldError as exc:
+            logging.getLogger("shield_ds").debug("user error", exc_info=True)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,48 @@
+"""Greedy generation on any world size, in lockstep under ZeRO-3, gathered on every rank.
+
+Every rank generates for its shard of batches (`shard_batches`, so all ranks run the same number
+of `generate` calls on the same kind of input); with ZeRO-3 and more than one rank `synced_gpus`
+keeps the ranks stepping together until all of them are done. Results do not depend on the
+world size: the batch plan does not, and greedy decoding of a batch does not see other batches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+from shield_ds import dist
+
+
+@torch.no_grad()
+def generate_responses(model: torch.nn.Module, processor, adapter, records: Sequence, *, batch_size: int = 8,
+                       max_new_tokens: int = 64, dtype: torch.dtype = torch.float32, zero3: bool = False,
+                       device: torch.device | None = None, desc: str = "generate") -> dict[str, str]:
+    """{record id: generated text} for all records, identical on every rank."""
+    from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+
+    device = device or dist.device()
+    collator = SafetyCollator(processor, adapter)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    steps = shard_batches(plan_batches(list(records), batch_size), dist.rank(), dist.world_size())
+    synced = zero3 and dist.world_size() > 1
+    mine: dict[str, str] = {}
+    for batch_records, weight in dist.progress(steps, desc=desc, unit="batch"):
+        batch = collator(batch_records).to(device, float_dtype=dtype)
+        out = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad_id, synced_gpus=synced, use_cache=True)
+        new_tokens = out[:, batch.inputs["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if weight > 0:
+            mine.update({r.id: t for r, t in zip(batch_records, texts)})
+    if dist.is_initialized() and dist.world_size() > 1:
+        parts: list[dict[str, str] | None] = [None] * dist.world_size()
+        torch_dist.all_gather_object(parts, mine)
+        merged: dict[str, str] = {}
+        for part in parts:
+            merged.update(part or {})
+        return merged
+    return mine

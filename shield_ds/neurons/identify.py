@@ -1,0 +1,281 @@
+"""Stage 1: find safety neurons from all-reduced activation statistics (the `Identifier` recipe)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import shield_ds
+from shield_ds import dist
+from shield_ds.engine import ShieldEngine, config_dtype, resolve_ds_config, zero_stage, gathered
+from shield_ds.errors import ShieldError
+from shield_ds.io import atomic_dir
+from shield_ds.neurons.neuron_set import META_FILE, SETS_DIR, STATS_FILE, NeuronSet
+from shield_ds.neurons.scores import SCORES, compute_scores
+from shield_ds.neurons.selection import cap_by_param_fraction, param_fraction, select_per_layer
+from shield_ds.neurons.statistics import ActivationStatistics
+
+log = dist.get_logger("identify")
+
+# Settings that must match for an existing output directory to be reused without --overwrite.
+SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "tokens", "languages", "modalities",
+                  "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens")
+
+
+@dataclass
+class IdentifyConfig:
+    model: str
+    harmful: list[str] = field(default_factory=lambda: ["multijail"])
+    benign: list[str] = field(default_factory=lambda: ["multiq"])
+    languages: list[str] | None = None
+    modalities: list[str] = field(default_factory=lambda: ["text", "typographic"])
+    image: str | None = None  # user-supplied image for the "image" modality view
+    score: str = "saliency"
+    ratio: float = 0.01
+    max_param_fraction: float = 0.0003
+    tokens: str = "all"  # "all" prompt tokens, or the "last" one
+    include_image_tokens: bool = False
+    per_group_limit: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    out: str = "runs/identify"
+    ds_config: str | None = "ds_configs/zero3_infer.json"  # None: plain PyTorch in one process
+    ds_overrides: list[str] = field(default_factory=list)
+    offload_params: bool = False
+    data_dir: str | None = None
+    overwrite: bool = False
+
+
+def last_token_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Keep only the last counted token of each sample."""
+    positions = torch.arange(prompt_mask.shape[1], device=prompt_mask.device).expand_as(prompt_mask)
+    last = torch.where(prompt_mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+    out = torch.zeros_like(prompt_mask)
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    out[rows, last[rows]] = True
+    return out
+
+
+def down_column_norms(model: torch.nn.Module, adapter) -> torch.Tensor:
+    """||W_down[:, i]||_2 per layer and neuron, float64 [layers, width]; gathers one layer at a time."""
+    norms = []
+    for layer in adapter.decoder_layers(model):
+        weight = adapter.ffn(layer).down.weight
+        with gathered(weight):
+            norms.append(weight.detach().to(torch.float64).norm(dim=0).cpu())
+    return torch.stack(norms)
+
+
+def load_identify_records(cfg: IdentifyConfig) -> list:
+    """Harmful and benign records with the requested languages and modality views."""
+    from shield_ds.data import load_source, select_records, with_modalities
+
+    harmful = [r for spec in cfg.harmful for r in load_source(spec, label="harmful", data_dir=cfg.data_dir)]
+    benign = [r for spec in cfg.benign for r in load_source(spec, label="benign", data_dir=cfg.data_dir)]
+    records = []
+    for name, recs in (("harmful", harmful), ("benign", benign)):
+        recs = with_modalities(recs, cfg.modalities, image=cfg.image)
+        recs = select_records(recs, languages=cfg.languages, modalities=cfg.modalities,
+                              per_group_limit=cfg.per_group_limit, seed=cfg.seed)
+        if not recs:
+            sources = ", ".join(cfg.harmful if name == "harmful" else cfg.benign)
+            raise ShieldError(f"empty {name} set: no records from {sources} for languages "
+                              f"{cfg.languages or 'all'} and modalities {cfg.modalities}")
+        records.extend(recs)
+    return records
+
+
+def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace an output directory written for another model or configuration."""
+    if overwrite or not out.exists():
+        return
+    meta_path = out / META_FILE
+    if not meta_path.is_file():
+        if any(out.iterdir()):
+            raise ShieldError(f"{out}: exists and is not an identify output directory (use --overwrite)")
+        return
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise ShieldError(f"{meta_path}: unreadable; refusing to replace {out} (use --overwrite)") from None
+    diffs = [k for k in SIGNATURE_KEYS if old.get(k) != signature.get(k)]
+    if diffs:
+        what = "another model" if "config_hash" in diffs else "another configuration (" + ", ".join(diffs) + ")"
+        raise ShieldError(f"{out}: holds neurons identified for {what}; use --overwrite or another --out")
+
+
+class Identifier:
+    """Runs the forward passes, reduces the statistics, selects neurons and writes the outputs."""
+
+    def __init__(self, cfg: IdentifyConfig):
+        if cfg.score not in SCORES:
+            raise ShieldError(f"unknown score {cfg.score!r} (expected one of {', '.join(SCORES)})")
+        if cfg.tokens not in ("all", "last"):
+            raise ShieldError(f"--tokens must be 'all' or 'last', not {cfg.tokens!r}")
+        if not 0 < cfg.ratio <= 1:
+            raise ShieldError(f"--ratio must be in (0, 1], not {cfg.ratio}")
+        self.cfg = cfg
+
+    def signature(self, config_hash: str) -> dict[str, Any]:
+        c = self.cfg
+        return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
+                "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
+                "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
+                "seed": c.seed, "include_image_tokens": c.include_image_tokens}
+
+    def run(self) -> NeuronSet:
+        from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+        from shield_ds.models import config_hash, count_parameters, get_adapter, load_config, load_model
+
+        cfg = self.cfg
+        out = Path(cfg.out)
+        # Everything that can be wrong with the input is checked before the model is loaded.
+        config = load_config(cfg.model)
+        adapter = get_adapter(config)
+        chash = config_hash(config)
+        signature = self.signature(chash)
+        check_output_dir(out, signature, cfg.overwrite)
+        records = load_identify_records(cfg)
+
+        ds_config = None
+        if cfg.ds_config is not None:
+            overrides = list(cfg.ds_overrides)
+            if cfg.offload_params:
+                overrides.append('zero_optimization.offload_param.device="cpu"')
+            ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, overrides=overrides)
+        dtype = config_dtype(ds_config) if ds_config else torch.float32
+        loaded = load_model(cfg.model, ds_config=ds_config if ds_config and zero_stage(ds_config) == 3 else None,
+                            dtype=dtype)
+        if ds_config is not None:
+            engine = ShieldEngine(loaded.model, ds_config, training=False)
+            model, device = engine.module, engine.device
+        else:
+            model, device = loaded.model.eval(), dist.device()
+            model.to(device)
+
+        num_layers = adapter.num_layers(config)
+        width = adapter.intermediate_size(config)
+        groups = sorted({r.group for r in records})
+        stats = ActivationStatistics(groups, num_layers, width, device=device)
+        stats.attach([adapter.neuron_module(layer) for layer in adapter.decoder_layers(model)])
+
+        batches = plan_batches(records, cfg.batch_size)
+        steps = shard_batches(batches, dist.rank(), dist.world_size())
+        collator = SafetyCollator(loaded.processor, adapter, include_image_tokens=cfg.include_image_tokens)
+
+        with contextlib.ExitStack() as stack:
+            staging = stack.enter_context(atomic_dir(out)) if dist.is_rank0() else None
+            writer = dist.Rank0Writer(staging / "tb" if staging else None)
+            stack.callback(writer.close)
+            self._forward_all(model, device, dtype, collator, stats, steps, writer)
+            stats.detach()
+            stats.all_reduce()
+            col_norms = down_column_norms(model, adapter)
+            total_params = count_parameters(model)
+            per_neuron = adapter.param_count_per_neuron(config)
+            meta = {
+                "model": str(cfg.model), "model_type": config.model_type, "num_layers": num_layers,
+                "hidden_size": adapter.hidden_size(config), "intermediate_size": width,
+                "total_params": total_params, "params_per_neuron": per_neuron,
+                "groups": {g: {"records": sum(1 for r in records if r.group == g), "tokens": n}
+                           for g, n in stats.token_counts().items()},
+                "world_size": dist.world_size(), "package_version": shield_ds.__version__,
+                "dtype": str(dtype).replace("torch.", ""), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **signature,
+            }
+            neuron_set = self._select(stats, groups, col_norms, meta, None)
+            if staging is not None:
+                self._write(staging, stats, groups, col_norms, meta, neuron_set)
+                self._report(neuron_set, writer)
+        dist.barrier()
+        return neuron_set
+
+    @torch.no_grad()
+    def _forward_all(self, model, device, dtype, collator, stats, steps, writer) -> None:
+        start, done = time.perf_counter(), 0
+        bar = dist.progress(steps, desc="identify", unit="batch")
+        for step, (batch_records, weight) in enumerate(bar):
+            batch = collator(batch_records, [weight] * len(batch_records))
+            mask = batch.prompt_mask.to(device)
+            if self.cfg.tokens == "last":
+                mask = last_token_mask(mask)
+            stats.set_batch(mask, [r.group if weight > 0 else None for r in batch_records])
+            inputs = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+                      for k, v in batch.inputs.items()}
+            model(**inputs, use_cache=False)
+            stats.clear_batch()
+            done += len(batch_records) if weight > 0 else 0
+            rate = done * dist.world_size() / max(time.perf_counter() - start, 1e-9)
+            writer.scalar("identify/records_per_s", rate, step)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(records_s=f"{rate:.1f}")
+
+    def _select(self, stats: ActivationStatistics, groups: list[str], col_norms: torch.Tensor, meta: dict,
+                restrict: tuple[str, str] | None) -> NeuronSet:
+        """Select from the pooled harmful vs benign groups; `restrict` = ("language"|"modality", value)."""
+        cfg = self.cfg
+
+        def parts(group: str) -> dict[str, str]:
+            label, language, modality = group.split(".")
+            return {"label": label, "language": language, "modality": modality}
+
+        harmful = [g for g in groups if parts(g)["label"] == "harmful"]
+        benign = [g for g in groups if parts(g)["label"] == "benign"]
+        if restrict is not None:
+            key, value = restrict
+            harmful = [g for g in harmful if parts(g)[key] == value]
+            same = [g for g in benign if parts(g)[key] == value]
+            benign = same or benign
+        h_score, b_score = compute_scores(cfg.score, stats.pooled(harmful), stats.pooled(benign), col_norms)
+        selected = select_per_layer(h_score, b_score, cfg.ratio)
+        selected = cap_by_param_fraction(selected, h_score, meta["params_per_neuron"], meta["total_params"],
+                                         cfg.max_param_fraction)
+        set_meta = dict(meta)
+        set_meta["param_fraction"] = param_fraction(selected, meta["params_per_neuron"], meta["total_params"])
+        set_meta["harmful_groups"], set_meta["benign_groups"] = harmful, benign
+        if restrict is not None:
+            set_meta["restricted_to"] = {restrict[0]: restrict[1]}
+        return NeuronSet(selected, set_meta)
+
+    def _write(self, staging: Path, stats, groups, col_norms, meta, neuron_set: NeuronSet) -> None:
+        neuron_set.save(staging)
+        save_file(stats.state_dict(), str(staging / STATS_FILE), metadata={"format": "shield_ds.stats"})
+        harmful = [g.split(".") for g in groups if g.startswith("harmful.")]
+        for key, pos in (("language", 1), ("modality", 2)):
+            for value in sorted({parts[pos] for parts in harmful}):
+                prefix = "lang" if key == "language" else "modality"
+                sub = self._select(stats, groups, col_norms, meta, (key, value))
+                sub.save(staging / SETS_DIR / f"{prefix}-{value}")
+
+    def _report(self, neuron_set: NeuronSet, writer: dist.Rank0Writer) -> None:
+        counts = neuron_set.per_layer_counts()
+        for layer, n in enumerate(counts):
+            writer.scalar("identify/selected_per_layer", n, layer)
+        writer.scalar("identify/param_fraction", neuron_set.param_fraction, 0)
+        writer.scalar("identify/selected_neurons", neuron_set.count, 0)
+        print(format_summary(neuron_set), flush=True)
+
+
+def format_summary(neuron_set: NeuronSet) -> str:
+    """A per-layer table of selected neurons and the totals."""
+    meta = neuron_set.meta
+    width = neuron_set.intermediate_size
+    lines = [f"safety neurons ({meta.get('score')} score, ratio {meta.get('ratio')}, "
+             f"cap {meta.get('max_param_fraction')}) in {meta.get('model')}",
+             f"{'layer':>5}  {'selected':>8}  {'of':>6}  share"]
+    for layer, n in enumerate(neuron_set.per_layer_counts()):
+        lines.append(f"{layer:>5}  {n:>8}  {width:>6}  {n / width:6.2%}")
+    lines.append(f"total {neuron_set.count} neurons = {neuron_set.param_fraction:.6%} of "
+                 f"{meta.get('total_params')} parameters")
+    groups = meta.get("groups", {})
+    if groups:
+        lines.append("groups: " + ", ".join(f"{g}={v['records']}" for g, v in sorted(groups.items())))
+    return "\n".join(lines)

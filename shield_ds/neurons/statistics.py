@@ -1,0 +1,118 @@
+"""Per-neuron activation statistics: forward hooks, float64 accumulation, one coalesced all-reduce.
+
+A neuron is one channel of the input of a decoder layer's down projection. For every group
+(label.language.modality) and neuron we accumulate, per rank, over the selected prompt tokens:
+token count, sum, sum of squares, sum of absolute values and count of positive activations.
+Sums are float64, so the all-reduced result does not depend on how records were split across
+ranks beyond float64 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+from shield_ds import dist
+
+STATS = ("count", "sum", "sumsq", "abssum", "poscount")
+
+
+class ActivationStatistics:
+    """Accumulators of shape [groups, stats, layers, width] in float64 on one device."""
+
+    def __init__(self, groups: Sequence[str], num_layers: int, width: int, device: torch.device | str = "cpu"):
+        self.groups = list(groups)
+        self.group_index = {g: i for i, g in enumerate(self.groups)}
+        self.num_layers = num_layers
+        self.width = width
+        self.acc = torch.zeros(len(self.groups), len(STATS), num_layers, width, dtype=torch.float64, device=device)
+        # Set by the caller before each forward pass.
+        self._token_groups: torch.Tensor | None = None  # [B, T] int64 group index, -1 = ignored token
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # --- batch context -----------------------------------------------------------------------
+    def set_batch(self, token_mask: torch.Tensor, sample_groups: Sequence[str | None]) -> None:
+        """Declare which tokens of the next forward count, and the group of each sample (None = skip)."""
+        ids = torch.tensor([-1 if g is None else self.group_index[g] for g in sample_groups],
+                           dtype=torch.int64, device=token_mask.device)
+        token_groups = ids[:, None].expand_as(token_mask).clone()
+        token_groups[~token_mask.bool()] = -1
+        self._token_groups = token_groups
+
+    def clear_batch(self) -> None:
+        self._token_groups = None
+
+    # --- hooks -------------------------------------------------------------------------------
+    def attach(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Register a forward pre-hook on each layer's down projection (its input = the neurons)."""
+        for layer, module in enumerate(modules):
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, layer: int):
+        def hook(_module, args):
+            if self._token_groups is not None:
+                self.accumulate(layer, args[0])
+            return None
+
+        return hook
+
+    @torch.no_grad()
+    def accumulate(self, layer: int, activations: torch.Tensor) -> None:
+        """Add one layer's activations [B, T, width] for the current batch's counted tokens."""
+        token_groups = self._token_groups
+        if activations.shape[:-1] != token_groups.shape:
+            raise RuntimeError(f"neuron activations of shape {tuple(activations.shape)} do not match the token "
+                               f"mask {tuple(token_groups.shape)} (layer {layer})")
+        flat_groups = token_groups.reshape(-1).to(activations.device)
+        flat = activations.reshape(-1, activations.shape[-1])
+        for g in torch.unique(flat_groups).tolist():
+            if g < 0:
+                continue
+            x = flat[flat_groups == g].to(device=self.acc.device, dtype=torch.float64)
+            acc = self.acc[g, :, layer]  # a view: the in-place adds below update self.acc
+            acc[0] += x.shape[0]
+            acc[1] += x.sum(0)
+            acc[2] += (x * x).sum(0)
+            acc[3] += x.abs().sum(0)
+            acc[4] += (x > 0).sum(0, dtype=torch.float64)
+
+    # --- reduction and access ----------------------------------------------------------------
+    def all_reduce(self) -> None:
+        """Sum the accumulators over all ranks in one collective call."""
+        if dist.is_initialized() and dist.world_size() > 1:
+            torch_dist.all_reduce(self.acc, op=torch_dist.ReduceOp.SUM)
+
+    def get(self, group: str, stat: str) -> torch.Tensor:
+        return self.acc[self.group_index[group], STATS.index(stat)]
+
+    def pooled(self, groups: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Statistics summed over several groups: {stat: [layers, width]}."""
+        idx = [self.group_index[g] for g in groups]
+        total = self.acc[idx].sum(0)
+        return {name: total[i] for i, name in enumerate(STATS)}
+
+    def token_counts(self) -> dict[str, int]:
+        """Counted tokens per group (layer 0, which every forward reaches)."""
+        return {g: int(self.acc[i, 0].max()) for i, g in enumerate(self.groups)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """`{group}.{stat}` -> [layers, width] float64 (the stats.safetensors layout)."""
+        return {f"{g}.{s}": self.acc[gi, si].detach().cpu().contiguous()
+                for gi, g in enumerate(self.groups) for si, s in enumerate(STATS)}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> "ActivationStatistics":
+        groups = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        first = tensors[f"{groups[0]}.count"]
+        stats = cls(groups, first.shape[0], first.shape[1])
+        for gi, g in enumerate(groups):
+            for si, s in enumerate(STATS):
+                stats.acc[gi, si] = tensors[f"{g}.{s}"]
+        return stats
