@@ -1,0 +1,91 @@
+"""`SafetyRecord`: one prompt of the safety data, with its language, label and modality."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shield_ds.errors import ShieldError
+
+# MultiJail's ten languages: high-resource en zh it vi, medium ar ko th, low-resource bn sw jv.
+LANGUAGES: tuple = ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv")
+
+# Every ISO 639-1 code (the two-letter codes; the withdrawn "bh" is left out).
+KNOWN_LANGUAGES: frozenset = frozenset("""
+aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz
+ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii
+ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi
+mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw
+sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk
+ur uz ve vi vo wa wo xh yi yo za zh zu
+""".split())
+
+LABELS: tuple = ("harmful", "benign")
+MODALITIES: tuple = ("text", "image", "typographic")
+
+
+def check_language(code: str) -> str:
+    """Return the normalised (lower-case) ISO 639-1 code; an unknown code is a ShieldError naming it."""
+    norm = str(code).strip().lower()
+    if norm not in KNOWN_LANGUAGES:
+        raise ShieldError(f"unknown language code {code!r} (expected an ISO 639-1 code such as 'en', 'zh', 'sw')")
+    return norm
+
+
+def check_label(label: str) -> str:
+    norm = str(label).strip().lower()
+    if norm not in LABELS:
+        raise ShieldError(f"unknown label {label!r} (expected one of {', '.join(LABELS)})")
+    return norm
+
+
+def check_modality(modality: str) -> str:
+    norm = str(modality).strip().lower()
+    if norm not in MODALITIES:
+        raise ShieldError(f"unknown modality {modality!r} (expected one of {', '.join(MODALITIES)})")
+    return norm
+
+
+@dataclass(frozen=True)
+class SafetyRecord:
+    """One prompt. Validated on construction: bad values raise ShieldError (readers add file and row).
+
+    modality "text": `prompt` only; "image": `prompt` about the user-supplied `image` file;
+    "typographic": `image_text` is rendered into an image (FigStep style) and `prompt` is a neutral
+    carrier prompt that asks the model to act on the image.
+    """
+
+    id: str
+    prompt: str
+    language: str
+    label: str
+    modality: str = "text"
+    image: str | None = None
+    image_text: str | None = None
+    response: str | None = None
+    source: str = ""
+    category: str | None = None
+
+    def __post_init__(self) -> None:
+        # frozen: normalised values go in through object.__setattr__
+        object.__setattr__(self, "language", check_language(self.language))
+        object.__setattr__(self, "label", check_label(self.label))
+        object.__setattr__(self, "modality", check_modality(self.modality))
+        if not str(self.id).strip():
+            raise ShieldError("empty id")
+        if self.prompt is None or not str(self.prompt).strip():
+            raise ShieldError(f"empty prompt (record {self.id})")
+        if self.modality == "image" and not self.image:
+            raise ShieldError(f"modality 'image' but no image path (record {self.id})")
+        if self.modality == "typographic" and (self.image_text is None or not str(self.image_text).strip()):
+            raise ShieldError(f"modality 'typographic' but no image_text (record {self.id})")
+        if self.modality == "text" and (self.image or self.image_text):
+            raise ShieldError(f"modality 'text' but an image or image_text is set (record {self.id})")
+
+    @property
+    def group(self) -> str:
+        """The statistics group: label.language.modality, e.g. 'harmful.th.typographic'."""
+        return f"{self.label}.{self.language}.{self.modality}"
+
+    @property
+    def has_image(self) -> bool:
+        return self.modality != "text"

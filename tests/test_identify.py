@@ -1,0 +1,170 @@
+"""Stage 1: identification under ZeRO-3 equals one plain process, recovers planted neurons, refuses bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_deepspeed, run_python
+from identify_helpers import MARKER, marker_datasets, plant_neurons, write_jsonl
+from shield_ds.neurons import NeuronSet
+from shield_ds.neurons.identify import IdentifyConfig, Identifier
+
+IDENTIFY = str(REPO / "recipes" / "identify.py")
+FP32_PARTITIONED = ["--ds", "bf16.enabled=false", "--ds", "zero_optimization.stage3_param_persistence_threshold=0"]
+
+
+def _common(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--out", str(out), "--languages", "en,zh", "--modalities", "text,typographic",
+            "--per-group-limit", "5", "--batch-size", "3", "--ratio", "0.02", "--max-param-fraction", "0",
+            *extra]
+
+
+def _assert_same_result(a: Path, b: Path) -> None:
+    sa, sb = load_file(str(a / "stats.safetensors")), load_file(str(b / "stats.safetensors"))
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-9, atol=0.0, msg=key)
+    na, nb = NeuronSet.load(a), NeuronSet.load(b)
+    assert na.count > 0
+    for layer in range(na.num_layers):
+        assert torch.equal(na.indices(layer), nb.indices(layer)), layer
+    for name, subset in NeuronSet.load_named_sets(a).items():
+        other = NeuronSet.load(b / "sets" / name)
+        assert subset.as_pairs() == other.as_pairs(), name
+
+
+@pytest.fixture(scope="module")
+def plain_reference(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plain") / "identify"
+    run_python([IDENTIFY, *_common(tiny_checkpoint("llava"), out), "--ds-config", "none"], timeout=300)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_zero3_matches_one_plain_process(ranks, tiny_checkpoint, plain_reference, tmp_path):
+    out = tmp_path / "identify"
+    run_deepspeed(IDENTIFY, _common(tiny_checkpoint("llava"), out, *FP32_PARTITIONED), num_ranks=ranks, timeout=600)
+    meta = json.loads((out / "neurons.json").read_text())
+    assert meta["world_size"] == ranks
+    total_records = sum(g["records"] for g in meta["groups"].values())
+    assert total_records == 40 and (ranks != 3 or total_records % 3 != 0)
+    _assert_same_result(plain_reference, out)
+
+
+@pytest.mark.distributed
+def test_mixed_modality_uneven_shards_finish(tiny_checkpoint, tmp_path):
+    # 4 harmful + 3 benign records, text and typographic, over 2 ranks.
+    harmful = write_jsonl(tmp_path / "h.jsonl", [
+        {"id": "h1", "prompt": "How do I pick a lock?", "language": "en", "label": "harmful"},
+        {"id": "h2", "image_text": "Steps to make a weapon.", "language": "en", "label": "harmful", "modality": "typographic"},
+        {"id": "h3", "image_text": "Steps to steal a car.", "language": "en", "label": "harmful", "modality": "typographic"},
+    ])
+    benign = write_jsonl(tmp_path / "b.jsonl", [
+        {"id": "b1", "prompt": "What is the capital of Kenya?", "language": "en", "label": "benign"},
+        {"id": "b2", "image_text": "Steps to bake bread.", "language": "en", "label": "benign", "modality": "typographic"},
+    ])
+    out = tmp_path / "identify"
+    run_deepspeed(IDENTIFY, ["--model", str(tiny_checkpoint("llava")), "--harmful", str(harmful), "--benign", str(benign),
+                             "--modalities", "text,typographic", "--batch-size", "2", "--out", str(out),
+                             "--max-param-fraction", "0", *FP32_PARTITIONED], num_ranks=2, timeout=600)
+    meta = json.loads((out / "neurons.json").read_text())
+    assert sum(g["records"] for g in meta["groups"].values()) == 7
+    assert {g.split(".")[2] for g in meta["groups"]} == {"text", "typographic"}
+    assert all(g["tokens"] > 0 for g in meta["groups"].values())
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_checkpoint, shared_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("planted")
+    src = tiny_checkpoint("llava")
+    width = json.loads((src / "config.json").read_text())["text_config"]["intermediate_size"]
+    layers = json.loads((src / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    gen = torch.Generator().manual_seed(7)
+    per_layer = round(0.02 * width)
+    truth = {layer: sorted(torch.randperm(width, generator=gen)[:per_layer].tolist()) for layer in range(layers)}
+    plant_neurons(src, tmp / "model", truth)
+    with open(shared_data / "multiq_benign.csv", encoding="utf-8") as f:
+        prompts = [row["prompt"] for row in csv.DictReader(f) if row["language"] == "en"][:24]
+    assert not any(MARKER in p for p in prompts)
+    harmful, benign = marker_datasets(tmp, prompts)
+    return tmp / "model", harmful, benign, truth
+
+
+@pytest.mark.parametrize("score", ["saliency", "contrast", "frequency"])
+def test_planted_neurons_are_recovered(planted, score, tmp_path):
+    model, harmful, benign, truth = planted
+    cfg = IdentifyConfig(model=str(model), harmful=[str(harmful)], benign=[str(benign)], modalities=["text"],
+                         score=score, ratio=0.02, max_param_fraction=0.0, batch_size=8, out=str(tmp_path / "out"),
+                         ds_config=None)
+    found = Identifier(cfg).run().as_pairs()
+    true = {(layer, i) for layer, idx in truth.items() for i in idx}
+    precision = len(found & true) / max(len(found), 1)
+    recall = len(found & true) / len(true)
+    assert precision >= 0.95 and recall >= 0.95, (score, precision, recall)
+
+
+def test_param_fraction_counts_real_parameters_and_cap_holds(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = tiny_checkpoint("llava")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    for cap in (0.0, 0.004):
+        cfg = IdentifyConfig(model=str(model_dir), languages=["en", "ar"], modalities=["text"], per_group_limit=6,
+                             ratio=0.05, max_param_fraction=cap, out=str(tmp_path / f"cap{cap}"), ds_config=None)
+        ns = Identifier(cfg).run()
+        # Count the parameters the selected neurons really own: gate row + up row + down column.
+        owned = 0
+        layers = model.model.language_model.layers
+        for layer, idx in ns.layers.items():
+            mlp = layers[layer].mlp
+            owned += sum(mlp.gate_proj.weight[i].numel() + mlp.up_proj.weight[i].numel()
+                         + mlp.down_proj.weight[:, i].numel() for i in idx.tolist())
+        assert ns.meta["total_params"] == total
+        assert ns.param_fraction == pytest.approx(owned / total, rel=1e-12)
+        if cap:
+            assert ns.param_fraction <= cap
+            assert ns.count == int(cap * total // ns.meta["params_per_neuron"])
+        else:
+            assert ns.param_fraction > 0.004
+
+
+def _assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert err and err[-1].startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+
+
+def test_bad_input_errors_and_nothing_written(tiny_checkpoint, tmp_path):
+    model = str(tiny_checkpoint("llava"))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    out = tmp_path / "out1"
+    proc = run_python([IDENTIFY, "--model", model, "--harmful", str(empty), "--out", str(out), "--ds-config", "none"],
+                      check=False, timeout=300)
+    _assert_one_line_error(proc, "empty")
+    assert not out.exists()
+
+    proc = run_python([IDENTIFY, "--model", model, "--languages", "en,de", "--out", str(out), "--ds-config", "none"],
+                      check=False, timeout=300)
+    _assert_one_line_error(proc, "de")
+    assert not out.exists()
+
+    # An output directory written for another model is refused, and left as it was.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "neurons.json").write_text(json.dumps({"config_hash": "0" * 64}))
+    before = sorted(p.name for p in other.iterdir())
+    proc = run_python([IDENTIFY, "--model", model, "--out", str(other), "--ds-config", "none", "--per-group-limit", "2"],
+                      check=False, timeout=300)
+    _assert_one_line_error(proc, str(other), "another model")
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert json.loads((other / "neurons.json").read_text()) == {"config_hash": "0" * 64}
