@@ -1,0 +1,123 @@
+"""Check the wiring of a cluster before spending GPU hours: ranks, hosts, backend, one all-reduce.
+
+    srun -N 2 --ntasks-per-node 8 python recipes/selfcheck.py          # or: sbatch slurm/selfcheck.sh
+    mpirun -np 2 python recipes/selfcheck.py
+    deepspeed --num_gpus 2 recipes/selfcheck.py
+    python recipes/submit.py selfcheck --nodes 2 --gpus-per-node 8
+
+Every rank prints one line (rank, local rank, host, device); rank 0 prints a summary and, with --out,
+writes OUT/selfcheck.json. Exit code 1 when the all-reduce gives a wrong sum.
+
+--wait-for-preemption SECONDS checks the requeue path: the ranks run one-second "steps" until
+PreemptionHandler.should_stop() (a signal such as the sbatch pre-timeout SIGUSR1, or
+`scontrol requeue`), then exit with REQUEUE_EXIT_CODE like train.py does; when the job comes back
+with --resume it reports the restart and finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="write OUT/selfcheck.json (rank 0)")
+    parser.add_argument("--size", type=int, default=1 << 20, help="elements in the all-reduced tensor")
+    parser.add_argument("--wait-for-preemption", type=float, default=0.0, metavar="SECONDS",
+                        help="run steps until a preemption signal, then exit with the requeue code "
+                             "(exit 1 if none arrives within SECONDS)")
+    parser.add_argument("--resume", action="store_true", help="this run is a restart (set by the launchers)")
+    # The deepspeed launcher passes --local_rank (LOCAL_RANK is in the environment as well).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Import inside main so `--help` is instant and the launcher's environment is in place first.
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    from shield_ds.dist import device, setup_logging
+    from shield_ds.launch.env import export_distributed_env
+    from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, restart_count
+
+    preemption = PreemptionHandler()  # before init: a signal may arrive while ranks rendezvous
+    added = export_distributed_env()
+    deepspeed.init_distributed(verbose=False)
+    setup_logging()
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    host = socket.gethostname()
+    backend = torch_dist.get_backend()
+    on = device() if backend == "nccl" else torch.device("cpu")
+    print(f"selfcheck rank {rank}/{world} local_rank {local_rank} host {host} pid {os.getpid()} "
+          f"device {on} env_from_scheduler {sorted(added) or 'none'}", flush=True)
+
+    # Each rank contributes its rank everywhere: the sum is 0 + 1 + ... + (world - 1) in every element.
+    values = torch.full((args.size,), float(rank), dtype=torch.float32, device=on)
+    started = time.perf_counter()
+    torch_dist.all_reduce(values)
+    seconds = time.perf_counter() - started
+    expected = world * (world - 1) / 2
+    ok = bool(torch.all(values == expected).item())
+    hosts = [None] * world
+    torch_dist.all_gather_object(hosts, host)
+
+    restarts = restart_count()
+    outcome = "finished"
+    if args.resume:
+        if rank == 0:
+            print(f"selfcheck resume: restart {restarts}, resume path taken", flush=True)
+    elif args.wait_for_preemption > 0:
+        deadline = time.monotonic() + args.wait_for_preemption
+        timed_out = False
+        while not preemption.should_stop():
+            time.sleep(1.0)
+            if time.monotonic() > deadline and not preemption.stop_requested_locally():
+                timed_out = True
+                preemption.request_stop()  # stop everywhere, and report it as a timeout below
+        # Ranks may stop for different reasons: a real signal on any rank means preempted.
+        signalled = torch.tensor([int(preemption.stop_requested_locally() and not timed_out)], device=on)
+        torch_dist.all_reduce(signalled, op=torch_dist.ReduceOp.MAX)
+        outcome = "preempted" if signalled.item() else "timeout"
+
+    summary = {
+        "ok": ok, "world_size": world, "backend": backend, "master": f"{os.environ.get('MASTER_ADDR')}:"
+        f"{os.environ.get('MASTER_PORT')}", "hosts": hosts, "restart_count": restarts, "resumed": args.resume,
+        "outcome": outcome, "allreduce_seconds": round(seconds, 6), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    if rank == 0:
+        counts = {h: hosts.count(h) for h in dict.fromkeys(hosts)}
+        print(f"selfcheck {'ok' if ok else 'FAILED'}: world {world} backend {backend} master {summary['master']} "
+              f"hosts {' '.join(f'{h}({n})' for h, n in counts.items())} restarts {restarts} outcome {outcome}",
+              flush=True)
+        if args.out:
+            from shield_ds.io import write_json
+
+            write_json(os.path.join(args.out, "selfcheck.json"), summary)
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    preemption.uninstall()
+    if not ok:
+        return 1
+    if outcome == "preempted":
+        if rank == 0:
+            print(f"selfcheck: stopping for requeue (exit {REQUEUE_EXIT_CODE})", flush=True)
+        return REQUEUE_EXIT_CODE
+    if outcome == "timeout":
+        if rank == 0:
+            print("selfcheck: no preemption signal arrived in time", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Stage 2 of Precise Shield: fine-tune only the safety neurons under ZeRO-3.
+
+    deepspeed --num_gpus 2 recipes/train.py                # embedded default (runs/identify, shared data)
+    deepspeed recipes/train.py --config configs/demo/train.yaml --max-steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shield_ds.config import csv_list, parse_args  # noqa: E402
+from shield_ds.errors import exit_on_error  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune only the selected safety neurons (gate/up rows, down columns).")
+    p.add_argument("--model", default=None, help="base checkpoint directory or hub name (default: the tiny llava demo model)")
+    p.add_argument("--neurons", default="runs/identify", help="an identify output directory")
+    p.add_argument("--harmful", action="append", default=None, help="harmful data (repeatable; default multijail)")
+    p.add_argument("--benign", action="append", default=None, help="benign data (repeatable; default multiq)")
+    p.add_argument("--languages", default=None, help="comma-separated ISO 639-1 codes (default: all)")
+    p.add_argument("--modalities", default="text", help="comma-separated: text, image, typographic")
+    p.add_argument("--image", default=None, help="image file for the 'image' modality view")
+    p.add_argument("--per-group-limit", type=int, default=None)
+    p.add_argument("--benign-targets", default="none", choices=["none", "self"],
+                   help="'self': the base model answers benign prompts that have no response (cached in --out)")
+    p.add_argument("--refusals", default=None, help="JSON/YAML file: language -> list of refusal templates")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="length of self-generated benign answers")
+    p.add_argument("--max-length", type=int, default=512, help="cut training sequences to this many tokens")
+    p.add_argument("--update", default="mask", choices=["mask", "delta"])
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the ds_config's)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--micro-batch-size", "--batch-size", type=int, default=4, dest="micro_batch_size")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only on preemption)")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--ds-config", default="ds_configs/zero3_bf16.json")
+    p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE", help="override a ds_config entry")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-export", action="store_true", help="skip writing model/ and the patch")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(build_parser(), argv)
+    from shield_ds.defaults import default_model
+    from shield_ds.engine import init_distributed
+    from shield_ds.train import ShieldTrainer, TrainConfig
+
+    init_distributed()
+    cfg = TrainConfig(
+        model=args.model or str(default_model()), neurons=args.neurons,
+        harmful=args.harmful or ["multijail"], benign=args.benign or ["multiq"],
+        languages=csv_list(args.languages), modalities=csv_list(args.modalities) or ["text"], image=args.image,
+        per_group_limit=args.per_group_limit, benign_targets=args.benign_targets, refusals=args.refusals,
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length, update=args.update,
+        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum,
+        save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, seed=args.seed, out=args.out,
+        ds_config=args.ds_config, ds_overrides=args.ds, data_dir=args.data_dir, export=not args.no_export,
+    )
+    ShieldTrainer(cfg).run()
+
+
+if __name__ == "__main__":
+    main()

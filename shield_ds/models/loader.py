@@ -1,0 +1,126 @@
+"""Load a vision-language checkpoint with its processor and family adapter.
+
+Under ZeRO-3 the model is created partitioned (deepspeed.zero.Init through transformers'
+HfDeepSpeedConfig), so no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+
+from shield_ds.dist import get_logger
+from shield_ds.errors import ShieldError
+
+from .adapters import FamilyAdapter, get_adapter
+
+log = get_logger("models")
+
+# Config fields that say nothing about the network's shape or behaviour: left out of config_hash.
+# `architectures` is ignored too, so a checkpoint saved through another head class of the same
+# network (e.g. ...ForConditionalGeneration vs the bare ...Model) hashes the same; keys starting
+# with "_" (_name_or_path, _attn_implementation_*, _commit_hash) are transformers' bookkeeping.
+VOLATILE_CONFIG_KEYS = frozenset({
+    "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict",
+})
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    processor: Any
+    adapter: FamilyAdapter
+    config: PretrainedConfig
+    path: str
+    hf_ds_config: object | None = None  # HfDeepSpeedConfig; transformers keeps only a weak reference
+
+
+def load_config(path_or_name: str | Path) -> PretrainedConfig:
+    """The checkpoint's config; a ShieldError naming the path when it is missing or unreadable."""
+    try:
+        return AutoConfig.from_pretrained(str(path_or_name))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShieldError(f"cannot read a model config from {path_or_name}: {first_line}") from exc
+
+
+def _zero_stage(ds_config: dict | None) -> int:
+    if not ds_config:
+        return 0
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
+
+
+def _zero3_still_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def load_model(path_or_name: str | Path, *, ds_config: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load model, processor and adapter from a checkpoint directory or hub name.
+
+    With a ZeRO-3 `ds_config` (batch sizes resolved, no "auto" left) the model is built
+    partitioned across ranks; keep the returned LoadedModel (it holds the HfDeepSpeedConfig)
+    alive until deepspeed.initialize has run.
+    """
+    path = str(path_or_name)
+    config = load_config(path)
+    adapter = get_adapter(config)
+    hf_ds_config = None
+    if _zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must exist before from_pretrained: it makes transformers build the model under zero.Init.
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    elif _zero3_still_enabled():
+        log.warning("a ZeRO-3 HfDeepSpeedConfig from an earlier load is still alive: %s will be loaded "
+                    "partitioned too", path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShieldError(f"cannot load model or processor from {path}: {first_line}") from exc
+    log.info("loaded %s (%s, %d parameters%s)", path, adapter.model_type, count_parameters(model),
+             ", ZeRO-3 partitioned" if hf_ds_config is not None else "")
+    return LoadedModel(model=model, processor=processor, adapter=adapter, config=model.config, path=path,
+                       hf_ds_config=hf_ds_config)
+
+
+def _without_volatile(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_volatile(item) for key, item in value.items()
+                if key not in VOLATILE_CONFIG_KEYS and not str(key).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_without_volatile(item) for item in value]
+    return value
+
+
+def config_hash(config: PretrainedConfig) -> str:
+    """sha256 of the config's JSON (sorted keys) without VOLATILE_CONFIG_KEYS and '_' keys.
+
+    Equal for the same network saved, reloaded, renamed or loaded in another dtype.
+    """
+    content = _without_volatile(config.to_dict())
+    text = json.dumps(content, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def param_shape(param: torch.Tensor) -> torch.Size:
+    """The full shape of a parameter, also when ZeRO-3 has partitioned it away."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return torch.Size(ds_shape) if ds_shape is not None else param.shape
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total parameter count (full sizes under ZeRO-3 partitioning; shared weights once)."""
+    return sum(int(getattr(param, "ds_numel", param.numel())) for param in model.parameters())
