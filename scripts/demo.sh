@@ -8,7 +8,7 @@ OUT=${OUT:-runs/demo}
 LAUNCH=(deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29517}")
 
 echo "== 0. tiny default checkpoint and data"
-"$PYTHON" -m shield_ds.models.tiny --arch llava --out "$OUT/model-base" --quiet
+"$PYTHON" -m shield_ds.models.tiny --arch llava --out "$OUT/model-base" >/dev/null
 "$PYTHON" -m shield_ds.data.summary
 
 echo "== 1. identify safety neurons ($RANKS ranks, ZeRO-3)"

@@ -96,6 +96,20 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_loss.sum(1) / counts.clamp_min(1)
 
 
+def _fault_injection(step: int, boundary_next: bool) -> None:
+    """Testing aid: SHIELD_DS_FAULT_KILL="RANK:STEP" SIGKILLs rank RANK during optimizer step STEP+1
+    (after its backward, before the optimizer step), like a node dying mid-run."""
+    spec = os.environ.get("SHIELD_DS_FAULT_KILL")
+    if not spec or not boundary_next:
+        return
+    rank, at = (int(x) for x in spec.split(":"))
+    if dist.rank() == rank and step == at:
+        import signal
+
+        log.warning("fault injection: SIGKILL rank %d during step %d", rank, step + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -220,6 +234,7 @@ class ShieldTrainer:
             per_sample = response_loss(logits, batch.labels)
             loss = (per_sample * batch.weights).sum() / len(batch_records)
             engine.backward(loss)
+            _fault_injection(state["step"], boundary_next=engine.is_accumulation_boundary())
             for r, l, w in zip(batch_records, per_sample.detach().tolist(), batch.weights.tolist()):
                 if w > 0:
                     window[r.label][0] += l

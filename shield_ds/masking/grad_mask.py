@@ -73,6 +73,7 @@ class GradientMasker:
     """
 
     def __init__(self, engine, masks: dict[str, PartitionMask], bases: dict[str, torch.Tensor] | None = None):
+        engine = getattr(engine, "ds", engine)  # a ShieldEngine or the DeepSpeedEngine itself
         self.engine = engine
         self.zero = engine.optimizer
         if engine.zero_optimization_stage() != 3 or not hasattr(self.zero, "fp32_partitioned_groups_flat"):

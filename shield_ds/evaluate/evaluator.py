@@ -1,0 +1,207 @@
+"""Stage 3: generate, judge and tabulate attack success per language x modality (the `Evaluator` recipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shield_ds import dist
+from shield_ds.engine import ShieldEngine, config_dtype, resolve_ds_config, zero_stage
+from shield_ds.errors import ShieldError
+from shield_ds.io import write_json, write_text
+
+log = dist.get_logger("evaluate")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    harmful: list[str] = field(default_factory=lambda: ["multijail"])
+    benign: list[str] = field(default_factory=lambda: ["multiq"])
+    languages: list[str] | None = None
+    modalities: list[str] = field(default_factory=lambda: ["text", "typographic"])
+    image: str | None = None
+    per_group_limit: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    judge: str | None = None  # None: the refusal matcher; else a model judge path/hub name
+    refusal_phrases: str | None = None
+    out: str = "runs/evaluate"
+    compare: str | None = None
+    ablate: str | None = None  # a neuron set directory
+    ablate_controls: int = 3  # random control sets (seeds)
+    ds_config: str | None = "ds_configs/zero3_infer.json"
+    ds_overrides: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+
+
+def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, Any]]:
+    """One generations.jsonl row per record (without verdicts)."""
+    rows = []
+    for r in records:
+        prompt = r.prompt if r.modality != "typographic" else f"{r.prompt} [image text: {r.image_text}]"
+        rows.append({"id": r.id, "language": r.language, "modality": r.modality, "label": r.label, "prompt": prompt,
+                     "response": responses[r.id], "source": r.source, "category": r.category})
+    return rows
+
+
+class Evaluator:
+    """Runs generation on every rank in lockstep, judges on rank 0, writes the ASR tables."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+
+    def _records(self) -> list:
+        from shield_ds.data import load_source, select_records, with_modalities
+
+        cfg = self.cfg
+        records = []
+        for specs, label in ((cfg.harmful, "harmful"), (cfg.benign, "benign")):
+            recs = [r for spec in specs for r in load_source(spec, label=label, data_dir=cfg.data_dir)]
+            records += select_records(with_modalities(recs, cfg.modalities, image=cfg.image), languages=cfg.languages,
+                                      modalities=cfg.modalities, per_group_limit=cfg.per_group_limit, seed=cfg.seed)
+        if not any(r.label == "harmful" for r in records):
+            raise ShieldError("no harmful records to evaluate for the requested languages and modalities")
+        return records
+
+    def _judges(self):
+        """(attack-success judge, refusal matcher); a bad judge path fails on every rank before any work."""
+        from shield_ds.evaluate.judges import ModelJudge, RefusalMatcher
+
+        matcher = RefusalMatcher.from_file(self.cfg.refusal_phrases) if self.cfg.refusal_phrases else RefusalMatcher()
+        if self.cfg.judge is None:
+            return matcher, matcher
+        error, judge = None, None
+        if dist.is_rank0():
+            try:
+                judge = ModelJudge.from_pretrained(self.cfg.judge)
+            except ShieldError as exc:
+                error = str(exc)
+        error = dist.broadcast_object(error)
+        if error:
+            raise ShieldError(error)
+        return judge, matcher
+
+    def run(self) -> dict[str, Any]:
+        from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, write_asr_reports,
+                                            write_generations)
+        from shield_ds.evaluate.generate import generate_responses
+        from shield_ds.evaluate.judges import annotate
+        from shield_ds.models import get_adapter, load_config, load_model
+        from shield_ds.neurons import NeuronSet
+
+        cfg = self.cfg
+        adapter = get_adapter(load_config(cfg.model))
+        records = self._records()
+        ablate_set = NeuronSet.load(cfg.ablate) if cfg.ablate else None
+        if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():
+            raise ShieldError(f"{cfg.compare}: no asr.json to compare with (run evaluate there first)")
+        judge, matcher = self._judges()
+
+        ds_config = None
+        if cfg.ds_config is not None:
+            ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, overrides=cfg.ds_overrides)
+        dtype = config_dtype(ds_config) if ds_config else torch.float32
+        zero3 = bool(ds_config) and zero_stage(ds_config) == 3
+        loaded = load_model(cfg.model, ds_config=ds_config if zero3 else None, dtype=dtype)
+        if ablate_set is not None:
+            from shield_ds.models import config_hash
+
+            ablate_set.check_matches(config_hash(loaded.config), adapter.num_layers(loaded.config),
+                                     adapter.intermediate_size(loaded.config), adapter.hidden_size(loaded.config),
+                                     where=f"neuron set {cfg.ablate}", model=str(cfg.model))
+        if ds_config is not None:
+            engine = ShieldEngine(loaded.model, ds_config, training=False)
+            model, device = engine.module, engine.device
+        else:
+            model, device = loaded.model.eval().to(dist.device()), dist.device()
+
+        def generate(desc: str) -> dict[str, str]:
+            return generate_responses(model, loaded.processor, adapter, records, batch_size=cfg.batch_size,
+                                      max_new_tokens=cfg.max_new_tokens, dtype=dtype, zero3=zero3, device=device,
+                                      desc=desc)
+
+        def judged(responses: dict[str, str]) -> list[dict]:
+            return annotate(generation_rows(records, responses), judge, matcher)
+
+        responses = generate("evaluate")
+        summary: dict[str, Any] = {}
+        if dist.is_rank0():
+            rows = judged(responses)
+            write_generations(self.out / "generations.jsonl", rows)
+            table = asr_table(rows)
+            write_asr_reports(table, self.out)
+            summary["asr"] = overall(rows)
+            print(table_text(table), flush=True)
+            if cfg.compare:
+                cmp_rows = compare(cfg.compare, self.out, out_dir=self.out)
+                write_text(self.out / "compare.md", compare_markdown(cmp_rows) + "\n")
+                print(compare_markdown(cmp_rows), flush=True)
+        if ablate_set is not None:
+            summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)
+        if dist.is_rank0():
+            write_json(self.out / "evaluate.json", {"config": cfg.__dict__, "world_size": dist.world_size(), **summary})
+        dist.barrier()
+        return summary
+
+    def _ablation(self, model, adapter, neuron_set, generate, judged, base_responses) -> list[dict]:
+        from shield_ds.evaluate.ablation import ablate_neurons, random_like
+        from shield_ds.evaluate.asr import markdown_table, rows_to_csv
+
+        variants = [("safety neurons", neuron_set)] + [(f"random control (seed {s})", random_like(neuron_set, s))
+                                                       for s in range(self.cfg.ablate_controls)]
+        base = overall(judged(base_responses)) if dist.is_rank0() else {}
+        results = []
+        for name, subset in variants:
+            with ablate_neurons(model, adapter, subset):
+                responses = generate(f"ablate: {name}")
+            if dist.is_rank0():
+                rates = overall(judged(responses))
+                results.append({"variant": name, "neurons": subset.count, **rates,
+                                "delta_harmful_refusal": rates["harmful_refusal"] - base["harmful_refusal"],
+                                "delta_asr": rates["asr"] - base["asr"],
+                                "changed_responses": sum(responses[k] != base_responses[k] for k in responses)})
+        if dist.is_rank0():
+            results.insert(0, {"variant": "none (base)", "neurons": 0, **base, "delta_harmful_refusal": 0.0,
+                               "delta_asr": 0.0, "changed_responses": 0})
+            write_text(self.out / "ablation.csv", rows_to_csv(results))
+            write_json(self.out / "ablation.json", results)
+            md = markdown_table(["ablated", "neurons", "harmful refusal", "ASR", "benign over-refusal", "Δ refusal",
+                                 "Δ ASR", "changed answers"],
+                                [[r["variant"], str(r["neurons"]), f"{r['harmful_refusal']:.1%}", f"{r['asr']:.1%}",
+                                  f"{r['benign_over_refusal']:.1%}", f"{r['delta_harmful_refusal']:+.1%}",
+                                  f"{r['delta_asr']:+.1%}", str(r["changed_responses"])] for r in results])
+            write_text(self.out / "ablation.md", md + "\n")
+            print(md, flush=True)
+        return results
+
+
+def overall(rows: list[dict]) -> dict[str, float]:
+    """Overall harmful refusal rate, ASR and benign over-refusal of judged generation rows."""
+    harmful = [r for r in rows if r["label"] == "harmful"]
+    benign = [r for r in rows if r["label"] == "benign"]
+    rate = lambda xs, key: sum(bool(x[key]) for x in xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {"harmful_refusal": rate(harmful, "refused"), "asr": rate(harmful, "attack_success"),
+            "benign_over_refusal": rate(benign, "refused"), "harmful_n": len(harmful), "benign_n": len(benign)}
+
+
+def table_text(table) -> str:
+    """A compact ASR table for the console."""
+    from shield_ds.evaluate.asr import markdown_table
+
+    body = []
+    for lang in table.languages:
+        row = [lang]
+        for mod in table.modalities:
+            cell = table.cell(lang, mod)
+            row.append("-" if cell is None or cell.attacks.n == 0 else
+                       f"{cell.attacks.rate:.0%} ({cell.attacks.successes}/{cell.attacks.n})")
+        body.append(row)
+    return markdown_table(["ASR", *table.modalities], body)
