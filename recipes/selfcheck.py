@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"selfcheck resume: restart {restarts}, resume path taken", flush=True)
     elif args.wait_for_preemption > 0:
+        if rank == 0:
+            print(f"selfcheck waiting up to {args.wait_for_preemption:g}s for a preemption signal", flush=True)
         deadline = time.monotonic() + args.wait_for_preemption
         timed_out = False
         while not preemption.should_stop():

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'self': the base model answers benign prompts that have no response (cached in --out)")
     p.add_argument("--refusals", default=None, help="JSON/YAML file: language -> list of refusal templates")
     p.add_argument("--max-new-tokens", type=int, default=32, help="length of self-generated benign answers")
-    p.add_argument("--max-length", type=int, default=512, help="cut training sequences to this many tokens")
+    p.add_argument("--max-length", type=int, default=1024, help="cut training sequences to this many tokens (longer prompts are left out)")
     p.add_argument("--update", default="mask", choices=["mask", "delta"])
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds-config", default="ds_configs/zero3_bf16.json")
     p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE", help="override a ds_config entry")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (large models)")
     p.add_argument("--no-export", action="store_true", help="skip writing model/ and the patch")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum,
         save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, seed=args.seed, out=args.out,
         ds_config=args.ds_config, ds_overrides=args.ds, data_dir=args.data_dir, export=not args.no_export,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     ShieldTrainer(cfg).run()
 

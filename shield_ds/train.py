@@ -50,7 +50,7 @@ class TrainConfig:
     benign_targets: str = "none"  # "none": benign records need responses; "self": the base model answers
     refusals: str | None = None
     max_new_tokens: int = 32  # for --benign-targets self
-    max_length: int | None = 512
+    max_length: int | None = 1024
     update: str = "mask"  # "mask" | "delta"
     max_steps: int | None = None
     epochs: float = 1.0
@@ -68,6 +68,7 @@ class TrainConfig:
     ds_overrides: list[str] = field(default_factory=list)
     data_dir: str | None = None
     export: bool = True
+    gradient_checkpointing: bool = False
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -156,12 +157,30 @@ class ShieldTrainer:
             records += recs
         if not records:
             raise ShieldError("empty training set: no records for the requested languages and modalities")
-        records = with_refusals(records, load_refusals(cfg.refusals))
+        records = self._drop_overlong(with_refusals(records, load_refusals(cfg.refusals)))
         self.needs_self_targets = [r for r in records if not r.response]
         if cfg.benign_targets != "self":
             check_targets(records)
         self.records = records
         self.with_responses = with_responses
+
+    def _drop_overlong(self, records: list) -> list:
+        """Leave out records whose prompt alone fills --max-length (they would teach nothing)."""
+        if self.cfg.max_length is None:
+            return records
+        from shield_ds.models import load_processor
+
+        processor = load_processor(self.cfg.model)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        kept = []
+        for r in records:
+            text = self.adapter.chat_prompt(processor, r.prompt, r.has_image)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < self.cfg.max_length:
+                kept.append(r)
+        if len(kept) < len(records):
+            log.warning("left out %d of %d records whose prompt is longer than --max-length %d",
+                        len(records) - len(kept), len(records), self.cfg.max_length)
+        return kept
 
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -183,6 +202,8 @@ class ShieldTrainer:
         loaded = load_model(cfg.model, ds_config=self.ds_config, dtype=self.dtype)
         self.processor, model = loaded.processor, loaded.model
         self.total_params = count_parameters(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.update == "mask":
             freeze_unselected(model, self.adapter, self.neuron_set)
         else:

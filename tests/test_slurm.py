@@ -104,8 +104,9 @@ def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
     env = dict(slurm, OUT=str(out), EXTRA_ARGS="--wait-for-preemption 180")
     job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh"], env)
     # Signal once both ranks are in their step loop.
-    wait_job(job, env, timeout=120, until=lambda f: "selfcheck ok" in (read_log(out) if (out / "logs").exists()
-                                                                       else "") or f.get("JobState") in DONE)
+    waiting = "selfcheck waiting up to"
+    wait_job(job, env, timeout=120, until=lambda f: waiting in (read_log(out) if (out / "logs").exists() else "")
+             or f.get("JobState") in DONE)
     run_cmd(["scancel", "--batch", "--signal=USR1", job], env=env, timeout=60)
     fields = wait_job(job, env, timeout=240,
                       until=lambda f: f.get("JobState") in DONE and f.get("Restarts") == "1")
@@ -138,7 +139,7 @@ def test_submitit_requeue_resumes(slurm, tmp_path):
 
     def started(fields):
         rank0 = logs / f"{job}_0_log.out"
-        return (rank0.exists() and "selfcheck ok" in rank0.read_text()) or fields.get("JobState") in DONE
+        return (rank0.exists() and "selfcheck waiting up to" in rank0.read_text()) or fields.get("JobState") in DONE
 
     wait_job(job, slurm, timeout=120, until=started)
     run_cmd(["scancel", "--signal=USR2", job], env=slurm, timeout=60)

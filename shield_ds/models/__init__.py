@@ -2,9 +2,10 @@
 and tiny random checkpoints for tests."""
 
 from .adapters import (SUPPORTED_FAMILIES, FamilyAdapter, FFNProjections, get_adapter, unwrap_model)
-from .loader import (LoadedModel, config_hash, count_parameters, load_config, load_model, param_shape)
+from .loader import (LoadedModel, config_hash, count_parameters, load_config, load_model, load_processor,
+                     param_shape)
 
 __all__ = [
     "SUPPORTED_FAMILIES", "FamilyAdapter", "FFNProjections", "get_adapter", "unwrap_model",
-    "LoadedModel", "config_hash", "count_parameters", "load_config", "load_model", "param_shape",
+    "LoadedModel", "config_hash", "count_parameters", "load_config", "load_model", "load_processor", "param_shape",
 ]

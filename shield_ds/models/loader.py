@@ -52,6 +52,15 @@ def load_config(path_or_name: str | Path) -> PretrainedConfig:
         raise ShieldError(f"cannot read a model config from {path_or_name}: {first_line}") from exc
 
 
+def load_processor(path_or_name: str | Path):
+    """The checkpoint's processor (tokenizer, image processor, chat template)."""
+    try:
+        return AutoProcessor.from_pretrained(str(path_or_name))
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShieldError(f"cannot load a processor from {path_or_name}: {first_line}") from exc
+
+
 def _zero_stage(ds_config: dict | None) -> int:
     if not ds_config:
         return 0
