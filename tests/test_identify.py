@@ -168,3 +168,30 @@ def test_bad_input_errors_and_nothing_written(tiny_checkpoint, tmp_path):
     _assert_one_line_error(proc, str(other), "another model")
     assert sorted(p.name for p in other.iterdir()) == before
     assert json.loads((other / "neurons.json").read_text()) == {"config_hash": "0" * 64}
+
+
+@pytest.mark.distributed
+def test_every_family_identifies_end_to_end(tiny_checkpoint, tmp_path):
+    from shield_ds.models.tiny import TINY_FAMILIES
+
+    models = [str(tiny_checkpoint(arch)) for arch in TINY_FAMILIES]
+    run_deepspeed(REPO / "tests" / "workers" / "identify_families.py", [str(tmp_path), *models], num_ranks=2,
+                  timeout=900)
+    from shield_ds.models import get_adapter, load_config
+
+    for arch, model in zip(TINY_FAMILIES, models):
+        out = tmp_path / Path(model).name
+        ns = NeuronSet.load(out)
+        assert ns.meta["model_type"] == arch and ns.meta["world_size"] == 2
+        assert len(ns.per_layer_counts()) == ns.num_layers
+        groups = ns.meta["groups"]
+        assert {g.split(".")[2] for g in groups} == {"text", "typographic"}
+        stats = load_file(str(out / "stats.safetensors"))
+        skipped = set(get_adapter(load_config(model)).text_only_skipped_layers(load_config(model)))
+        for group in groups:
+            counts = stats[f"{group}.count"][:, 0]
+            for layer in range(ns.num_layers):
+                # text-only batches never run mllama's cross-attention layers; every other layer saw tokens
+                expected = group.endswith(".text") and layer in skipped
+                assert (counts[layer] == 0) == expected, (arch, group, layer, counts.tolist())
+            assert stats[f"{group}.abssum"].sum() > 0
