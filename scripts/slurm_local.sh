@@ -89,7 +89,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also delays the restart of a requeued job: keep it short on a test cluster.
-AuthInfo=socket=$STATE_DIR/munge/munge.socket,cred_expire=10
+AuthInfo=socket=$STATE_DIR/munge/munge.socket,cred_expire=5
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldPidFile=$STATE_DIR/run/slurmctld.pid
@@ -107,6 +107,8 @@ JobCompLoc=$LOGS/jobcomp.log
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Schedule often: a requeued job only becomes eligible later, and waits for the next pass.
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
