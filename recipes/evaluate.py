@@ -13,20 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.config import csv_list, parse_args  # noqa: E402
+from shield_ds.config import add_data_args, add_engine_args, data_kwargs, ds_config_arg, parse_args  # noqa: E402
 from shield_ds.errors import exit_on_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate answers, judge them, and tabulate ASR per language x modality.")
     p.add_argument("--model", default=None, help="checkpoint directory or hub name (default: the tiny llava demo model)")
-    p.add_argument("--harmful", action="append", default=None, help="harmful prompts (repeatable; default multijail)")
-    p.add_argument("--benign", action="append", default=None, help="benign prompts for over-refusal (default multiq)")
-    p.add_argument("--languages", default=None)
-    p.add_argument("--modalities", default="text,typographic")
-    p.add_argument("--image", default=None, help="image file for the 'image' modality view")
-    p.add_argument("--per-group-limit", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_data_args(p, modalities="text,typographic")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--judge", default=None, help="model judge (causal-LM guard or sequence classifier); default: refusal matcher")
@@ -35,10 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, help="an earlier evaluate --out directory (e.g. the base model's)")
     p.add_argument("--ablate", default=None, help="identify output: zero these neurons (plus random controls)")
     p.add_argument("--ablate-controls", type=int, default=3, help="random control sets for --ablate")
-    p.add_argument("--ds-config", default="ds_configs/zero3_infer.json", help="DeepSpeed JSON, or 'none'")
-    p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
     return p
 
 
@@ -51,14 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
     init_distributed()
     cfg = EvalConfig(
-        model=args.model or str(default_model()), harmful=args.harmful or ["multijail"],
-        benign=args.benign or ["multiq"], languages=csv_list(args.languages),
-        modalities=csv_list(args.modalities) or ["text"], image=args.image, per_group_limit=args.per_group_limit,
-        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, judge=args.judge,
-        refusal_phrases=args.refusal_phrases, out=args.out, compare=args.compare, ablate=args.ablate,
-        ablate_controls=args.ablate_controls,
-        ds_config=None if str(args.ds_config).lower() == "none" else args.ds_config, ds_overrides=args.ds,
-        data_dir=args.data_dir,
+        model=args.model or str(default_model()), **data_kwargs(args), batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, judge=args.judge, refusal_phrases=args.refusal_phrases, out=args.out,
+        compare=args.compare, ablate=args.ablate, ablate_controls=args.ablate_controls,
+        ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds,
     )
     Evaluator(cfg).run()
 

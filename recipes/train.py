@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.config import csv_list, parse_args  # noqa: E402
+from shield_ds.config import add_data_args, add_engine_args, data_kwargs, parse_args  # noqa: E402
 from shield_ds.errors import exit_on_error  # noqa: E402
 
 
@@ -20,12 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune only the selected safety neurons (gate/up rows, down columns).")
     p.add_argument("--model", default=None, help="base checkpoint directory or hub name (default: the tiny llava demo model)")
     p.add_argument("--neurons", default="runs/identify", help="an identify output directory")
-    p.add_argument("--harmful", action="append", default=None, help="harmful data (repeatable; default multijail)")
-    p.add_argument("--benign", action="append", default=None, help="benign data (repeatable; default multiq)")
-    p.add_argument("--languages", default=None, help="comma-separated ISO 639-1 codes (default: all)")
-    p.add_argument("--modalities", default="text", help="comma-separated: text, image, typographic")
-    p.add_argument("--image", default=None, help="image file for the 'image' modality view")
-    p.add_argument("--per-group-limit", type=int, default=None)
+    add_data_args(p, modalities="text")
     p.add_argument("--benign-targets", default="none", choices=["none", "self"],
                    help="'self': the base model answers benign prompts that have no response (cached in --out)")
     p.add_argument("--refusals", default=None, help="JSON/YAML file: language -> list of refusal templates")
@@ -42,14 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only on preemption)")
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train")
-    p.add_argument("--ds-config", default="ds_configs/zero3_bf16.json")
-    p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE", help="override a ds_config entry")
-    p.add_argument("--data-dir", default=None)
+    add_engine_args(p, ds_config="ds_configs/zero3_bf16.json", allow_none=False)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (large models)")
     p.add_argument("--no-export", action="store_true", help="skip writing model/ and the patch")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -62,15 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 
     init_distributed()
     cfg = TrainConfig(
-        model=args.model or str(default_model()), neurons=args.neurons,
-        harmful=args.harmful or ["multijail"], benign=args.benign or ["multiq"],
-        languages=csv_list(args.languages), modalities=csv_list(args.modalities) or ["text"], image=args.image,
-        per_group_limit=args.per_group_limit, benign_targets=args.benign_targets, refusals=args.refusals,
-        max_new_tokens=args.max_new_tokens, max_length=args.max_length, update=args.update,
-        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule,
-        warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum,
-        save_every=args.save_every, keep_last=args.keep_last, resume=args.resume, seed=args.seed, out=args.out,
-        ds_config=args.ds_config, ds_overrides=args.ds, data_dir=args.data_dir, export=not args.no_export,
+        model=args.model or str(default_model()), neurons=args.neurons, **data_kwargs(args),
+        benign_targets=args.benign_targets, refusals=args.refusals, max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length, update=args.update, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size,
+        grad_accum=args.grad_accum, save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
+        out=args.out, ds_config=args.ds_config, ds_overrides=args.ds, export=not args.no_export,
         gradient_checkpointing=args.gradient_checkpointing,
     )
     ShieldTrainer(cfg).run()

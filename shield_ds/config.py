@@ -49,3 +49,38 @@ def csv_list(text: str | Sequence[str] | None) -> list[str] | None:
     items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
     items = [t.strip() for t in items if t.strip()]
     return items or None
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, modalities: str) -> None:
+    """The data flags every recipe shares (see `data_kwargs`)."""
+    parser.add_argument("--harmful", action="extend", nargs="+", default=None, metavar="SOURCE",
+                        help="harmful prompts: files, hub datasets or builtin names (default multijail)")
+    parser.add_argument("--benign", action="extend", nargs="+", default=None, metavar="SOURCE",
+                        help="benign prompts (default multiq)")
+    parser.add_argument("--languages", default=None, help="comma-separated ISO 639-1 codes (default: all in the data)")
+    parser.add_argument("--modalities", default=modalities, help="comma-separated: text, image, typographic")
+    parser.add_argument("--image", default=None, help="image file for the 'image' modality view")
+    parser.add_argument("--per-group-limit", type=int, default=None, help="at most N records per label x language x modality")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help="where the builtin datasets live (default: ../shared/data)")
+
+
+def data_kwargs(args: argparse.Namespace) -> dict:
+    """The parsed data flags as keyword arguments of the recipe configs."""
+    return {"harmful": args.harmful or ["multijail"], "benign": args.benign or ["multiq"],
+            "languages": csv_list(args.languages), "modalities": csv_list(args.modalities) or ["text"],
+            "image": args.image, "per_group_limit": args.per_group_limit, "seed": args.seed,
+            "data_dir": args.data_dir}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, ds_config: str, allow_none: bool) -> None:
+    """--ds-config, --ds KEY=VALUE overrides, and the deepspeed launcher's --local_rank."""
+    extra = ", or 'none' for plain PyTorch in one process" if allow_none else ""
+    parser.add_argument("--ds-config", default=ds_config, help=f"DeepSpeed JSON (default {ds_config}){extra}")
+    parser.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a ds_config entry, e.g. --ds zero_optimization.offload_param.device=cpu")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def ds_config_arg(value: str | None) -> str | None:
+    return None if value is None or str(value).lower() == "none" else str(value)

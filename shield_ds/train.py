@@ -134,7 +134,7 @@ class ShieldTrainer:
 
     # --- preparation (no output is written until all of it passed) -------------------------------
     def prepare(self) -> None:
-        from shield_ds.data import load_source, select_records, with_modalities
+        from shield_ds.data import load_labeled
         from shield_ds.data.targets import check_targets, load_refusals, with_refusals, with_responses
         from shield_ds.models import config_hash, get_adapter, load_config
         from shield_ds.neurons import NeuronSet
@@ -149,12 +149,9 @@ class ShieldTrainer:
                                       where=f"neuron set {cfg.neurons}", model=str(cfg.model))
         if self.neuron_set.count == 0:
             raise ShieldError(f"neuron set {cfg.neurons} selects no neurons: nothing to train")
-        records = []
-        for specs, label in ((cfg.harmful, "harmful"), (cfg.benign, "benign")):
-            recs = [r for spec in specs for r in load_source(spec, label=label, data_dir=cfg.data_dir)]
-            recs = select_records(with_modalities(recs, cfg.modalities, image=cfg.image), languages=cfg.languages,
-                                  modalities=cfg.modalities, per_group_limit=cfg.per_group_limit, seed=cfg.seed)
-            records += recs
+        records = load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
+                               image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
+                               data_dir=cfg.data_dir, require=())
         if not records:
             raise ShieldError("empty training set: no records for the requested languages and modalities")
         records = self._drop_overlong(with_refusals(records, load_refusals(cfg.refusals)))

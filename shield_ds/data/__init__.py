@@ -5,11 +5,11 @@ from shield_ds.data.images import load_image, render_typographic
 from shield_ds.data.records import KNOWN_LANGUAGES, LANGUAGES, SafetyRecord
 from shield_ds.data.sharding import plan_batches, shard_batches
 from shield_ds.data.sources import (
-    CARRIER_PROMPT, default_data_dir, load_source, select_records, with_modalities,
+    CARRIER_PROMPT, default_data_dir, load_labeled, load_source, select_records, with_modalities,
 )
 
 __all__ = [
     "Batch", "CARRIER_PROMPT", "KNOWN_LANGUAGES", "LANGUAGES", "SafetyCollator", "SafetyRecord",
-    "default_data_dir", "load_image", "load_source", "plan_batches", "render_typographic",
+    "default_data_dir", "load_image", "load_labeled", "load_source", "plan_batches", "render_typographic",
     "select_records", "shard_batches", "with_modalities",
 ]

@@ -501,3 +501,27 @@ def with_modalities(records: list[SafetyRecord], modalities: Iterable[str], *,
             else:
                 views.append(replace(record, id=f"{record.id}@image", modality="image", image=image_path))
     return views
+
+
+def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: Iterable[str],
+                 languages: Iterable[str] | None = None, image: str | os.PathLike | None = None,
+                 per_group_limit: int | None = None, seed: int = 0, data_dir: str | os.PathLike | None = None,
+                 require: Iterable[str] = ("harmful",)) -> list[SafetyRecord]:
+    """Harmful and benign records from their sources, served in `modalities` and filtered.
+
+    The one path every recipe takes from `--harmful/--benign/--languages/--modalities/...` to records.
+    A label listed in `require` that ends up with no record is a ShieldError naming its sources.
+    """
+    modalities = list(modalities)
+    records: list[SafetyRecord] = []
+    for specs, label in ((list(harmful), "harmful"), (list(benign), "benign")):
+        recs = [r for spec in specs for r in load_source(spec, label=label, data_dir=data_dir)]
+        if recs:
+            recs = select_records(with_modalities(recs, modalities, image=image), languages=languages,
+                                  modalities=modalities, per_group_limit=per_group_limit, seed=seed)
+        if not recs and label in require:
+            raise ShieldError(f"empty {label} set: no records from {', '.join(specs) or 'no source'} for "
+                              f"languages {', '.join(languages) if languages else 'all'} and modalities "
+                              f"{', '.join(modalities)}")
+        records += recs
+    return records

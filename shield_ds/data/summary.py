@@ -34,8 +34,8 @@ def count_table(records: list[SafetyRecord]) -> str:
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--harmful", action="append", default=None)
-    p.add_argument("--benign", action="append", default=None)
+    p.add_argument("--harmful", action="extend", nargs="+", default=None)
+    p.add_argument("--benign", action="extend", nargs="+", default=None)
     p.add_argument("--modalities", default="text,typographic", help="views of text records to count")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)

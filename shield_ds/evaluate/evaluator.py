@@ -59,17 +59,12 @@ class Evaluator:
         self.out = Path(cfg.out)
 
     def _records(self) -> list:
-        from shield_ds.data import load_source, select_records, with_modalities
+        from shield_ds.data import load_labeled
 
         cfg = self.cfg
-        records = []
-        for specs, label in ((cfg.harmful, "harmful"), (cfg.benign, "benign")):
-            recs = [r for spec in specs for r in load_source(spec, label=label, data_dir=cfg.data_dir)]
-            records += select_records(with_modalities(recs, cfg.modalities, image=cfg.image), languages=cfg.languages,
-                                      modalities=cfg.modalities, per_group_limit=cfg.per_group_limit, seed=cfg.seed)
-        if not any(r.label == "harmful" for r in records):
-            raise ShieldError("no harmful records to evaluate for the requested languages and modalities")
-        return records
+        return load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
+                            image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
+                            data_dir=cfg.data_dir, require=("harmful",))
 
     def _judges(self):
         """(attack-success judge, refusal matcher); a bad judge path fails on every rank before any work."""

@@ -150,8 +150,13 @@ def make_executor(args: argparse.Namespace):
     params = dict(name=args.name or f"shield-{args.recipe}", nodes=args.nodes, tasks_per_node=args.gpus_per_node,
                   gpus_per_node=gpus, cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8),
                   timeout_min=args.time)
+    signal_delay = min(args.signal_delay, args.time * 60 // 2)
+    if signal_delay < args.signal_delay:
+        # Slurm would signal right at the start, before the recipe can handle it.
+        log.warning("--signal-delay %ss is not below half of --time %s min: using %ss",
+                    args.signal_delay, args.time, signal_delay)
     if cluster == "slurm":
-        params.update(slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True})
+        params.update(slurm_signal_delay_s=signal_delay, slurm_additional_parameters={"requeue": True})
         if args.partition:
             params["slurm_partition"] = args.partition
         if args.account:

@@ -75,22 +75,12 @@ def down_column_norms(model: torch.nn.Module, adapter) -> torch.Tensor:
 
 
 def load_identify_records(cfg: IdentifyConfig) -> list:
-    """Harmful and benign records with the requested languages and modality views."""
-    from shield_ds.data import load_source, select_records, with_modalities
+    """Harmful and benign records with the requested languages and modality views (both required)."""
+    from shield_ds.data import load_labeled
 
-    harmful = [r for spec in cfg.harmful for r in load_source(spec, label="harmful", data_dir=cfg.data_dir)]
-    benign = [r for spec in cfg.benign for r in load_source(spec, label="benign", data_dir=cfg.data_dir)]
-    records = []
-    for name, recs in (("harmful", harmful), ("benign", benign)):
-        recs = with_modalities(recs, cfg.modalities, image=cfg.image)
-        recs = select_records(recs, languages=cfg.languages, modalities=cfg.modalities,
-                              per_group_limit=cfg.per_group_limit, seed=cfg.seed)
-        if not recs:
-            sources = ", ".join(cfg.harmful if name == "harmful" else cfg.benign)
-            raise ShieldError(f"empty {name} set: no records from {sources} for languages "
-                              f"{cfg.languages or 'all'} and modalities {cfg.modalities}")
-        records.extend(recs)
-    return records
+    return load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages, image=cfg.image,
+                        per_group_limit=cfg.per_group_limit, seed=cfg.seed, data_dir=cfg.data_dir,
+                        require=("harmful", "benign"))
 
 
 def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> None:

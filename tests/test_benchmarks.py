@@ -1,0 +1,59 @@
+"""Smoke test of the benchmarks (issue #7) at toy size: the commands run and print every ratio.
+
+No timing assertions (this machine is shared); only structural facts are checked, e.g. that delta
+mode's optimizer state is a small fraction of mask mode's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, run_python
+
+pytestmark = pytest.mark.distributed
+
+RATIO_LABELS = [
+    "identify forward: hooks / plain", "train step time: mask / ffn", "train peak memory: mask / ffn",
+    "train step time: delta / full", "train peak memory: delta / full", "train step time: lora / full",
+    "train peak memory: lora / full", "optimizer state: delta / mask", "optimizer state: lora / mask",
+]
+
+
+def _check_results(out: str, results: dict) -> None:
+    for label in RATIO_LABELS:
+        assert f"| {label} |" in out, f"row {label!r} missing from the printed table"
+    rows = {r["label"]: r for r in results["ratios"]}
+    assert set(rows) == set(RATIO_LABELS)
+    for row in rows.values():
+        assert row["value"] > 0 and row["baseline"] > 0
+    train = results["train"]
+    # Structural: delta trains k rows/cols per layer, mask whole FFN matrices (k / width = 1/256 here).
+    assert train["delta"]["optimizer_state_bytes"] < 0.01 * train["mask"]["optimizer_state_bytes"]
+    assert train["lora"]["optimizer_state_bytes"] < train["mask"]["optimizer_state_bytes"]
+    assert train["mask"]["trainable_params"] == train["ffn"]["trainable_params"]
+    assert train["full"]["trainable_params"] == train["full"]["total_params"]
+    assert train["delta"]["trainable_params"] == train["delta"]["neurons"] * 3 * 64  # k * (2 rows + 1 col) * hidden
+
+
+def test_cpu_benchmark_tiny(tmp_path):
+    out_json = tmp_path / "results.json"
+    proc = run_python([str(REPO / "benchmarks" / "run.py"), "--size", "tiny", "--steps", "2", "--warmup", "1",
+                       "--work-dir", str(tmp_path / "work"), "--json", str(out_json), "--timeout", "400"],
+                      timeout=1200)
+    report = json.loads(out_json.read_text())
+    assert report["machine"]["nproc"] >= 1 and report["sizes"]["tiny"]["ranks"] == 2
+    results = report["sizes"]["tiny"]
+    assert results["identify"]["world_size"] == 2
+    assert len(results["identify"]["plain"]["step_times_s"]) == 2
+    _check_results(proc.stdout, results)
+
+
+def test_gpu_script_toy_on_cpu(tmp_path):
+    out_json = tmp_path / "gpu.json"
+    proc = run_python([str(REPO / "benchmarks" / "gpu_7b.py"), "--toy", "--steps", "1", "--warmup", "1",
+                       "--json", str(out_json)], timeout=600)
+    results = json.loads(out_json.read_text())
+    assert results["toy"] and set(results["full_depth"]) == {"delta", "lora"}
+    _check_results(proc.stdout, results)
