@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(build_parser(), argv)
+    args = parse_args(build_parser(), argv, embedded_default="identify")
     from shield_ds.engine import init_distributed
     from shield_ds.defaults import default_model
     from shield_ds.neurons.identify import IdentifyConfig, Identifier

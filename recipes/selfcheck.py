@@ -42,17 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Import inside main so `--help` is instant and the launcher's environment is in place first.
-    import deepspeed
     import torch.distributed as torch_dist
 
-    from shield_ds.dist import device, setup_logging
+    from shield_ds.dist import device
+    from shield_ds.engine import init_distributed
     from shield_ds.launch.env import export_distributed_env
     from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, restart_count
 
     preemption = PreemptionHandler()  # before init: a signal may arrive while ranks rendezvous
+    # init_distributed() does this mapping itself; doing it first tells us what the scheduler supplied.
     added = export_distributed_env()
-    deepspeed.init_distributed(verbose=False)
-    setup_logging()
+    init_distributed()
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     host = socket.gethostname()

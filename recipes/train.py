@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(build_parser(), argv)
+    args = parse_args(build_parser(), argv, embedded_default="train")
     from shield_ds.defaults import default_model
     from shield_ds.engine import init_distributed
     from shield_ds.train import ShieldTrainer, TrainConfig

@@ -6,6 +6,7 @@ Precedence: built-in defaults < YAML file < command-line flags (torchtune style)
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,12 +15,25 @@ import yaml
 from shield_ds.errors import ShieldError
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from the YAML file named by `--config` (keys are flag names)."""
+EMBEDDED_DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "default"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+               embedded_default: str | None = None) -> argparse.Namespace:
+    """Parse `argv`, taking defaults from the YAML file named by `--config` (keys are flag names).
+
+    With neither `--model` nor `--config`, the recipe runs on the embedded default: the tiny demo
+    model with `configs/default/<embedded_default>.yaml`.
+    """
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose keys preset the flags")
     pre, _ = parser.parse_known_args(argv)
-    if pre.config is not None:
-        parser.set_defaults(**load_yaml_defaults(parser, pre.config))
+    config = pre.config
+    if config is None and embedded_default and getattr(pre, "model", None) is None:
+        config = EMBEDDED_DEFAULTS / f"{embedded_default}.yaml"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"no --model or --config: the embedded default (tiny llava, {config})", flush=True)
+    if config is not None:
+        parser.set_defaults(**load_yaml_defaults(parser, config))
     return parser.parse_args(argv)
 
 

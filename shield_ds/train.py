@@ -181,9 +181,13 @@ class ShieldTrainer:
 
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> None:
+        from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+
+        # Installed first: a pre-timeout or preemption signal that arrives while the model loads (minutes
+        # at 70B) must stop the run at its first step, not kill the rank (the default action of SIGUSR1).
+        preemption = PreemptionHandler()
         self.prepare()
         cfg = self.cfg
-        from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
         from shield_ds.masking import (GradientMasker, attach_deltas, build_masks, delta_masks,
                                        freeze_unselected)
         from shield_ds.models import count_parameters, load_model
@@ -239,7 +243,6 @@ class ShieldTrainer:
         from shield_ds.data import SafetyCollator
 
         collator = SafetyCollator(self.processor, self.adapter, train=True, max_length=cfg.max_length)
-        preemption = PreemptionHandler()
         engine.module.train()
         micro_steps = self._micro_steps(plan, total_steps * cfg.grad_accum)
         bar = dist.progress(range(state["micro"], len(micro_steps)), desc="train", unit="micro-batch",

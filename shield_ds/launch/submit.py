@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds before the time limit at which the job is told to save and stop")
     parser.add_argument("--max-requeues", type=int, default=10, help="timeouts to requeue after")
     parser.add_argument("--out", default=None, help="run directory (default runs/RECIPE); passed to the "
-                        "recipe as --out unless its arguments have one; submitit logs go to OUT/submitit")
+                        "recipe as --out unless its arguments have one; submitit logs go to logs/submitit/JOB "
+                        "beside it (not inside: identify and evaluate write OUT as a whole)")
     parser.add_argument("--name", default=None, help="job name (default shield-RECIPE)")
     parser.add_argument("--wait", action="store_true", help="wait for the job and exit with its outcome "
                         "(always on for --cluster local)")
@@ -136,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def submitit_folder(out: str | os.PathLike) -> Path:
+    """Where submitit keeps a job's pickles and logs: logs/submitit beside the run directory OUT."""
+    return Path(out).parent / "logs" / "submitit"
+
+
 def make_executor(args: argparse.Namespace):
     """A submitit AutoExecutor for these arguments (one task per GPU)."""
     import shutil
@@ -144,7 +150,7 @@ def make_executor(args: argparse.Namespace):
 
     cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
     out = Path(args.out or REPO / "runs" / args.recipe)
-    executor = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster=cluster,
+    executor = submitit.AutoExecutor(folder=submitit_folder(out) / "%j", cluster=cluster,
                                      slurm_max_num_timeout=args.max_requeues)
     gpus = 0 if args.cpu else args.gpus_per_node
     params = dict(name=args.name or f"shield-{args.recipe}", nodes=args.nodes, tasks_per_node=args.gpus_per_node,
@@ -171,11 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     executor, out, cluster = make_executor(args)
     recipe_args = with_out(args.recipe_args, out)
-    out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     job = executor.submit(RecipeTask(args.recipe, recipe_args))
     print(f"submitted {args.recipe} as job {job.job_id} on {cluster}: "
-          f"{args.nodes} node(s) x {args.gpus_per_node} rank(s); logs {out / 'submitit' / str(job.job_id)}",
+          f"{args.nodes} node(s) x {args.gpus_per_node} rank(s); logs {submitit_folder(out) / str(job.job_id)}",
           flush=True)
     if not (args.wait or cluster == "local"):
         return 0
