@@ -11,5 +11,8 @@ else
   export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 fi
 export PYTHON
+# DeepSpeed JIT-builds its CPU comm op on first use; a cache per environment stops checkouts with
+# different virtualenvs from rebuilding it for each other (every rank waits on the build lock).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PYTHON" -c 'import sys; print(sys.prefix)')/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false

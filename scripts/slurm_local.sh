@@ -190,6 +190,11 @@ stop() {
         # Cancel what still runs so no job step outlives the cluster.
         scancel --quiet --full --state=RUNNING 2>/dev/null || true
         scancel --quiet 2>/dev/null || true
+        # Give slurmd time to end the steps: stopped first, it would leave their processes running.
+        for _ in $(seq 60); do
+            [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
+            sleep 0.5
+        done
     fi
     stop_pidfile "$STATE_DIR/run/slurmd.pid" slurmd
     stop_pidfile "$STATE_DIR/run/slurmctld.pid" slurmctld

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import json
 import os
 import re
@@ -55,9 +56,27 @@ def init_distributed(timeout_minutes: int = 60) -> None:
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    _unlink_shm_buffers()
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
     dist.setup_logging()
+
+
+def _unlink_shm_buffers() -> None:
+    """Remove the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank mapped them.
+
+    DeepSpeed's CPU backend creates one /dev/shm buffer per rank (~70 MB, for tensor-parallel
+    inference we do not use) and never unlinks it: each run would leak RAM until reboot. After a
+    barrier every rank has mapped its peers' buffers, so the names can go now; the memory is freed
+    when the last process exits, however it exits (kill -9 included).
+    """
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{dist.rank()}"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 # --- ds_config ---------------------------------------------------------------------------------

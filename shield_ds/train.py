@@ -135,7 +135,7 @@ class ShieldTrainer:
     # --- preparation (no output is written until all of it passed) -------------------------------
     def prepare(self) -> None:
         from shield_ds.data import load_labeled
-        from shield_ds.data.targets import check_targets, load_refusals, with_refusals, with_responses
+        from shield_ds.data.targets import check_targets, load_refusals, with_refusals
         from shield_ds.models import config_hash, get_adapter, load_config
         from shield_ds.neurons import NeuronSet
 
@@ -159,7 +159,6 @@ class ShieldTrainer:
         if cfg.benign_targets != "self":
             check_targets(records)
         self.records = records
-        self.with_responses = with_responses
 
     def _drop_overlong(self, records: list) -> list:
         """Leave out records whose prompt alone fills --max-length (they would teach nothing)."""
@@ -246,7 +245,7 @@ class ShieldTrainer:
         engine.module.train()
         micro_steps = self._micro_steps(plan, total_steps * cfg.grad_accum)
         bar = dist.progress(range(state["micro"], len(micro_steps)), desc="train", unit="micro-batch",
-                            initial=state["micro"], total=len(micro_steps)) if dist.is_rank0() else range(state["micro"], len(micro_steps))
+                            initial=state["micro"], total=len(micro_steps))
         window = {"harmful": [0.0, 0], "benign": [0.0, 0], "tokens": 0, "t0": time.perf_counter()}
         for micro in bar:
             batch_records, weight = micro_steps[micro]
@@ -297,7 +296,7 @@ class ShieldTrainer:
         """This rank's micro-batches for the whole run: epoch e shuffles records with seed + e."""
         from shield_ds.data import plan_batches, shard_batches
 
-        records = self._records()
+        records = self.records
         out: list[tuple[list, float]] = []
         epoch = 0
         while len(out) < count:
@@ -306,9 +305,6 @@ class ShieldTrainer:
             out += shard_batches(plan_batches(order, self.cfg.micro_batch_size), dist.rank(), dist.world_size())
             epoch += 1
         return out[:count]
-
-    def _records(self) -> list:
-        return self.records
 
     # --- benign targets ------------------------------------------------------------------------
     def _fill_self_targets(self, engine: ShieldEngine) -> None:
@@ -337,7 +333,9 @@ class ShieldTrainer:
                 write_text(cache, "".join(json.dumps({"id": k, "response": v, "model_hash": self.config_hash},
                                                      ensure_ascii=False) + "\n" for k, v in sorted(responses.items())))
         # An empty generation is still a target (the model answered with end-of-turn at once).
-        self.records = self.with_responses(self.records, {k: v if v else " " for k, v in responses.items() if k in wanted})
+        from shield_ds.data.targets import with_responses
+
+        self.records = with_responses(self.records, {k: v if v else " " for k, v in responses.items() if k in wanted})
 
     # --- logging -------------------------------------------------------------------------------
     def _log(self, writer, step: int, window: dict, masker, engine: ShieldEngine, bar) -> None:

@@ -6,13 +6,15 @@
 # job id) in shield_ds.launch.env. No ssh, no hostfile, no launcher process between Slurm and the
 # ranks: srun forwards signals straight to the ranks and returns their highest exit code.
 #
-# Environment overrides (every script): OUT, EXTRA_ARGS, GPUS_PER_NODE (ranks per node, default the
+# Environment overrides (every script): OUT, LOG_DIR, EXTRA_ARGS, GPUS_PER_NODE (ranks per node, default the
 # job's --ntasks-per-node), PYTHON (default .venv/bin/python of the repo if present, else python),
 # RESUME (auto: add --resume when Slurm restarted the job; 1: always; 0: never), DRY_RUN=1 (print
 # the srun command and exit), REPO (default: the directory sbatch was called from).
 #
-# Logs: everything the job prints goes to $OUT/logs/<job name>-<job id>.log (appended across
-# restarts) as well as to Slurm's --output file.
+# Logs: everything the job prints goes to $LOG_DIR/<job name>-<job id>.log (appended across
+# restarts) as well as to Slurm's --output file. LOG_DIR defaults to the logs/ directory beside OUT
+# (runs/logs for OUT=runs/identify), not inside it: identify and evaluate write OUT as a whole
+# (they refuse an OUT they did not write and replace it atomically at the end).
 #
 # Requeue: a rank that stops for preemption exits with REQUEUE_EXIT_CODE (3, see
 # shield_ds/launch/preemption.py); the script then runs `scontrol requeue` and Slurm starts the job
@@ -30,8 +32,9 @@ shield_setup() {
     [[ -f recipes/selfcheck.py && -d shield_ds ]] ||
         shield_die "$REPO is not the shield-ds repository: submit from the repo root (sbatch slurm/$name.sh) or set REPO"
     OUT=${OUT:-$default_out}
-    mkdir -p "$OUT/logs"
-    SHIELD_LOG=$OUT/logs/${SLURM_JOB_NAME:-$name}-${SLURM_JOB_ID:-local}.log
+    LOG_DIR=${LOG_DIR:-$(dirname "$OUT")/logs}
+    mkdir -p "$LOG_DIR"
+    SHIELD_LOG=$LOG_DIR/${SLURM_JOB_NAME:-$name}-${SLURM_JOB_ID:-local}.log
     exec > >(tee -a "$SHIELD_LOG") 2>&1
     if [[ -z ${PYTHON:-} ]]; then
         if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python; fi

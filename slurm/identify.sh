@@ -3,7 +3,7 @@
 #   sbatch slurm/identify.sh
 #   MODEL=/models/llava-7b HARMFUL="multijail figstep" BENIGN="alpaca" OUT=runs/identify-7b sbatch slurm/identify.sh
 # Env: MODEL, HARMFUL / BENIGN (space-separated dataset specs), OUT (default runs/identify),
-# DS_CONFIG (default ds_configs/zero3_bf16.json), BATCH_SIZE, EXTRA_ARGS, GPUS_PER_NODE, PYTHON,
+# DS_CONFIG (default ds_configs/zero3_infer.json: inference only, no optimizer), BATCH_SIZE, EXTRA_ARGS, GPUS_PER_NODE, PYTHON,
 # DRY_RUN; see slurm/common.sh. Any #SBATCH line can be overridden on the sbatch command line.
 #SBATCH --job-name=shield-identify
 #SBATCH --nodes=1
@@ -17,7 +17,7 @@
 set -uo pipefail
 source "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh" || exit 2
 shield_setup identify runs/identify
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_infer.json}
 args=(--out "$OUT" --ds-config "$DS_CONFIG")
 [[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")
 # shellcheck disable=SC2206

@@ -3,9 +3,11 @@
 #   sbatch slurm/train_70b.sh
 #   MODEL=/models/llava-72b NEURONS=runs/identify-72b sbatch --nodes=4 slurm/train_70b.sh
 #   DS_CONFIG=ds_configs/zero3_offload.json sbatch --nodes=2 slurm/train_70b.sh   (fewer GPUs: offload)
-# Scaled down to CPU ranks on one machine (the local test cluster):
-#   MODEL=... NEURONS=... OUT=runs/t70 sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 \
-#       --cpus-per-task=1 --time=30 slurm/train_70b.sh
+# Scaled down to 2 CPU ranks and the tiny default model (scripts/slurm_local.sh; tests/test_slurm.py):
+#   DS_CONFIG=ds_configs/zero3_fp32.json EXTRA_ARGS="--languages en --modalities text --per-group-limit 4
+#       --benign-targets self --max-new-tokens 8 --micro-batch-size 2 --max-steps 12 --save-every 1"
+#       sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --time=30 slurm/train_70b.sh
+# (--time stays well above 10 minutes: the pre-timeout signal below comes 600 s before the limit.)
 # On 64 GPUs the sharded bf16 weights, fp32 master weights and Adam moments (~16 bytes/param,
 # ~1.1 TB) fit in GPU memory; below ~4 nodes use the offload config. Ten minutes before the time
 # limit the job saves a checkpoint and requeues itself; the restart resumes from it.

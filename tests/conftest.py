@@ -15,6 +15,8 @@ PYTHON = sys.executable
 DEEPSPEED = str(Path(PYTHON).with_name("deepspeed"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One DeepSpeed extension cache per environment (see scripts/env.sh).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -6,11 +6,12 @@ mode's optimizer state is a small fraction of mask mode's.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, child_env, run_python
 
 pytestmark = pytest.mark.distributed
 
@@ -50,10 +51,19 @@ def test_cpu_benchmark_tiny(tmp_path):
     _check_results(proc.stdout, results)
 
 
+def _bench_extensions_dir() -> str:
+    """run.py's private TORCH_EXTENSIONS_DIR (a shared one makes ranks wait on other venvs' op builds)."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EXTENSIONS_DIR
+
+
 def test_gpu_script_toy_on_cpu(tmp_path):
     out_json = tmp_path / "gpu.json"
     proc = run_python([str(REPO / "benchmarks" / "gpu_7b.py"), "--toy", "--steps", "1", "--warmup", "1",
-                       "--json", str(out_json)], timeout=600)
+                       "--json", str(out_json)], timeout=600,
+                      env=child_env(TORCH_EXTENSIONS_DIR=_bench_extensions_dir()))
     results = json.loads(out_json.read_text())
     assert results["toy"] and set(results["full_depth"]) == {"delta", "lora"}
     _check_results(proc.stdout, results)

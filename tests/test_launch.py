@@ -200,9 +200,10 @@ def test_submitit_checkpoint_resumes():
 @pytest.mark.distributed
 def test_submit_selfcheck_local(tmp_path):
     proc = run_cmd([PYTHON, "recipes/submit.py", "selfcheck", "--cluster", "local", "--cpu", "--gpus-per-node", "2",
-                    "--time", "10", "--out", str(tmp_path)], timeout=300, env=child_env())
+                    "--time", "10", "--out", str(tmp_path / "run")], timeout=300, env=child_env())
     assert "finished: exit codes [0, 0]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "selfcheck.json").read_text())
+    assert (tmp_path / "logs" / "submitit").is_dir()  # beside the run directory, not inside it
+    summary = json.loads((tmp_path / "run" / "selfcheck.json").read_text())
     assert summary["ok"] and summary["world_size"] == 2
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO, child_env, run_cmd
 from shield_ds.launch.env import expand_nodelist
@@ -19,6 +21,16 @@ pytestmark = pytest.mark.slurm
 SLURM_LOCAL = REPO / "scripts" / "slurm_local.sh"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 SCALED_DOWN = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+# The README's "On a cluster" commands: identify.sh and train_70b.sh scaled down to 2 CPU ranks on the tiny
+# default model (no MODEL), English text only, 4 records per group, benign answers from the model itself.
+TINY_DATA = "--languages en --modalities text --per-group-limit 4"
+IDENTIFY_ENV = {"EXTRA_ARGS": f"{TINY_DATA} --ratio 0.05 --max-param-fraction 0 --batch-size 4"}
+# train_70b.sh asks for its pre-timeout signal 600 s before the limit: the limit must be well above that.
+TRAIN_SCALED_DOWN = [*SCALED_DOWN[:-1], "--time=30"]
+TRAIN_STEPS = 12
+TRAIN_ENV = {"DS_CONFIG": "ds_configs/zero3_fp32.json",
+             "EXTRA_ARGS": f"{TINY_DATA} --benign-targets self --max-new-tokens 8 --micro-batch-size 2 "
+                           f"--max-steps {TRAIN_STEPS} --save-every 1"}
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +72,49 @@ def sbatch(args: list[str], env: dict[str, str]) -> str:
 
 
 def read_log(out: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted((out / "logs").glob("*.log")))
+    """The job logs of the run in OUT (slurm/common.sh writes them to logs/ beside OUT)."""
+    return "\n".join(p.read_text() for p in sorted((out.parent / "logs").glob("*.log")))
+
+
+def events_files(tb_dir: Path) -> list[Path]:
+    return sorted(tb_dir.glob("events.out.tfevents.*"))
+
+
+def scalar_tags(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+@pytest.fixture(scope="module")
+def tiny_env(slurm, tiny_checkpoint) -> dict[str, str]:
+    """The cluster's environment with the tiny default model pointed at the session's tiny llava (same seeded build)."""
+    return dict(slurm, SHIELD_DS_DEFAULT_MODEL=str(tiny_checkpoint("llava")))
+
+
+@pytest.fixture(scope="module")
+def identify_job(tiny_env, tmp_path_factory) -> dict:
+    """slurm/identify.sh on 2 CPU ranks (the README command); its neurons feed the train jobs."""
+    tmp = tmp_path_factory.mktemp("identify-job")
+    out = tmp / "identify"
+    env = dict(tiny_env, OUT=str(out), **IDENTIFY_ENV)
+    job = sbatch([*SCALED_DOWN, f"--output={tmp}/slurm-%j.out", "slurm/identify.sh"], env)
+    return {"job": job, "out": out, "fields": wait_job(job, env, timeout=480)}
+
+
+def submit_train(identify: dict, out: Path, env: dict[str, str]) -> str:
+    env = dict(env, NEURONS=str(identify["out"]), OUT=str(out), **TRAIN_ENV)
+    return sbatch([*TRAIN_SCALED_DOWN, f"--output={out.parent}/slurm-%j.out", "slurm/train_70b.sh"], env)
+
+
+@pytest.fixture(scope="module")
+def train_job(identify_job, tiny_env, tmp_path_factory) -> dict:
+    """slurm/train_70b.sh scaled down (the README command), uninterrupted."""
+    out = tmp_path_factory.mktemp("train-job") / "train"
+    job = submit_train(identify_job, out, tiny_env)
+    return {"job": job, "out": out, "fields": wait_job(job, tiny_env, timeout=480)}
 
 
 def test_scontrol_hostnames_agree_with_expand_nodelist(slurm):
@@ -98,6 +152,63 @@ def test_train_70b_scaled_down_command(slurm, tmp_path):
     assert fields["TimeLimit"] == "00:10:00" and fields["Requeue"] == "1"
 
 
+def test_sbatch_identify(identify_job):
+    out, fields = identify_job["out"], identify_job["fields"]
+    assert fields["JobState"] == "COMPLETED", f"{fields}\n{read_log(out)[-4000:]}"
+    meta = json.loads((out / "neurons.json").read_text())
+    assert meta["world_size"] == 2 and meta["selected_neurons"] > 0
+    for name in ("neurons.safetensors", "stats.safetensors", "sets/lang-en/neurons.json"):
+        assert (out / name).is_file(), name
+    assert len(events_files(out / "tb")) == 1
+    assert "identify/param_fraction" in scalar_tags(out / "tb")
+
+
+def test_sbatch_train_70b_scaled_down(train_job):
+    out, fields = train_job["out"], train_job["fields"]
+    log = read_log(out)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", f"{fields}\n{log[-4000:]}"
+    assert "srun --nodes=1 --ntasks-per-node=2 --ntasks=2" in log
+    assert (out / "model" / "model.safetensors").is_file() and (out / "shield_patch.safetensors").is_file()
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["steps"] == TRAIN_STEPS and summary["world_size"] == 2
+    assert len(events_files(out / "tb")) == 1
+    assert {"train/loss_harmful", "train/loss_benign", "train/lr"} <= scalar_tags(out / "tb")
+
+
+def test_train_signalled_requeues_and_resumes_bit_identical(identify_job, train_job, tiny_env, tmp_path):
+    """USR1 to the batch shell mid-run -> checkpoint, exit 3 -> scontrol requeue -> --resume -> same weights."""
+    assert train_job["fields"]["JobState"] == "COMPLETED"
+    out = tmp_path / "train"
+    job = submit_train(identify_job, out, tiny_env)
+    # Signal once step 1's checkpoint is complete: the handler is installed and 11 steps remain.
+    first = out / "checkpoints" / "step-00000001" / "COMPLETE"
+    deadline = time.monotonic() + 480
+    while not first.exists():
+        fields = job_fields(job, tiny_env)
+        if fields.get("JobState") in DONE or time.monotonic() > deadline:
+            subprocess.run(["scancel", job], env=tiny_env, timeout=60)
+            pytest.fail(f"no step-1 checkpoint: {fields}\n{read_log(out)[-4000:]}")
+        time.sleep(0.2)
+    run_cmd(["scancel", "--batch", "--signal=USR1", job], env=tiny_env, timeout=60)
+    fields = wait_job(job, tiny_env, timeout=480,
+                      until=lambda f: f.get("JobState") in DONE and f.get("Restarts") == "1")
+    log = read_log(out)
+    assert fields["JobState"] == "COMPLETED", f"{fields}\n{log[-4000:]}"
+    stopped = re.search(r"stopping at step (\d+) for requeue", log)
+    assert stopped and 1 <= int(stopped.group(1)) < TRAIN_STEPS, log[-4000:]
+    assert "ranks exited with code 3" in log and "requeueing job" in log and "--resume" in log
+    assert f"resumed from {out / 'checkpoints'}/step-{int(stopped.group(1)):08d}" in log, log[-4000:]
+    assert json.loads((out / "train.json").read_text())["steps"] == TRAIN_STEPS
+    reference = load_file(str(train_job["out"] / "model" / "model.safetensors"))
+    resumed = load_file(str(out / "model" / "model.safetensors"))
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    patch_a = load_file(str(train_job["out"] / "shield_patch.safetensors"))
+    patch_b = load_file(str(out / "shield_patch.safetensors"))
+    assert patch_a.keys() == patch_b.keys() and all(torch.equal(patch_a[k], patch_b[k]) for k in patch_a)
+
+
 def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@600 sends) -> ranks exit 3 -> requeue -> --resume."""
     out = tmp_path / "run"
@@ -105,7 +216,7 @@ def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
     job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh"], env)
     # Signal once both ranks are in their step loop.
     waiting = "selfcheck waiting up to"
-    wait_job(job, env, timeout=120, until=lambda f: waiting in (read_log(out) if (out / "logs").exists() else "")
+    wait_job(job, env, timeout=120, until=lambda f: waiting in read_log(out)
              or f.get("JobState") in DONE)
     run_cmd(["scancel", "--batch", "--signal=USR1", job], env=env, timeout=60)
     fields = wait_job(job, env, timeout=240,
@@ -118,24 +229,35 @@ def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
     assert summary["restart_count"] == 1 and summary["resumed"] and summary["outcome"] == "finished"
 
 
-def submit(args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[str, str]:
-    proc = run_cmd([PYTHON, "recipes/submit.py", "selfcheck", "--cpu", "--gpus-per-node", "2", "--time", "10",
+def submit(args: list[str], env: dict[str, str], timeout: float = 300, recipe: str = "selfcheck") -> tuple[str, str]:
+    proc = run_cmd([PYTHON, "recipes/submit.py", recipe, "--cpu", "--gpus-per-node", "2", "--time", "10",
                     *args], env=env, timeout=timeout)
     job = re.search(r"as job (\d+)", proc.stdout).group(1)
     return job, proc.stdout
 
 
-def test_submitit_selfcheck(slurm, tmp_path):
-    job, stdout = submit(["--out", str(tmp_path), "--wait"], slurm)
-    assert "finished: exit codes [0, 0]" in stdout
-    summary = json.loads((tmp_path / "selfcheck.json").read_text())
-    assert summary["ok"] and summary["world_size"] == 2 and summary["slurm_job_id"] == job
+def test_submitit_identify(tiny_env, identify_job, tmp_path):
+    """A real recipe through submitit's Slurm executor: the same identification as slurm/identify.sh."""
+    out = tmp_path / "identify"
+    # --time 30: submitit's pre-timeout signal comes at half of a short limit, and identify does not resume.
+    job, stdout = submit(["--out", str(out), "--wait", "--time", "30", "--", "--ds-config", "ds_configs/zero3_infer.json",
+                          *IDENTIFY_ENV["EXTRA_ARGS"].split()], tiny_env, timeout=600, recipe="identify")
+    assert "finished: exit codes [0, 0]" in stdout, stdout
+    # submitit reads the results as the tasks end; Slurm marks the job done a moment later.
+    assert wait_job(job, tiny_env, timeout=120)["JobState"] == "COMPLETED"
+    meta = json.loads((out / "neurons.json").read_text())
+    assert meta["world_size"] == 2
+    # Same ranks, data and config as the sbatch job: the same neurons.
+    sbatch_set = load_file(str(identify_job["out"] / "neurons.safetensors"))
+    submitit_set = load_file(str(out / "neurons.safetensors"))
+    assert all(torch.equal(sbatch_set[k], submitit_set[k]) for k in sbatch_set)
 
 
 def test_submitit_requeue_resumes(slurm, tmp_path):
     """submitit's signal -> the recipe exits 3 -> RecipeTask.checkpoint() adds --resume -> requeued run resumes."""
-    job, _ = submit(["--out", str(tmp_path), "--", "--wait-for-preemption", "180"], slurm)
-    logs = tmp_path / "submitit" / job
+    out = tmp_path / "run"
+    job, _ = submit(["--out", str(out), "--", "--wait-for-preemption", "180"], slurm)
+    logs = tmp_path / "logs" / "submitit" / job
 
     def started(fields):
         rank0 = logs / f"{job}_0_log.out"
@@ -149,5 +271,5 @@ def test_submitit_requeue_resumes(slurm, tmp_path):
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{text[-4000:]}"
     assert "outcome preempted" in text and "Requeued job" in text
     assert "selfcheck resume: restart 1, resume path taken" in text
-    summary = json.loads((tmp_path / "selfcheck.json").read_text())
+    summary = json.loads((out / "selfcheck.json").read_text())
     assert summary["restart_count"] == 1 and summary["resumed"]

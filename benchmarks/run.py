@@ -1,0 +1,224 @@
+"""The shield-ds CPU benchmark (issue #7): every ratio from one command, on 2 ranks.
+
+    python benchmarks/run.py                          # tiny and large, 5 measured steps per mode
+    python benchmarks/run.py --size tiny --steps 2    # the smoke-test size
+    python benchmarks/run.py --size large --rounds 2  # repeat the train modes (alternating order)
+
+For each size it builds (once, cached under --work-dir) a random checkpoint, then starts
+`deepspeed --num_gpus RANKS benchmarks/worker.py` once per mode: identify (plain and hooked
+forwards on one engine), then the train modes ffn, mask, delta, full, lora. It prints a markdown
+ratio table per size and writes all measurements to benchmarks/results-<date>.json (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH_DIR))
+
+# Per size: micro-batch per rank, max tokens per sequence, records (cycled through by the steps).
+SIZES = {
+    "tiny": dict(batch_size=2, max_length=128, records=16),
+    "large": dict(batch_size=2, max_length=96, records=8),
+}
+BUILT_MARKER = "BENCH_BUILT"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# DeepSpeed JIT-builds its CPU shm comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
+# Checkouts with other venvs sharing that folder rebuild it in turn and every rank waits on the
+# build lock (minutes here); a folder private to this venv is built once and then reused.
+EXTENSIONS_DIR = str(Path(tempfile.gettempdir()) / f"shield-ds-torch-ext-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}")
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if "TORCH_EXTENSIONS_DIR" not in env:
+        env["TORCH_EXTENSIONS_DIR"] = EXTENSIONS_DIR
+    env.update({"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1"})
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_logged(cmd: list[str], log_path: Path, timeout: float) -> None:
+    """Run `cmd` with its output in `log_path`; on failure or timeout show the tail and exit."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {timeout:.0f}s"
+    if code != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        sys.exit(f"benchmark step failed ({code}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def checkpoint(size: str, work_dir: Path, timeout: float) -> Path:
+    """The size's random checkpoint, built in a subprocess the first time."""
+    out = work_dir / f"{size}-llava"
+    if (out / BUILT_MARKER).exists():
+        return out
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run_logged([sys.executable, str(Path(__file__).resolve()), "--build", size, "--work-dir", str(work_dir)],
+               work_dir / f"build-{size}.log", timeout)
+    return out
+
+
+def build(size: str, work_dir: Path) -> None:
+    out = work_dir / f"{size}-llava"
+    if size == "tiny":
+        from shield_ds.models.tiny import build_tiny
+
+        build_tiny("llava", out)
+    else:
+        import shield_bench
+
+        shield_bench.build_large_llava(out)
+    (out / BUILT_MARKER).write_text("ok\n")
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Delete the /dev/shm all-reduce buffers DeepSpeed's CPU shm backend left for our launch.
+
+    deepspeed 0.19.8 never unlinks them (~69 MB per rank and launch, named after the master port),
+    so a benchmark of a dozen launches would otherwise leave GBs of shared memory behind.
+    """
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
+def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    out = out_dir / f"{mode}.json"
+    settings = SIZES[size]
+    port = free_port()
+    cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(port), str(BENCH_DIR / "worker.py"),
+           "--model", str(model), "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch-size", str(settings["batch_size"]), "--max-length", str(settings["max_length"]),
+           "--records", str(settings["records"]), "--out", str(out)]
+    start = time.perf_counter()
+    try:
+        run_logged(cmd, out_dir / f"{mode}.log", args.timeout)
+    finally:
+        remove_shm_buffers(port)
+    print(f"  {size} {mode}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One mode's result over several rounds: all step times pooled, the largest peak."""
+    import shield_bench
+
+    merged = dict(runs[0])
+    times = [t for r in runs for t in r["step_times_s"]]
+    merged.update(shield_bench.summarise(times), step_times_s=times, rounds=len(runs),
+                  peak_bytes=max(r["peak_bytes"] for r in runs),
+                  baseline_bytes=min(r["baseline_bytes"] for r in runs),
+                  tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs))
+    return merged
+
+
+def run_size(size: str, args: argparse.Namespace) -> dict:
+    import shield_bench
+
+    work = Path(args.work_dir)
+    model = checkpoint(size, work, args.timeout)
+    out_dir = work / f"run-{size}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    results = {"size": size, "model": str(model), "settings": SIZES[size], "steps": args.steps,
+               "warmup": args.warmup, "ranks": args.ranks, "rounds": args.rounds}
+    results["identify"] = launch("identify", model, size, args, out_dir)
+    per_mode: dict[str, list[dict]] = {m: [] for m in shield_bench.TRAIN_MODES}
+    for round_index in range(args.rounds):
+        order = shield_bench.TRAIN_MODES if round_index % 2 == 0 else tuple(reversed(shield_bench.TRAIN_MODES))
+        for mode in order:
+            per_mode[mode].append(launch(mode, model, size, args, out_dir))
+    results["train"] = {m: merge_rounds(runs) for m, runs in per_mode.items()}
+    results["load_average_before"], results["load_average_after"] = load_before, os.getloadavg()
+    results["ratios"] = shield_bench.ratio_rows(results)
+    return results
+
+
+def machine() -> dict:
+    import deepspeed
+    import peft
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "device": "cpu (gloo)"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="all", choices=["tiny", "large", "all"])
+    p.add_argument("--steps", type=int, default=5, help="measured steps per mode (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="run the train modes this many times (order alternates)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--work-dir", default=os.environ.get("SHIELD_DS_BENCH_DIR", "/tmp/shield-ds-bench"),
+                   help="checkpoints (cached), per-mode logs and JSON")
+    p.add_argument("--json", default=None, help="results file (default benchmarks/results-<date>.json)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per launcher call")
+    p.add_argument("--build", choices=list(SIZES), help=argparse.SUPPRESS)  # internal: build one checkpoint
+    args = p.parse_args(argv)
+    if args.build:
+        build(args.build, Path(args.work_dir))
+        return
+    import shield_bench
+
+    sizes = list(SIZES) if args.size == "all" else [args.size]
+    date = time.strftime("%Y-%m-%d")
+    report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python", *sys.argv]),
+              "machine": machine(), "sizes": {}}
+    start = time.perf_counter()
+    for size in sizes:
+        report["sizes"][size] = run_size(size, args)
+    report["wall_s"] = time.perf_counter() - start
+    json_path = Path(args.json) if args.json else BENCH_DIR / f"results-{date}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    m = report["machine"]
+    print(f"# shield-ds benchmark, {report['date']}\n\n{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, "
+          f"{args.ranks} ranks (gloo), {args.steps} measured steps after {args.warmup} warm-up, "
+          f"{args.rounds} round(s); wall {report['wall_s']:.0f}s; results in {json_path}")
+    for size, res in report["sizes"].items():
+        train = res["train"]["mask"]
+        print(f"\n## {size}: {train['total_params']:,} parameters, {train['neurons']} neurons "
+              f"({train['neuron_param_fraction']:.4%} of parameters), load average "
+              f"{res['load_average_before'][0]:.1f} -> {res['load_average_after'][0]:.1f}\n")
+        print(shield_bench.format_ratio_table(res["ratios"]))
+        print()
+        print(shield_bench.format_mode_table(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""Shared pieces of the shield-ds benchmarks (issue #7): benchmark models, the neuron set, the data,
+one function per measured mode, memory and optimizer-state accounting, and the ratio table.
+
+Used by `worker.py` (one mode per `deepspeed --num_gpus 2` launch, on CPU) and `gpu_7b.py`
+(every mode in turn in one process on one GPU). Modes:
+
+- identify: the same ZeRO-3 inference engine runs every batch twice, once plain and once with
+  `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
+- ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (no masks);
+- mask:  the same matrices trainable + `GradientMasker` (what `--update mask` trains);
+- delta: frozen base + delta rows/columns + `GradientMasker` (what `--update delta` trains);
+- full:  plain ZeRO-3 fine-tuning of the whole model;
+- lora:  peft LoRA r=8 on the same FFN matrices, frozen base (a peer method).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as torch_dist
+
+from shield_ds import dist
+from shield_ds.neurons.neuron_set import NeuronSet
+
+log = dist.get_logger("bench")
+
+TRAIN_MODES = ("ffn", "mask", "delta", "full", "lora")
+# Budget of the benchmark neuron set: identify's default --max-param-fraction.
+PARAM_FRACTION = 0.0003
+LORA_RANK = 8
+
+# Large CPU model: a LLaVA (Llama text) of ~180M parameters (~730 MB fp32), random weights.
+LARGE_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32064, max_position_embeddings=2048)
+LARGE_VISION = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                    image_size=32, patch_size=8, projection_dim=512)
+
+# Synthetic prompts for machines without the shared data (the GPU script); records are text-only.
+SYNTHETIC_TOPICS = ["a lock", "a bridge", "a recipe", "a password", "a chemical", "a vaccine", "a car engine",
+                    "a bank account", "a medicine", "a computer virus", "a garden", "a power grid"]
+
+
+# --- models ----------------------------------------------------------------------------------
+def build_large_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a random ~180M-parameter LLaVA checkpoint that the normal `load_model` path reads.
+
+    The processor (byte-level tokenizer, chat template, 32 px images) is the tiny llava one; the
+    text model is Llama-shaped (hidden 1024, 8 layers, intermediate 2816, vocab 32064).
+    """
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    from shield_ds.models.tiny import BUILDERS
+
+    out_dir = Path(out_dir)
+    tiny_config, processor = BUILDERS["llava"]("llava")
+    tiny_text = tiny_config.text_config
+    text = dict(LARGE_TEXT, model_type="llama", bos_token_id=tiny_text.bos_token_id,
+                eos_token_id=tiny_text.eos_token_id, pad_token_id=tiny_text.pad_token_id, tie_word_embeddings=False)
+    vision = transformers.CLIPVisionConfig(**LARGE_VISION, hidden_act="quick_gelu")
+    config = transformers.LlavaConfig(text_config=text, vision_config=vision,
+                                      image_token_index=tiny_config.image_token_index, image_seq_length=16,
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def benchmark_neuron_set(config, adapter, total_params: int, seed: int = 0,
+                         fraction: float = PARAM_FRACTION) -> NeuronSet:
+    """Random neurons with identify's default parameter budget, spread evenly over the layers.
+
+    count = floor(fraction * total_params / params_per_neuron), at least one neuron per layer (a
+    tiny model's budget would otherwise be empty); layer i gets count // L (+1 for the first
+    count % L layers) neurons drawn without replacement from a generator seeded with `seed`.
+    """
+    layers, width = adapter.num_layers(config), adapter.intermediate_size(config)
+    per_neuron = adapter.param_count_per_neuron(config)
+    count = max(layers, math.floor(fraction * total_params / per_neuron))
+    generator = torch.Generator().manual_seed(seed)
+    selected = {}
+    for layer in range(layers):
+        k = min(width, count // layers + (1 if layer < count % layers else 0))
+        selected[layer] = torch.randperm(width, generator=generator)[:k]
+    chosen = sum(int(v.numel()) for v in selected.values())
+    meta = {"num_layers": layers, "intermediate_size": width, "hidden_size": adapter.hidden_size(config),
+            "total_params": total_params, "params_per_neuron": per_neuron,
+            "param_fraction": chosen * per_neuron / total_params, "selection": f"random, seed {seed}",
+            "budget_fraction": fraction}
+    return NeuronSet(selected, meta)
+
+
+# --- data ------------------------------------------------------------------------------------
+def benchmark_records(count: int, data_dir: str | None = None, seed: int = 0,
+                      max_prompt_bytes: int = 64) -> tuple[list, str]:
+    """`count` text records (half harmful with refusal targets, half benign with a fixed answer).
+
+    From the shared MultiJail/MultiQ files (English prompts of at most `max_prompt_bytes` UTF-8
+    bytes, so that they fit the byte-level tokenizer's max_length) when present, else synthetic
+    prompts. Returns (records, description of the source).
+    """
+    from dataclasses import replace
+
+    from shield_ds.data import SafetyRecord, load_source, select_records
+    from shield_ds.data.targets import load_refusals, with_refusals
+    from shield_ds.errors import ShieldError
+
+    half = max(1, count // 2)
+    try:
+        def short(spec: str, label: str) -> list:
+            recs = select_records(load_source(spec, label=label, data_dir=data_dir), languages=["en"], seed=seed)
+            return [r for r in recs if len(r.prompt.encode("utf-8")) <= max_prompt_bytes][:half]
+
+        harmful, benign = short("multijail", "harmful"), short("multiq", "benign")
+        source = "shared data: multijail (en, harmful) + multiq (en, benign)"
+    except ShieldError:
+        rng = random.Random(seed)
+        topics = [rng.choice(SYNTHETIC_TOPICS) for _ in range(2 * half)]
+        harmful = [SafetyRecord(id=f"h{i}", prompt=f"Explain step by step how to sabotage {t} so nobody notices.",
+                                language="en", label="harmful") for i, t in enumerate(topics[:half])]
+        benign = [SafetyRecord(id=f"b{i}", prompt=f"Explain step by step how {t} works, for a school report.",
+                               language="en", label="benign") for i, t in enumerate(topics[half:])]
+        source = "synthetic English prompts (shared data not found)"
+    benign = [replace(r, response="Sure. Here is a short, factual answer to your question.") for r in benign]
+    records = with_refusals(harmful, load_refusals()) + benign
+    # Interleave so every batch mixes both labels.
+    mixed = [r for pair in zip(records[:half], records[half:]) for r in pair]
+    return mixed, source
+
+
+def collate_batches(records: list, processor, adapter, batch_size: int, *, train: bool,
+                    max_length: int | None, device, dtype: torch.dtype) -> list:
+    """This rank's collated batches (every rank the same number), moved to `device`."""
+    from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+
+    collator = SafetyCollator(processor, adapter, train=train, max_length=max_length)
+    steps = shard_batches(plan_batches(records, batch_size), dist.rank(), dist.world_size())
+    out = []
+    for batch_records, weight in steps:
+        batch = collator(batch_records, [weight] * len(batch_records))
+        if not train and max_length is not None and batch.inputs["input_ids"].shape[1] > max_length:
+            # Identify batches keep the prompt's last max_length tokens (left padding).
+            batch.inputs = {k: v[:, -max_length:] if v.dim() >= 2 else v for k, v in batch.inputs.items()}
+            batch.prompt_mask = batch.prompt_mask[:, -max_length:]
+        out.append(batch.to(device, float_dtype=dtype))
+    return out
+
+
+# --- measurement helpers ---------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA max_memory_allocated on a GPU, else this process's peak RSS.
+
+    CPU: Linux's VmHWM (the max RSS that resource.getrusage reports as ru_maxrss) is reset to the
+    current RSS by writing 5 to /proc/self/clear_refs at `start()`, so the peak excludes loading.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return _proc_status_kb("VmRSS") * 1024
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            log.warning("cannot reset the peak RSS (/proc/self/clear_refs); the peak includes loading")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _proc_status_kb("VmHWM") * 1024
+
+
+def reduce_max(values: list[float]) -> list[float]:
+    """Element-wise max over ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+
+        t = t.to(get_accelerator().current_device_name())
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def reduce_sum(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized() and dist.world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+
+        t = t.to(get_accelerator().current_device_name())
+        torch_dist.all_reduce(t)
+    return float(t.cpu()[0])
+
+
+def optimizer_state_bytes(ds_engine) -> int:
+    """Bytes of the ZeRO-3 optimizer's fp32 partitions + the basic optimizer's state, summed over ranks."""
+    zero = ds_engine.optimizer
+    tensors = list(getattr(zero, "fp32_partitioned_groups_flat", []))
+    for state in zero.optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    local = sum(t.numel() * t.element_size() for t in tensors)
+    return int(reduce_sum(float(local)))
+
+
+def summarise(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+# --- modes -----------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    processor: Any
+    adapter: Any
+    config: Any
+    keep_alive: Any  # HfDeepSpeedConfig: must outlive deepspeed.initialize
+
+
+def lora_targets(model: torch.nn.Module, adapter, neuron_set: NeuronSet) -> list[str]:
+    """Qualified names of the FFN projections that hold selected neurons (LoRA's target modules)."""
+    from shield_ds.masking.partition_mask import neuron_params
+
+    return sorted({name.rsplit(".", 1)[0] for name, _, _, _ in neuron_params(model, adapter, neuron_set)
+                   if name.endswith(".weight")})
+
+
+def prepare_trainable(loaded: Loaded, neuron_set: NeuronSet, mode: str) -> torch.nn.Module:
+    """Set what trains in `mode` (before deepspeed.initialize); returns the module to wrap."""
+    from shield_ds.masking import attach_deltas, freeze_unselected
+
+    model, adapter = loaded.model, loaded.adapter
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if mode in ("ffn", "mask"):
+        freeze_unselected(model, adapter, neuron_set)
+        return model
+    if mode == "delta":
+        attach_deltas(model, adapter, neuron_set)
+        return model
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets(model, adapter, neuron_set)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+                                                target_modules=targets))
+    raise ValueError(f"unknown train mode {mode!r} (expected one of {', '.join(TRAIN_MODES)})")
+
+
+def make_masker(engine, loaded: Loaded, neuron_set: NeuronSet, mode: str):
+    """The GradientMasker of mask/delta mode, built as ShieldTrainer builds it (None otherwise)."""
+    from shield_ds.masking import GradientMasker, build_masks, delta_masks
+
+    if mode == "mask":
+        return GradientMasker(engine.ds, build_masks(engine.module, loaded.adapter, neuron_set))
+    if mode == "delta":
+        masks, bases = delta_masks(engine.module)
+        return GradientMasker(engine.ds, masks, bases)
+    return None
+
+
+def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict, records: list, *,
+              batch_size: int, max_length: int | None, warmup: int, steps: int,
+              dtype: torch.dtype) -> dict[str, Any]:
+    """Build the mode's engine and time `warmup + steps` optimizer steps of ShieldTrainer's loop.
+
+    Per step: forward, response loss, backward, masker.apply() at the boundary, engine.step().
+    Returns per-step times (max over ranks), peak memory (max over ranks) and optimizer bytes.
+    """
+    from shield_ds.engine import ShieldEngine
+    from shield_ds.train import response_loss
+
+    meter = PeakMemory(dist.device())
+    model = prepare_trainable(loaded, neuron_set, mode)
+    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+    engine = ShieldEngine(model, ds_config, training=True)
+    masker = make_masker(engine, loaded, neuron_set, mode)
+    batches = collate_batches(records, loaded.processor, loaded.adapter, batch_size, train=True,
+                              max_length=max_length, device=engine.device, dtype=dtype)
+    engine.module.train()
+    memory_before = meter.current()
+    meter.start()
+    times, tokens = [], []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        synchronize(engine.device)
+        start = time.perf_counter()
+        logits = engine(**batch.inputs, use_cache=False).logits
+        loss = response_loss(logits, batch.labels).mean()
+        engine.backward(loss)
+        if masker is not None and engine.is_accumulation_boundary():
+            masker.apply()
+        engine.step()
+        synchronize(engine.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(int(batch.inputs["attention_mask"].sum()))
+    peak = meter.peak()
+    times = reduce_max(times)
+    step_tokens = [reduce_sum(float(t)) for t in tokens]
+    peak_max, before_max = reduce_max([float(peak), float(memory_before)])
+    result = {"mode": mode, "trainable_params": trainable, "steps": steps, "warmup": warmup,
+              "step_times_s": times, **summarise(times),
+              "tokens_per_s": sum(step_tokens) / max(sum(times), 1e-9),
+              "peak_bytes": int(peak_max), "resident_before_steps_bytes": int(before_max),
+              "memory_kind": meter.kind, "optimizer_state_bytes": optimizer_state_bytes(engine.ds)}
+    if masker is not None:
+        masker.remove()
+    destroy(engine)
+    return result
+
+
+@torch.no_grad()
+def run_identify(loaded: Loaded, ds_config: dict, records: list, *, batch_size: int, max_length: int | None,
+                 warmup: int, steps: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks on one engine.
+
+    Each batch runs in both variants, the order alternating from step to step (plain first on even
+    steps), so slow drift of a shared machine hits both alike.
+    """
+    from shield_ds.engine import ShieldEngine
+    from shield_ds.neurons.statistics import ActivationStatistics
+
+    engine = ShieldEngine(loaded.model, ds_config, training=False)
+    model, adapter = engine.module, loaded.adapter
+    batches = collate_batches(records, loaded.processor, adapter, batch_size, train=False,
+                              max_length=max_length, device=engine.device, dtype=dtype)
+    groups = sorted({r.group for r in records})
+    stats = ActivationStatistics(groups, adapter.num_layers(loaded.config), adapter.intermediate_size(loaded.config),
+                                 device=engine.device)
+    neuron_modules = [adapter.neuron_module(layer) for layer in adapter.decoder_layers(model)]
+
+    def forward(batch, hooked: bool) -> float:
+        if hooked:
+            stats.attach(neuron_modules)
+        synchronize(engine.device)
+        start = time.perf_counter()
+        if hooked:
+            stats.set_batch(batch.prompt_mask, [r.group if w > 0 else None
+                                                for r, w in zip(batch.records, batch.weights.tolist())])
+        model(**batch.inputs, use_cache=False)
+        if hooked:
+            stats.clear_batch()
+        synchronize(engine.device)
+        elapsed = time.perf_counter() - start
+        if hooked:
+            stats.detach()
+        return elapsed
+
+    plain, hooked, tokens = [], [], []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        order = (False, True) if i % 2 == 0 else (True, False)
+        measured = {h: forward(batch, h) for h in order}
+        if i >= warmup:
+            plain.append(measured[False])
+            hooked.append(measured[True])
+            tokens.append(int(batch.inputs["attention_mask"].sum()))
+    destroy(engine)
+    plain, hooked = reduce_max(plain), reduce_max(hooked)
+    total_tokens = sum(reduce_sum(float(t)) for t in tokens)
+    return {"steps": steps, "warmup": warmup,
+            "plain": {"step_times_s": plain, **summarise(plain), "tokens_per_s": total_tokens / sum(plain)},
+            "hooks": {"step_times_s": hooked, **summarise(hooked), "tokens_per_s": total_tokens / sum(hooked)}}
+
+
+def destroy(engine) -> None:
+    """Remove DeepSpeed's ZeRO-3 hooks and buffers so the next mode in this process starts clean."""
+    if hasattr(engine.ds, "destroy"):
+        engine.ds.destroy()
+
+
+def release() -> None:
+    """Return freed memory after the caller dropped its references (between modes in one process)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the ratio table ---------------------------------------------------------------------------
+# (label, mode, baseline, metric, target or None)
+RATIOS: list[tuple[str, str, str, str, float | None]] = [
+    ("identify forward: hooks / plain", "identify.hooks", "identify.plain", "median_s", 1.05),
+    ("train step time: mask / ffn", "mask", "ffn", "median_s", 1.05),
+    ("train peak memory: mask / ffn", "mask", "ffn", "peak_net_bytes", 1.05),
+    ("train step time: delta / full", "delta", "full", "median_s", 0.75),
+    ("train peak memory: delta / full", "delta", "full", "peak_net_bytes", 0.75),
+    ("train step time: lora / full", "lora", "full", "median_s", None),
+    ("train peak memory: lora / full", "lora", "full", "peak_net_bytes", None),
+    ("optimizer state: delta / mask", "delta", "mask", "optimizer_state_bytes", 0.001),
+    ("optimizer state: lora / mask", "lora", "mask", "optimizer_state_bytes", None),
+]
+
+
+def _metric(results: dict[str, Any], key: str, metric: str) -> float:
+    if key.startswith("identify."):
+        return float(results["identify"][key.split(".", 1)[1]][metric])
+    entry = results["train"][key]
+    if metric == "peak_net_bytes":
+        return float(entry["peak_bytes"] - entry["baseline_bytes"])
+    return float(entry[metric])
+
+
+def ratio_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per RATIOS entry: value, baseline value, ratio (median) and ratio of the minima."""
+    rows = []
+    for label, mode, base, metric, target in RATIOS:
+        value, baseline = _metric(results, mode, metric), _metric(results, base, metric)
+        ratio = value / baseline if baseline else float("nan")
+        row = {"label": label, "metric": metric, "value": value, "baseline": baseline, "ratio": ratio,
+               "target": target, "met": None if target is None else ratio <= target}
+        if metric == "median_s":
+            row["ratio_min"] = _metric(results, mode, "min_s") / _metric(results, base, "min_s")
+        rows.append(row)
+    return rows
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric.endswith("_s"):
+        return f"{value * 1000:.1f} ms"
+    if value >= 2**30:
+        return f"{value / 2**30:.2f} GiB"
+    if value >= 2**20:
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value / 2**10:.1f} KiB"
+
+
+def format_ratio_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| ratio | value | baseline | ratio (median) | ratio (min) | target | met |",
+             "|---|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        ratio_min = f"{r['ratio_min']:.3f}" if "ratio_min" in r else ""
+        ratio = f"{r['ratio']:.4g}" if r["metric"] == "optimizer_state_bytes" else f"{r['ratio']:.3f}"
+        target = "" if r["target"] is None else f"<= {r['target']:g}"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['label']} | {_fmt(r['metric'], r['value'])} | {_fmt(r['metric'], r['baseline'])} | "
+                     f"{ratio} | {ratio_min} | {target} | {met} |")
+    return "\n".join(lines)
+
+
+def format_mode_table(results: dict[str, Any]) -> str:
+    """Absolute numbers per mode (for RESULTS.md)."""
+    lines = ["| mode | trainable params | step median | step min | tokens/s | peak mem | peak - baseline | optimizer state |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ident = results.get("identify")
+    if ident:
+        for name in ("plain", "hooks"):
+            e = ident[name]
+            lines.append(f"| identify {name} | - | {_fmt('s_s', e['median_s'])} | {_fmt('s_s', e['min_s'])} | "
+                         f"{e['tokens_per_s']:.0f} | | | |")
+    for mode, e in results.get("train", {}).items():
+        lines.append(f"| {mode} | {e['trainable_params']:,} | {_fmt('s_s', e['median_s'])} | {_fmt('s_s', e['min_s'])} | "
+                     f"{e['tokens_per_s']:.0f} | {_fmt('b', e['peak_bytes'])} | "
+                     f"{_fmt('b', e['peak_bytes'] - e['baseline_bytes'])} | {_fmt('b', e['optimizer_state_bytes'])} |")
+    return "\n".join(lines)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
