@@ -161,18 +161,20 @@ class GradientMasker:
         """
         if not force and not self.engine.is_gradient_accumulation_boundary():
             return False
-        squares = torch.zeros((), dtype=torch.float64)
+        device = get_accelerator().current_device_name()
+        squares = torch.zeros((), dtype=torch.float64, device=device)
         for param, mask, _ in self.entries:
             grad = safe_get_local_grad(param)
             if grad is None:
                 continue
             mask.apply_(grad)
             safe_set_local_grad(param, grad)  # also refreshes the offload path's per-param norm
-            squares += grad.double().pow(2).sum().cpu()
+            # Only the masked entries can be non-zero: the norm needs them alone (no host sync per tensor).
+            inside = grad.view(-1).index_select(0, mask.local.to(grad.device))
+            squares += inside.double().pow(2).sum().to(device)
         if torch_dist.is_initialized():
-            total = squares.to(get_accelerator().current_device_name())
-            torch_dist.all_reduce(total, group=self.group)
-            squares = total.cpu()
+            torch_dist.all_reduce(squares, group=self.group)
+        squares = squares.cpu()
         loss_scale = float(getattr(self.zero, "loss_scale", 1.0) or 1.0)
         self.last_norm = math.sqrt(float(squares)) / loss_scale
         return True

@@ -28,21 +28,32 @@ class ActivationStatistics:
         self.num_layers = num_layers
         self.width = width
         self.acc = torch.zeros(len(self.groups), len(STATS), num_layers, width, dtype=torch.float64, device=device)
-        # Set by the caller before each forward pass.
-        self._token_groups: torch.Tensor | None = None  # [B, T] int64 group index, -1 = ignored token
+        # Set by the caller before each forward pass: (group index, flat token positions, count) per group.
+        self._selection: list[tuple[int, torch.Tensor, int]] | None = None
+        self._shape: tuple[int, ...] = ()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # --- batch context -----------------------------------------------------------------------
     def set_batch(self, token_mask: torch.Tensor, sample_groups: Sequence[str | None]) -> None:
-        """Declare which tokens of the next forward count, and the group of each sample (None = skip)."""
-        ids = torch.tensor([-1 if g is None else self.group_index[g] for g in sample_groups],
-                           dtype=torch.int64, device=token_mask.device)
-        token_groups = ids[:, None].expand_as(token_mask).clone()
-        token_groups[~token_mask.bool()] = -1
-        self._token_groups = token_groups
+        """Declare which tokens of the next forward count, and the group of each sample (None = skip).
+
+        The flat token positions of each group are computed here once per batch, so the per-layer
+        hooks do no host-device synchronisation.
+        """
+        token_mask = token_mask.bool()
+        self._shape = tuple(token_mask.shape)
+        self._selection = []
+        flat_mask = token_mask.reshape(-1)
+        per_sample = token_mask.shape[1] if token_mask.dim() > 1 else 1
+        for group in sorted({g for g in sample_groups if g is not None}):
+            rows = torch.tensor([i for i, g in enumerate(sample_groups) if g == group], device=token_mask.device)
+            sample_of_token = torch.zeros(len(sample_groups), dtype=torch.bool, device=token_mask.device)
+            sample_of_token[rows] = True
+            positions = torch.nonzero(flat_mask & sample_of_token.repeat_interleave(per_sample)).squeeze(1)
+            self._selection.append((self.group_index[group], positions, int(positions.numel())))
 
     def clear_batch(self) -> None:
-        self._token_groups = None
+        self._selection = None
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self, modules: Sequence[torch.nn.Module]) -> None:
@@ -57,7 +68,7 @@ class ActivationStatistics:
 
     def _make_hook(self, layer: int):
         def hook(_module, args):
-            if self._token_groups is not None:
+            if self._selection is not None:
                 self.accumulate(layer, args[0])
             return None
 
@@ -66,18 +77,16 @@ class ActivationStatistics:
     @torch.no_grad()
     def accumulate(self, layer: int, activations: torch.Tensor) -> None:
         """Add one layer's activations [B, T, width] for the current batch's counted tokens."""
-        token_groups = self._token_groups
-        if activations.shape[:-1] != token_groups.shape:
+        if tuple(activations.shape[:-1]) != self._shape:
             raise RuntimeError(f"neuron activations of shape {tuple(activations.shape)} do not match the token "
-                               f"mask {tuple(token_groups.shape)} (layer {layer})")
-        flat_groups = token_groups.reshape(-1).to(activations.device)
+                               f"mask {self._shape} (layer {layer})")
         flat = activations.reshape(-1, activations.shape[-1])
-        for g in torch.unique(flat_groups).tolist():
-            if g < 0:
+        for g, positions, count in self._selection:
+            if count == 0:
                 continue
-            x = flat[flat_groups == g].to(device=self.acc.device, dtype=torch.float64)
+            x = flat.index_select(0, positions.to(flat.device)).to(device=self.acc.device, dtype=torch.float64)
             acc = self.acc[g, :, layer]  # a view: the in-place adds below update self.acc
-            acc[0] += x.shape[0]
+            acc[0] += count
             acc[1] += x.sum(0)
             acc[2] += (x * x).sum(0)
             acc[3] += x.abs().sum(0)
