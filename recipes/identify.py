@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.01, help="per-layer top fraction of neurons")
     p.add_argument("--max-param-fraction", type=float, default=0.0003, help="cap on selected parameters / all parameters (0 disables)")
     p.add_argument("--tokens", default="all", choices=["all", "last"], help="prompt tokens the statistics reduce over")
+    p.add_argument("--scope", default="lm", choices=["lm", "lm+vision"],
+                   help="lm+vision: also find neurons in the vision tower's MLPs (written to OUT/vision/)")
     p.add_argument("--include-image-tokens", action="store_true", help="also count image-placeholder tokens")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass per rank")
     p.add_argument("--out", default="runs/identify")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         score=args.score, ratio=args.ratio, max_param_fraction=args.max_param_fraction, tokens=args.tokens,
         include_image_tokens=args.include_image_tokens, batch_size=args.batch_size, out=args.out,
         ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds, offload_params=args.offload_params,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, scope=args.scope,
     )
     Identifier(cfg).run()
 

@@ -195,3 +195,26 @@ def test_every_family_identifies_end_to_end(tiny_checkpoint, tmp_path):
                 expected = group.endswith(".text") and layer in skipped
                 assert (counts[layer] == 0) == expected, (arch, group, layer, counts.tolist())
             assert stats[f"{group}.abssum"].sum() > 0
+        vision = load_file(str(out / "vision" / "stats.safetensors"))
+        for group in groups:  # the vision tower ran (on every rank's shard) exactly for the image groups
+            seen = vision[f"{group}.count"][:, 0]
+            assert ((seen > 0).all() if group.endswith(".typographic") else (seen == 0).all()), (arch, group)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_scope_lm_plus_vision_writes_a_vision_set(arch, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    cfg = IdentifyConfig(model=str(tiny_checkpoint(arch)), languages=["en"], modalities=["text", "typographic"],
+                         per_group_limit=4, batch_size=2, ratio=0.1, max_param_fraction=0.0, out=str(out),
+                         ds_config=None, scope="lm+vision")
+    Identifier(cfg).run()
+    vision = NeuronSet.load(out / "vision")
+    assert vision.meta["scope"] == "vision" and vision.num_layers == len(vision.meta["modules"]) >= 2
+    assert len(vision.per_layer_counts()) == vision.num_layers
+    assert set(vision.meta["harmful_groups"]) == {"harmful.en.typographic"}
+    stats = load_file(str(out / "vision" / "stats.safetensors"))
+    for group in ("harmful.en.typographic", "benign.en.typographic"):
+        assert (stats[f"{group}.count"] > 0).all()  # every vision layer saw the images' rows
+    for group in ("harmful.en.text", "benign.en.text"):
+        assert (stats[f"{group}.count"] == 0).all()  # text-only prompts never reach the vision tower
+    assert NeuronSet.load(out).meta["scope"] == "lm+vision"

@@ -27,7 +27,7 @@ log = dist.get_logger("identify")
 
 # Settings that must match for an existing output directory to be reused without --overwrite.
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "tokens", "languages", "modalities",
-                  "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens")
+                  "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens", "scope")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class IdentifyConfig:
     offload_params: bool = False
     data_dir: str | None = None
     overwrite: bool = False
+    scope: str = "lm"  # "lm": decoder FFNs; "lm+vision": also the vision tower's MLPs (written to vision/)
 
 
 def last_token_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,8 @@ class Identifier:
             raise ShieldError(f"unknown score {cfg.score!r} (expected one of {', '.join(SCORES)})")
         if cfg.tokens not in ("all", "last"):
             raise ShieldError(f"--tokens must be 'all' or 'last', not {cfg.tokens!r}")
+        if cfg.scope not in ("lm", "lm+vision"):
+            raise ShieldError(f"--scope must be 'lm' or 'lm+vision', not {cfg.scope!r}")
         if not 0 < cfg.ratio <= 1:
             raise ShieldError(f"--ratio must be in (0, 1], not {cfg.ratio}")
         self.cfg = cfg
@@ -119,7 +122,7 @@ class Identifier:
         return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
                 "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
-                "seed": c.seed, "include_image_tokens": c.include_image_tokens}
+                "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope}
 
     def run(self) -> NeuronSet:
         from shield_ds.data import SafetyCollator, plan_batches, shard_batches
@@ -156,6 +159,7 @@ class Identifier:
         groups = sorted({r.group for r in records})
         stats = ActivationStatistics(groups, num_layers, width, device=device)
         stats.attach([adapter.neuron_module(layer) for layer in adapter.decoder_layers(model)])
+        vision = VisionScope(adapter, model, groups, device) if cfg.scope == "lm+vision" else None
 
         batches = plan_batches(records, cfg.batch_size)
         steps = shard_batches(batches, dist.rank(), dist.world_size())
@@ -165,7 +169,7 @@ class Identifier:
             staging = stack.enter_context(atomic_dir(out)) if dist.is_rank0() else None
             writer = dist.Rank0Writer(staging / "tb" if staging else None)
             stack.callback(writer.close)
-            self._forward_all(model, device, dtype, collator, stats, steps, writer)
+            self._forward_all(model, device, dtype, collator, stats, steps, writer, vision)
             stats.detach()
             stats.all_reduce()
             col_norms = down_column_norms(model, adapter)
@@ -182,14 +186,19 @@ class Identifier:
                 **signature,
             }
             neuron_set = self._select(stats, groups, col_norms, meta, None)
+            vision_set = vision.finish(self, meta) if vision is not None else None
             if staging is not None:
                 self._write(staging, stats, groups, col_norms, meta, neuron_set)
+                if vision_set is not None:
+                    vision_set.save(staging / VISION_DIR)
+                    save_file(vision.stats.state_dict(), str(staging / VISION_DIR / STATS_FILE),
+                              metadata={"format": "shield_ds.stats"})
                 self._report(neuron_set, writer)
         dist.barrier()
         return neuron_set
 
     @torch.no_grad()
-    def _forward_all(self, model, device, dtype, collator, stats, steps, writer) -> None:
+    def _forward_all(self, model, device, dtype, collator, stats, steps, writer, vision=None) -> None:
         start, done = time.perf_counter(), 0
         bar = dist.progress(steps, desc="identify", unit="batch")
         for step, (batch_records, weight) in enumerate(bar):
@@ -197,11 +206,16 @@ class Identifier:
             mask = batch.prompt_mask.to(device)
             if self.cfg.tokens == "last":
                 mask = last_token_mask(mask)
-            stats.set_batch(mask, [r.group if weight > 0 else None for r in batch_records])
+            sample_groups = [r.group if weight > 0 else None for r in batch_records]
+            stats.set_batch(mask, sample_groups)
+            if vision is not None:
+                vision.stats.set_batch_rows(sample_groups)
             inputs = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
                       for k, v in batch.inputs.items()}
             model(**inputs, use_cache=False)
             stats.clear_batch()
+            if vision is not None:
+                vision.stats.clear_batch()
             done += len(batch_records) if weight > 0 else 0
             rate = done * dist.world_size() / max(time.perf_counter() - start, 1e-9)
             writer.scalar("identify/records_per_s", rate, step)
@@ -209,7 +223,7 @@ class Identifier:
                 bar.set_postfix(records_s=f"{rate:.1f}")
 
     def _select(self, stats: ActivationStatistics, groups: list[str], col_norms: torch.Tensor, meta: dict,
-                restrict: tuple[str, str] | None) -> NeuronSet:
+                restrict: tuple[str, str] | None, cap: bool = True) -> NeuronSet:
         """Select from the pooled harmful vs benign groups; `restrict` = ("language"|"modality", value)."""
         cfg = self.cfg
 
@@ -226,8 +240,9 @@ class Identifier:
             benign = same or benign
         h_score, b_score = compute_scores(cfg.score, stats.pooled(harmful), stats.pooled(benign), col_norms)
         selected = select_per_layer(h_score, b_score, cfg.ratio)
-        selected = cap_by_param_fraction(selected, h_score, meta["params_per_neuron"], meta["total_params"],
-                                         cfg.max_param_fraction)
+        if cap:
+            selected = cap_by_param_fraction(selected, h_score, meta["params_per_neuron"], meta["total_params"],
+                                             cfg.max_param_fraction)
         set_meta = dict(meta)
         set_meta["param_fraction"] = param_fraction(selected, meta["params_per_neuron"], meta["total_params"])
         set_meta["harmful_groups"], set_meta["benign_groups"] = harmful, benign
@@ -252,6 +267,46 @@ class Identifier:
         writer.scalar("identify/param_fraction", neuron_set.param_fraction, 0)
         writer.scalar("identify/selected_neurons", neuron_set.count, 0)
         print(format_summary(neuron_set), flush=True)
+
+
+VISION_DIR = "vision"
+
+
+class VisionScope:
+    """`--scope lm+vision`: statistics and a neuron set for the vision tower's MLPs (inputs of fc2/down).
+
+    Every encoder row counts (patches, class token, tiles); rows are attributed to the batch's samples
+    in equal blocks. The set is written to OUT/vision/ (a NeuronSet over vision layers, no parameter
+    cap: training edits the language model only) with its own stats.safetensors.
+    """
+
+    def __init__(self, adapter, model, groups: list[str], device):
+        self.mlps = adapter.vision_mlps(model)
+        if not self.mlps:
+            raise ShieldError(f"--scope lm+vision: no vision MLPs found for model_type {adapter.model_type}")
+        widths = {ffn.down.in_features for _, ffn in self.mlps}
+        if len(widths) != 1:
+            raise ShieldError(f"--scope lm+vision: vision MLPs of different widths {sorted(widths)}")
+        self.width = widths.pop()
+        self.stats = ActivationStatistics(groups, len(self.mlps), self.width, device=device)
+        self.stats.attach([ffn.down for _, ffn in self.mlps])
+
+    def finish(self, identifier: "Identifier", lm_meta: dict) -> NeuronSet:
+        self.stats.detach()
+        self.stats.all_reduce()
+        norms = []
+        for _, ffn in self.mlps:
+            with gathered(ffn.down.weight):
+                norms.append(ffn.down.weight.detach().to(torch.float64).norm(dim=0).cpu())
+        image_groups = [g for g in self.stats.groups if self.stats.token_counts()[g] > 0]
+        meta = {k: lm_meta[k] for k in ("model", "model_type", "config_hash", "score", "ratio", "world_size")}
+        first = self.mlps[0][1]
+        per_neuron = sum(p.in_features + (p.bias is not None) for p in first.rows.values()) + first.down.out_features
+        meta.update({"scope": "vision", "num_layers": len(self.mlps), "intermediate_size": self.width,
+                     "hidden_size": first.down.out_features, "modules": [n for n, _ in self.mlps],
+                     "params_per_neuron": per_neuron, "total_params": lm_meta["total_params"],
+                     "groups": {g: {"tokens": n} for g, n in self.stats.token_counts().items() if n > 0}})
+        return identifier._select(self.stats, image_groups, torch.stack(norms), meta, None, cap=False)
 
 
 def format_summary(neuron_set: NeuronSet) -> str:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 from shield_ds import dist
+from shield_ds.errors import ShieldError
 
 STATS = ("count", "sum", "sumsq", "abssum", "poscount")
 
@@ -31,6 +32,7 @@ class ActivationStatistics:
         # Set by the caller before each forward pass: (group index, flat token positions, count) per group.
         self._selection: list[tuple[int, torch.Tensor, int]] | None = None
         self._shape: tuple[int, ...] = ()
+        self._row_groups: list[str | None] | None = None  # set_batch_rows mode
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # --- batch context -----------------------------------------------------------------------
@@ -52,8 +54,29 @@ class ActivationStatistics:
             positions = torch.nonzero(flat_mask & sample_of_token.repeat_interleave(per_sample)).squeeze(1)
             self._selection.append((self.group_index[group], positions, int(positions.numel())))
 
+    def set_batch_rows(self, sample_groups: Sequence[str | None]) -> None:
+        """For encoders whose rows are per-sample blocks (vision towers): the rows of one forward are split
+        evenly over the samples, in order, and every row counts (checked against the shape at hook time)."""
+        self._row_groups = list(sample_groups)
+        self._selection = []
+        self._shape = ()
+
     def clear_batch(self) -> None:
         self._selection = None
+        self._row_groups = None
+
+    def _row_selection(self, rows: int, layer: int) -> list[tuple[int, torch.Tensor, int]]:
+        samples = len(self._row_groups)
+        if rows % samples:
+            raise ShieldError(f"vision layer {layer}: {rows} encoder rows for {samples} images; --scope lm+vision "
+                              f"needs images of one size within a batch (e.g. typographic views, or --batch-size 1)")
+        per = rows // samples
+        out = []
+        for group in sorted({g for g in self._row_groups if g is not None}):
+            rows_of = [torch.arange(i * per, (i + 1) * per) for i, g in enumerate(self._row_groups) if g == group]
+            positions = torch.cat(rows_of)
+            out.append((self.group_index[group], positions, int(positions.numel())))
+        return out
 
     # --- hooks -------------------------------------------------------------------------------
     def attach(self, modules: Sequence[torch.nn.Module]) -> None:
@@ -77,11 +100,15 @@ class ActivationStatistics:
     @torch.no_grad()
     def accumulate(self, layer: int, activations: torch.Tensor) -> None:
         """Add one layer's activations [B, T, width] for the current batch's counted tokens."""
-        if tuple(activations.shape[:-1]) != self._shape:
+        flat = activations.reshape(-1, activations.shape[-1])
+        if self._row_groups is not None:
+            selection = self._row_selection(flat.shape[0], layer)
+        elif tuple(activations.shape[:-1]) != self._shape:
             raise RuntimeError(f"neuron activations of shape {tuple(activations.shape)} do not match the token "
                                f"mask {self._shape} (layer {layer})")
-        flat = activations.reshape(-1, activations.shape[-1])
-        for g, positions, count in self._selection:
+        else:
+            selection = self._selection
+        for g, positions, count in selection:
             if count == 0:
                 continue
             x = flat.index_select(0, positions.to(flat.device)).to(device=self.acc.device, dtype=torch.float64)

@@ -20,7 +20,7 @@ def main() -> None:
     init_distributed()
     for model in models:
         cfg = IdentifyConfig(model=model, languages=["en", "ar"], modalities=["text", "typographic"],
-                             per_group_limit=2, batch_size=2, ratio=0.05, max_param_fraction=0.0,
+                             per_group_limit=2, batch_size=2, ratio=0.05, max_param_fraction=0.0, scope="lm+vision",
                              out=str(out_root / Path(model).name),
                              ds_overrides=["bf16.enabled=false", "zero_optimization.stage3_param_persistence_threshold=0"])
         Identifier(cfg).run()
