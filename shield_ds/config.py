@@ -65,11 +65,21 @@ def csv_list(text: str | Sequence[str] | None) -> list[str] | None:
     return items or None
 
 
+class SourcesAction(argparse.Action):
+    """`--harmful A B --harmful C` -> [A, B, C]; the first use replaces a default (e.g. from --config)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = f"_{self.dest}_given"
+        current = list(getattr(namespace, self.dest) or []) if getattr(namespace, seen, False) else []
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, current + list(values))
+
+
 def add_data_args(parser: argparse.ArgumentParser, *, modalities: str) -> None:
     """The data flags every recipe shares (see `data_kwargs`)."""
-    parser.add_argument("--harmful", action="extend", nargs="+", default=None, metavar="SOURCE",
+    parser.add_argument("--harmful", action=SourcesAction, nargs="+", default=None, metavar="SOURCE",
                         help="harmful prompts: files, hub datasets or builtin names (default multijail)")
-    parser.add_argument("--benign", action="extend", nargs="+", default=None, metavar="SOURCE",
+    parser.add_argument("--benign", action=SourcesAction, nargs="+", default=None, metavar="SOURCE",
                         help="benign prompts (default multiq)")
     parser.add_argument("--languages", default=None, help="comma-separated ISO 639-1 codes (default: all in the data)")
     parser.add_argument("--modalities", default=modalities, help="comma-separated: text, image, typographic")

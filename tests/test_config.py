@@ -1,0 +1,78 @@
+"""Recipe flags: YAML presets, CLI overrides, source lists, embedded defaults, ds_config resolution."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from shield_ds.config import add_data_args, add_engine_args, data_kwargs, parse_args
+from shield_ds.engine import resolve_ds_config
+from shield_ds.errors import ShieldError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--ratio", type=float, default=0.01)
+    add_data_args(p, modalities="text")
+    add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
+    return p
+
+
+def test_yaml_presets_and_cli_overrides(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("harmful: [multijail]\nratio: 0.5\nper_group_limit: 3\n")
+    args = parse_args(_parser(), ["--config", str(cfg), "--model", "m"])
+    assert args.harmful == ["multijail"] and args.ratio == 0.5 and args.per_group_limit == 3
+    # a CLI source list replaces the preset's; repeated flags accumulate
+    args = parse_args(_parser(), ["--config", str(cfg), "--model", "m", "--harmful", "a.jsonl", "b.csv",
+                                  "--harmful", "c.json", "--ratio", "0.2"])
+    assert args.harmful == ["a.jsonl", "b.csv", "c.json"] and args.ratio == 0.2
+    assert data_kwargs(args)["benign"] == ["multiq"]
+    cfg.write_text("no_such_flag: 1\n")
+    with pytest.raises(ShieldError, match="unknown key 'no_such_flag'"):
+        parse_args(_parser(), ["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("recipe", ["identify", "train", "evaluate"])
+def test_embedded_default_only_without_model_or_config(recipe):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", REPO / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = parse_args(module.build_parser(), [], embedded_default=recipe)
+    assert args.per_group_limit is not None  # from configs/default/<recipe>.yaml (every key a real flag)
+    args = parse_args(module.build_parser(), ["--model", "x"], embedded_default=recipe)
+    assert args.per_group_limit is None
+
+
+def test_ds_config_batch_sizes_are_computed_and_auto_is_refused(tmp_path):
+    cfg = resolve_ds_config("ds_configs/zero3_bf16.json", micro_batch_size=4, grad_accum=2, world_size=8, lr=3e-5,
+                            overrides=["zero_optimization.offload_param.device=\"cpu\"", "gradient_clipping=0.5"])
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (4, 2, 64)
+    assert cfg["optimizer"]["params"]["lr"] == 3e-5 and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    bad = tmp_path / "auto.json"
+    bad.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}')
+    with pytest.raises(ShieldError, match="reduce_bucket_size"):
+        resolve_ds_config(bad, micro_batch_size=1)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ShieldError, match="broken.json"):
+        resolve_ds_config(tmp_path / "broken.json", micro_batch_size=1)
+
+
+@pytest.mark.parametrize("config", ["demo/identify", "demo/train", "demo/evaluate", "transfer"])
+def test_shipped_configs_name_real_flags(config):
+    import importlib.util
+
+    from conftest import REPO
+
+    recipe = config.split("/")[-1]
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}_cfg", REPO / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parse_args(module.build_parser(), ["--config", str(REPO / "configs" / f"{config}.yaml")])
