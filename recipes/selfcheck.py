@@ -17,7 +17,6 @@ with --resume it reports the restart and finishes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys

@@ -58,7 +58,6 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
 def build_report(run: Path, trained_languages: list[str] | None, trained_modalities: list[str] | None) -> str:
     from shield_ds.evaluate.asr import load_asr, transfer_markdown, transfer_table
     from shield_ds.neurons import NeuronSet
-    from shield_ds.neurons.identify import format_summary
 
     identify, base, train, shielded = run / "identify", run / "eval-base", run / "train", run / "eval-shielded"
     if not (identify / "neurons.json").exists():

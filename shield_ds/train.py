@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.engine import ShieldEngine, complete_checkpoints, config_dtype, resolve_ds_config, zero_stage, gathered
+from shield_ds.engine import ShieldEngine, config_dtype, gathered, resolve_ds_config, zero_stage
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
 

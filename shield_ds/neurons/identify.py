@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
