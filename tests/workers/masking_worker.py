@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import deepspeed  # noqa: E402
 
+from shield_ds.engine import init_distributed  # noqa: E402
 from shield_ds.masking import (GradientMasker, attach_deltas, build_masks, delta_masks, freeze_unselected,  # noqa: E402
                                merge_deltas)
 from shield_ds.models.adapters import FFNProjections  # noqa: E402
@@ -235,7 +236,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # the project's one init path (also unlinks DeepSpeed's CPU shm buffers)
     out = Path(args.out)
     for variant in args.variants.split(","):
         steps = 1 if variant.startswith(("mask-sgd", "delta-sgd")) and "sgdm" not in variant else args.steps
