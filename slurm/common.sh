@@ -100,3 +100,16 @@ shield_run() {
     fi
     return "$rc"
 }
+
+# shield_train NAME DEFAULT_OUT: the whole body of the train_*.sh scripts (they differ in #SBATCH lines only).
+shield_train() {
+    shield_setup "$1" "$2"
+    DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+    NEURONS=${NEURONS:-runs/identify}
+    local args=(--neurons "$NEURONS" --out "$OUT" --ds-config "$DS_CONFIG")
+    [[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")
+    [[ -n ${MAX_STEPS:-} ]] && args+=(--max-steps "$MAX_STEPS")
+    [[ -n ${SAVE_EVERY:-} ]] && args+=(--save-every "$SAVE_EVERY")
+    # shellcheck disable=SC2046
+    shield_run recipes/train.py "${args[@]}" $(shield_resume_flag)
+}

@@ -25,11 +25,4 @@
 #SBATCH --signal=B:USR1@600
 set -uo pipefail
 source "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh" || exit 2
-shield_setup train_70b runs/train-70b
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-NEURONS=${NEURONS:-runs/identify}
-args=(--neurons "$NEURONS" --out "$OUT" --ds-config "$DS_CONFIG")
-[[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")
-[[ -n ${MAX_STEPS:-} ]] && args+=(--max-steps "$MAX_STEPS")
-[[ -n ${SAVE_EVERY:-} ]] && args+=(--save-every "$SAVE_EVERY")
-shield_run recipes/train.py "${args[@]}" $(shield_resume_flag)
+shield_train train_70b runs/train-70b
