@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
@@ -69,3 +69,28 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_jsonl(path: str | os.PathLike, where: Callable[[int], str]) -> list[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a UTF-8 JSONL file.
+
+    Errors are ShieldErrors; `where(line_no)` names the place (each caller keeps its own style).
+    """
+    from shield_ds.errors import ShieldError
+
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ShieldError(f"{where(line_no)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise ShieldError(f"{path}: not UTF-8 text ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ShieldError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return rows

@@ -29,7 +29,7 @@ import shield_ds
 from shield_ds import dist
 from shield_ds.engine import ShieldEngine, config_dtype, gathered, resolve_ds_config, zero_stage
 from shield_ds.errors import ShieldError
-from shield_ds.io import write_json, write_text
+from shield_ds.io import read_jsonl, write_json, write_text
 
 log = dist.get_logger("train")
 
@@ -315,8 +315,7 @@ class ShieldTrainer:
         wanted = {r.id for r in self.needs_self_targets}
         responses: dict[str, str] = {}
         if cache.is_file():
-            for line in cache.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
+            for _, row in read_jsonl(cache, lambda n: f"{cache} line {n}"):
                 if row.get("model_hash") == self.config_hash:
                     responses[row["id"]] = row["response"]
         todo = [r for r in self.needs_self_targets if r.id not in responses]

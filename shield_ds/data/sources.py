@@ -34,6 +34,7 @@ from shield_ds.data.records import (
 )
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
+from shield_ds.io import read_jsonl
 
 log = get_logger("data")
 
@@ -90,22 +91,10 @@ def _read_csv(path: Path) -> list[tuple[str, Row]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Row]]:
     rows = []
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ShieldError(f"{path} line {line_no}: malformed JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ShieldError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}")
-                rows.append((f"line {line_no}", row))
-    except UnicodeDecodeError as exc:
-        raise ShieldError(f"{path}: not UTF-8 text ({_one_line(exc)})") from None
-    except OSError as exc:
-        raise ShieldError(f"{path}: cannot read ({_one_line(exc)})") from None
+    for line_no, row in read_jsonl(path, lambda n: f"{path} line {n}"):
+        if not isinstance(row, dict):
+            raise ShieldError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"line {line_no}", row))
     return rows
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 from shield_ds.errors import ShieldError
 from shield_ds.evaluate.judges import MULTIJAIL_LANGUAGES
-from shield_ds.io import write_json, write_text
+from shield_ds.io import read_jsonl, write_json, write_text
 
 REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str, int), "language": (str,), "modality": (str,), "label": (str,), "prompt": (str,),
@@ -67,17 +67,8 @@ def read_generations(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ShieldError(f"{path}: generations file not found")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ShieldError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            records.append(validate_record(record, f"{path}:{lineno}"))
-    return records
+    return [validate_record(record, f"{path}:{line_no}")
+            for line_no, record in read_jsonl(path, lambda n: f"{path}:{n}")]
 
 
 def write_generations(path: str | Path, records: Iterable[dict]) -> None:
