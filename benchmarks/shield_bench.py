@@ -8,7 +8,7 @@ Used by `worker.py` (one mode per `deepspeed --num_gpus 2` launch, on CPU) and `
   `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
 - ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (no masks);
 - mask:  the same matrices trainable + `GradientMasker` (what `--update mask` trains);
-- delta: frozen base + delta rows/columns + `GradientMasker` (what `--update delta` trains);
+- delta: frozen base + slice parameters for the selected rows/columns + `GradientMasker` (`--update delta`);
 - full:  plain ZeRO-3 fine-tuning of the whole model;
 - lora:  peft LoRA r=8 on the same FFN matrices, frozen base (a peer method).
 """
@@ -264,8 +264,8 @@ def prepare_trainable(loaded: Loaded, neuron_set: NeuronSet, mode: str) -> torch
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if mode in ("ffn", "mask"):
-        freeze_unselected(model, adapter, neuron_set)
+    if mode in ("ffn", "mask"):  # ffn: the plain baseline, full weight gradients of the same matrices
+        freeze_unselected(model, adapter, neuron_set, sliced_grad=mode == "mask")
         return model
     if mode == "delta":
         attach_deltas(model, adapter, neuron_set)
@@ -288,8 +288,7 @@ def make_masker(engine, loaded: Loaded, neuron_set: NeuronSet, mode: str):
     if mode == "mask":
         return GradientMasker(engine.ds, build_masks(engine.module, loaded.adapter, neuron_set))
     if mode == "delta":
-        masks, bases = delta_masks(engine.module)
-        return GradientMasker(engine.ds, masks, bases)
+        return GradientMasker(engine.ds, delta_masks(engine.module))
     return None
 
 

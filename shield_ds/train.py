@@ -4,7 +4,8 @@ Mask mode (default): every parameter without a selected neuron is frozen before
 deepspeed.initialize; the FFN matrices that hold selected neurons train with `PartitionMask`s
 applied to each rank's gradient partition before the optimizer step (which also owns weight
 decay), so nothing outside the selected rows/columns moves. Delta mode: base weights frozen,
-small delta parameters hold the selected rows/columns. Both export the same way: the changed
+small parameters hold the selected rows/columns (optimizer state for those alone). Both compute
+weight gradients for the selected slices only, with the same arithmetic (`masking.neuron_linear`). Both export the same way: the changed
 slices go into `shield_patch.safetensors`, which applied to the base checkpoint gives `model/`.
 """
 
@@ -222,8 +223,7 @@ class ShieldTrainer:
         if cfg.update == "mask":
             masker = GradientMasker(engine.ds, build_masks(engine.module, self.adapter, self.neuron_set))
         else:
-            masks, bases = delta_masks(engine.module)
-            masker = GradientMasker(engine.ds, masks, bases)
+            masker = GradientMasker(engine.ds, delta_masks(engine.module))
         trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                         for p in engine.module.parameters() if p.requires_grad)
 

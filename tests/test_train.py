@@ -109,6 +109,29 @@ def test_delta_mode_equals_mask_mode(setup, mask_run):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_delta_mode_is_bit_identical_to_mask_mode_with_sgd(setup):
+    """A user's own ds_config (SGD with momentum and L2 decay, no clipping): both modes export the same bytes."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_fp32.json").read_text())
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}}
+    ds["gradient_clipping"] = 0.0
+    ds["zero_allow_untested_optimizer"] = True
+    config = setup["tmp"] / "sgd.json"
+    config.write_text(json.dumps(ds))
+    outs = {}
+    for mode in ("mask", "delta"):
+        outs[mode] = setup["tmp"] / f"sgd-{mode}"
+        run_deepspeed(TRAIN, _args(setup, outs[mode], "--update", mode, "--ds-config", str(config), "--lr", "0.05"),
+                      num_ranks=2, timeout=600)
+    mask, delta = _weights(outs["mask"] / "model"), _weights(outs["delta"] / "model")
+    base = _weights(setup["model"])
+    assert any(not torch.equal(mask[k], base[k]) for k in base)
+    for key in mask:
+        assert torch.equal(mask[key], delta[key]), key
+    patches = [load_file(str(outs[m] / "shield_patch.safetensors")) for m in ("mask", "delta")]
+    assert patches[0].keys() == patches[1].keys()
+    assert all(torch.equal(patches[0][k], patches[1][k]) for k in patches[0])
+
+
 def test_kill_minus_9_then_resume_is_bit_identical(setup, mask_run):
     out = setup["tmp"] / "killed"
     proc = run_deepspeed(TRAIN, _args(setup, out), num_ranks=2, timeout=600, check=False,

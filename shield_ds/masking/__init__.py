@@ -1,5 +1,6 @@
 """Masked training of selected FFN neurons under ZeRO-3: partition arithmetic, per-rank masks,
-the gradient-mask / weight-decay hook, and delta parameters."""
+the gradient-mask / weight-decay hook, neuron projections (sliced weight gradients) and delta mode's
+slice parameters."""
 
 from shield_ds.masking.delta import attach_deltas, delta_masks, delta_state, merge_deltas
 from shield_ds.masking.grad_mask import GradientMasker

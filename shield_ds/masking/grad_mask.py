@@ -67,12 +67,11 @@ def decay_mode(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
 class GradientMasker:
     """Applies `PartitionMask`s to a ZeRO-3 engine's gradient partitions and owns weight decay.
 
-    `masks` maps parameter names of `engine.module` to their PartitionMask (from `build_masks`).
-    `bases` (delta mode only) maps a parameter name to a full tensor B such that the trained weight
-    is B + param; weight decay then acts on B + param, as it would on the merged weight.
+    `masks` maps parameter names of `engine.module` to their PartitionMask (from `build_masks`, or
+    `delta_masks` in delta mode).
     """
 
-    def __init__(self, engine, masks: dict[str, PartitionMask], bases: dict[str, torch.Tensor] | None = None):
+    def __init__(self, engine, masks: dict[str, PartitionMask]):
         engine = getattr(engine, "ds", engine)  # a ShieldEngine or the DeepSpeedEngine itself
         self.engine = engine
         self.zero = engine.optimizer
@@ -81,7 +80,6 @@ class GradientMasker:
         managed = getattr(engine, "managed_gradient_accumulation", None)
         if managed is not None and not managed():
             raise ShieldError("masked training needs managed gradient accumulation (the DeepSpeed default)")
-        bases = bases or {}
         params = dict(engine.module.named_parameters())
         missing = sorted(set(masks) - set(params))
         if missing:
@@ -90,8 +88,7 @@ class GradientMasker:
         if unmasked:
             raise ShieldError(f"parameter {unmasked[0]!r} is trainable but has no mask "
                               f"({len(unmasked)} such); call freeze_unselected before deepspeed.initialize")
-        # (param, mask, base slice at the mask's entries or None)
-        self.entries: list[tuple[torch.nn.Parameter, PartitionMask, torch.Tensor | None]] = []
+        self.entries: list[tuple[torch.nn.Parameter, PartitionMask]] = []
         for name, mask in masks.items():
             param = params[name]
             if not param.requires_grad:
@@ -99,10 +96,7 @@ class GradientMasker:
             world, rank, numel, _ = param_partition(param)
             if (world, rank, numel) != (mask.world, mask.rank, mask.numel):
                 raise ShieldError(f"mask of {name!r} was built for another partition layout")
-            base = None
-            if name in bases:
-                base = bases[name].detach().reshape(-1).float().index_select(0, mask.local + mask.start)
-            self.entries.append((param, mask, base))
+            self.entries.append((param, mask))
         self._by_subgroup = self._index_subgroups()
         self._optimizers = [self.zero.optimizer]
         if getattr(self.zero, "backup_optimizer", None) is not None:
@@ -115,17 +109,16 @@ class GradientMasker:
 
     # ---- setup ------------------------------------------------------------------------------
     def _index_subgroups(self) -> dict[int, list]:
-        """id(fp32 flat partition of a sub-group) -> [(offsets into it, param, mask, base)]."""
-        entry_of = {id(p): (p, m, b) for p, m, b in self.entries}
+        """id(fp32 flat partition of a sub-group) -> [offsets of masked entries in it, one per parameter]."""
+        mask_of = {id(p): m for p, m in self.entries}
         out: dict[int, list] = {}
         for sub_id, group in enumerate(self.zero.fp16_groups):
             flat = self.zero.fp32_partitioned_groups_flat[sub_id]
             for param in group:
-                if id(param) not in entry_of:
+                if id(param) not in mask_of:
                     continue
                 _, dest_offset, _ = self.zero.grad_position[self.zero.get_param_id(param)]
-                p, mask, base = entry_of[id(param)]
-                out.setdefault(id(flat), []).append((mask.local + dest_offset, p, mask, base))
+                out.setdefault(id(flat), []).append(mask_of[id(param)].local + dest_offset)
         return out
 
     def _take_over_weight_decay(self) -> None:
@@ -146,7 +139,7 @@ class GradientMasker:
 
     def _norm_group(self):
         groups = {id(getattr(p, "ds_process_group", None)): getattr(p, "ds_process_group", None)
-                  for p, _, _ in self.entries}
+                  for p, _ in self.entries}
         if len(groups) > 1:
             raise ShieldError("masked parameters live in different ZeRO process groups; not supported")
         return next(iter(groups.values()), None)
@@ -163,7 +156,7 @@ class GradientMasker:
             return False
         device = get_accelerator().current_device_name()
         squares = torch.zeros((), dtype=torch.float64, device=device)
-        for param, mask, _ in self.entries:
+        for param, mask in self.entries:
             grad = safe_get_local_grad(param)
             if grad is None:
                 continue
@@ -219,19 +212,11 @@ class GradientMasker:
             lr = float(group["lr"])
             mode = decay_mode(optimizer, group)
             for flat in group["params"]:
-                for offsets, _, _, base in self._by_subgroup.get(id(flat), ()):
+                for offsets in self._by_subgroup.get(id(flat), ()):
                     offsets = offsets.to(flat.device)
                     values = flat.data.index_select(0, offsets)
-                    if mode == "decoupled":
-                        # torch AdamW: param.mul_(1 - lr * wd); for a delta D of weight B + D the same
-                        # decay of the merged weight is D * (1 - lr*wd) - lr*wd*B.
-                        values.mul_(1 - lr * wd)
-                        if base is not None:
-                            values.add_(base.to(values.device), alpha=-lr * wd)
-                        flat.data.index_copy_(0, offsets, values)
-                    else:
-                        # torch Adam / SGD: grad = grad.add(param, alpha=wd), after DeepSpeed's clipping.
-                        if base is not None:
-                            values = values + base.to(values.device)
+                    if mode == "decoupled":  # torch AdamW: param.mul_(1 - lr * wd)
+                        flat.data.index_copy_(0, offsets, values.mul_(1 - lr * wd))
+                    else:  # torch Adam / SGD: grad = grad.add(param, alpha=wd), after DeepSpeed's clipping
                         grad = flat.grad.index_select(0, offsets).add_(values, alpha=wd)
                         flat.grad.index_copy_(0, offsets, grad)

@@ -154,10 +154,13 @@ def build_masks(model: nn.Module, adapter, neuron_set: NeuronSet) -> dict[str, P
     return masks
 
 
-def freeze_unselected(model: nn.Module, adapter, neuron_set: NeuronSet) -> list[str]:
+def freeze_unselected(model: nn.Module, adapter, neuron_set: NeuronSet, *, sliced_grad: bool = True) -> list[str]:
     """Set requires_grad=False on every parameter that holds no selected neuron; returns the trainable names.
 
-    Call before deepspeed.initialize so the optimizer only ever sees the selected matrices.
+    Call before deepspeed.initialize so the optimizer only ever sees the selected matrices. With
+    `sliced_grad` (the default) the selected projections also become neuron projections
+    (`neuron_linear`): their weight gradient is computed for the selected slices only, with the same
+    arithmetic as delta mode, instead of a full weight-gradient product that the mask would zero.
     """
     trainable = {id(param) for _, param, _, _ in neuron_params(model, adapter, neuron_set)}
     names = []
@@ -165,6 +168,11 @@ def freeze_unselected(model: nn.Module, adapter, neuron_set: NeuronSet) -> list[
         param.requires_grad_(id(param) in trainable)
         if id(param) in trainable:
             names.append(name)
+    if sliced_grad:
+        from shield_ds.masking.neuron_linear import make_neuron_linear, neuron_projections
+
+        for linear, neurons, dim in neuron_projections(model, adapter, neuron_set):
+            make_neuron_linear(linear, neurons, dim)
     log.info("masking: %d parameter tensors trainable (selected neurons in %d layers)", len(names),
              sum(1 for v in neuron_set.layers.values() if v.numel()))
     return names

@@ -28,10 +28,10 @@ from shield_ds.masking import (GradientMasker, attach_deltas, build_masks, delta
 from shield_ds.models.adapters import FFNProjections  # noqa: E402
 from shield_ds.neurons.neuron_set import NeuronSet  # noqa: E402
 
-HIDDEN, INTERMEDIATE, VOCAB, LAYERS, SEQ, MICRO = 10, 14, 23, 3, 6, 2  # 140, 230: not divisible by 3
+HIDDEN, INTERMEDIATE, VOCAB, LAYERS, SEQ, MICRO = 10, 14, 23, 3, 24, 2  # 140, 230: not divisible by 3
 NEURONS = {0: [1, 5, 13], 1: [], 2: [0, 7]}
-LR = {"adamw": 1e-2, "adaml2": 1e-2, "sgdm": 0.05, "sgd": 2.0 ** -3}
-WEIGHT_DECAY = {"adamw": 0.1, "adaml2": 0.1, "sgdm": 0.1, "sgd": 0.0}
+LR = {"adamw": 1e-2, "adaml2": 1e-2, "sgdm": 0.05, "sgd": 0.1}
+WEIGHT_DECAY = {"adamw": 0.1, "adaml2": 0.1, "sgdm": 0.1, "sgd": 0.01}
 CLIP = {"adamw": 0.02, "adaml2": 0.02, "sgdm": 0.02, "sgd": 0.0}  # 0.02: clipping is active
 
 
@@ -162,8 +162,7 @@ def run_variant(variant: str, steps: int, gas: int) -> dict:
     elif mode == "mask":
         masker = GradientMasker(engine, build_masks(engine.module, adapter, neurons))
     else:
-        masks, bases = delta_masks(engine.module)
-        masker = GradientMasker(engine, masks, bases)
+        masker = GradientMasker(engine, delta_masks(engine.module))
     if "install" in flags:
         masker.install()
     manual = masker is not None and "install" not in flags
@@ -239,8 +238,7 @@ def main() -> None:
     init_distributed()  # the project's one init path (also unlinks DeepSpeed's CPU shm buffers)
     out = Path(args.out)
     for variant in args.variants.split(","):
-        steps = 1 if variant.startswith(("mask-sgd", "delta-sgd")) and "sgdm" not in variant else args.steps
-        result = run_variant(variant, steps, args.gas)
+        result = run_variant(variant, args.steps, args.gas)
         if torch.distributed.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             torch.save(result, out / f"{variant}.pt")
