@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from shield_ds.dist import get_logger
+from shield_ds.masking.neuron_linear import make_neuron_linear, neuron_projections
 from shield_ds.masking.partition import param_partition, param_shape, partition_range, partition_size
 from shield_ds.neurons.neuron_set import NeuronSet
 
@@ -127,16 +128,11 @@ def neuron_params(model: nn.Module, adapter, neuron_set: NeuronSet) -> list[tupl
     """
     names = _named(model)
     out = []
-    for layer_index, layer in enumerate(adapter.decoder_layers(model)):
-        neurons = neuron_set.indices(layer_index)
-        if neurons.numel() == 0:
-            continue
-        ffn = adapter.ffn(layer)
-        for linear in ffn.rows.values():
-            out.append((names[id(linear.weight)], linear.weight, "rows", neurons))
-            if linear.bias is not None:
-                out.append((names[id(linear.bias)], linear.bias, "rows", neurons))
-        out.append((names[id(ffn.down.weight)], ffn.down.weight, "cols", neurons))
+    for linear, neurons, dim in neuron_projections(model, adapter, neuron_set):
+        kind = "rows" if dim == 0 else "cols"
+        out.append((names[id(linear.weight)], linear.weight, kind, neurons))
+        if kind == "rows" and linear.bias is not None:
+            out.append((names[id(linear.bias)], linear.bias, kind, neurons))
     return out
 
 
@@ -169,8 +165,6 @@ def freeze_unselected(model: nn.Module, adapter, neuron_set: NeuronSet, *, slice
         if id(param) in trainable:
             names.append(name)
     if sliced_grad:
-        from shield_ds.masking.neuron_linear import make_neuron_linear, neuron_projections
-
         for linear, neurons, dim in neuron_projections(model, adapter, neuron_set):
             make_neuron_linear(linear, neurons, dim)
     log.info("masking: %d parameter tensors trainable (selected neurons in %d layers)", len(names),
