@@ -182,6 +182,56 @@ def test_hub_dataset_unreachable(tmp_path):
     assert line and "no-such-org/no-such-dataset" in line[0], proc.stdout + proc.stderr
 
 
+def test_saved_dataset_with_image_objects(tmp_path, monkeypatch):
+    """A `save_to_disk` directory (what a hub dataset looks like pre-downloaded) whose image column holds
+    decoded images: each distinct image is written once to the content-addressed cache."""
+    import datasets
+
+    monkeypatch.setenv("SHIELD_DS_IMAGE_CACHE", str(tmp_path / "cache"))
+    red, blue = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (24, 24), (20, 40, 220))
+    ds = datasets.Dataset.from_dict({
+        "id": ["a", "b", "c"], "prompt": ["What is shown?", "Describe it.", "怎么做这个？"],
+        "language": ["en", "en", "zh"], "label": ["benign", "benign", "harmful"], "image": [red, blue, red],
+    }).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "notrain"))
+
+    records = load_source(str(tmp_path / "single"))
+    assert [(r.id, r.modality, r.language, r.label) for r in records] == [
+        ("a", "image", "en", "benign"), ("b", "image", "en", "benign"), ("c", "image", "zh", "harmful")]
+    assert records[0].image == records[2].image != records[1].image
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".png", ".png"]
+    blue_back = load_image(records[1])
+    assert blue_back.size == (24, 24) and blue_back.getpixel((5, 5)) == (20, 40, 220)  # PNG: lossless
+    assert [r.image for r in load_source(str(tmp_path / "dict"))] == [r.image for r in records]  # train split
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # nothing written twice
+    with pytest.raises(ShieldError, match="no 'train' split .*splits: test"):
+        load_source(str(tmp_path / "notrain"))
+
+
+def test_parquet_image_structs_and_unreadable_image_bytes(tmp_path, monkeypatch):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("SHIELD_DS_IMAGE_CACHE", str(tmp_path / "cache"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (10, 200, 10)).save(buffer, format="JPEG")
+    good = {"prompt": "Describe the picture.", "language": "en", "label": "benign",
+            "image": {"bytes": buffer.getvalue(), "path": "pic.jpg"}}
+    pq.write_table(pa.Table.from_pylist([good]), tmp_path / "ok.parquet")
+    record = load_source(str(tmp_path / "ok.parquet"))[0]
+    assert record.modality == "image" and record.image.endswith(".jpeg")
+    assert load_image(record).size == (16, 8)
+    bad = dict(good, image={"bytes": b"not an image at all", "path": "x.jpg"})
+    pq.write_table(pa.Table.from_pylist([good, bad]), tmp_path / "bad.parquet")
+    with pytest.raises(ShieldError, match=r"bad\.parquet row 2: column 'image' holds bytes that are not a readable image"):
+        load_source(str(tmp_path / "bad.parquet"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
 # ---------------------------------------------------------------- bad input: one line naming file and row
 
 

@@ -10,17 +10,23 @@ Layouts understood (detected from the columns):
   VLGuard       `train.json`/`test.json` ([{"id", "image", "safe", "instr-resp": [...]}]) with images
                 under `<train|test>/` beside the JSON (safe_instruction -> benign, others -> harmful)
   generic       columns prompt, language, label [, modality, image, image_text, response, category,
-                id, source]; image paths relative to the file
+                id, source]; `image` is a path relative to the file, or (hub datasets, `save_to_disk`
+                directories, Parquet) an image object / {"bytes", "path"} struct, which is written
+                once to the content-addressed image cache (`image_cache_dir()`)
 
 CSV, JSON and JSONL are read with the standard library (exact row numbers in errors, no type
 guessing: a prompt "NA" or "None" stays a string, ids stay strings, no cache writes from every
-rank); Parquet through pyarrow; hub datasets through `datasets.load_dataset`.
+rank); Parquet through pyarrow; hub datasets through `datasets.load_dataset`, directories written
+by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (a pre-downloaded copy on a cluster without
+internet) through `datasets.load_from_disk`.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import hashlib
+import io
 import json
 import os
 import random
@@ -54,6 +60,15 @@ FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 MM_SAFETY_VARIANTS = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question"}
 
 Row = dict[str, Any]
+
+
+def image_cache_dir() -> Path:
+    """Where image objects from datasets are written: $SHIELD_DS_IMAGE_CACHE, else ~/.cache/shield_ds/images.
+
+    On a multi-node cluster it must be on a filesystem every node sees (as the HF cache usually is).
+    """
+    env = os.environ.get("SHIELD_DS_IMAGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "shield_ds" / "images"
 
 
 def default_data_dir() -> Path:
@@ -205,6 +220,55 @@ def _figstep(rows, name: str, label: str | None) -> list[SafetyRecord]:
     return records
 
 
+def _cache_image(data: bytes, where: str) -> str:
+    """Write encoded image bytes to the image cache under their sha256 (idempotent, atomic); the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            suffix = (image.format or "png").lower()
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ShieldError(f"{where}: column 'image' holds bytes that are not a readable image ({_one_line(exc)})") from None
+    cache = image_cache_dir()
+    target = cache / f"{hashlib.sha256(data).hexdigest()[:32]}.{suffix}"
+    if not target.is_file():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".{target.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)  # ranks writing the same image race harmlessly: same bytes, same name
+        except OSError as exc:
+            raise ShieldError(f"image cache {cache}: cannot write ({_one_line(exc)}); set SHIELD_DS_IMAGE_CACHE") from None
+    return str(target.resolve())
+
+
+def _image(row: Row, base: Path | None, where: str) -> str | None:
+    """The `image` field as a readable file path: a path string, or an image object / struct cached to disk."""
+    value = row.get("image")
+    if value is None:
+        return None
+    if isinstance(value, dict):  # datasets' Image feature undecoded / Parquet struct: {"bytes", "path"}
+        if value.get("bytes"):
+            return _cache_image(bytes(value["bytes"]), where)
+        value = value.get("path")
+        if value is None:
+            return None
+    if isinstance(value, (bytes, bytearray)):
+        return _cache_image(bytes(value), where) if value else None
+    if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image (datasets' decoded Image feature)
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return _cache_image(buffer.getvalue(), where)
+    if not isinstance(value, str):
+        raise ShieldError(f"{where}: column 'image' holds a {type(value).__name__}, expected a path or an image")
+    if not value.strip():
+        return None
+    if base is None:
+        raise ShieldError(f"{where}: image paths are only supported in local files and dataset directories")
+    return _resolve_image(value, base, where)
+
+
 def _resolve_image(value: str, base: Path, where: str) -> str:
     image = Path(value).expanduser()
     if not image.is_absolute():
@@ -223,7 +287,7 @@ def _generic(rows, name: str, base: Path | None, label: str | None) -> list[Safe
         language = _require(row, "language", where)
         row_label = label or _require(row, "label", where)
         image_text = _text(row, "image_text")
-        image = _text(row, "image")
+        image = _image(row, base, where)
         modality = _text(row, "modality") or ("image" if image else "typographic" if image_text else "text")
         try:
             modality = check_modality(modality)
@@ -236,10 +300,6 @@ def _generic(rows, name: str, base: Path | None, label: str | None) -> list[Safe
             prompt = CARRIER_PROMPT
         if prompt is None:
             raise ShieldError(f"{where}: empty 'prompt'")
-        if image is not None:
-            if base is None:
-                raise ShieldError(f"{where}: image paths are only supported in local files")
-            image = _resolve_image(image, base, where)
         record_id = _text(row, "id") or f"{stem}-{index}"
         if record_id in seen:
             raise ShieldError(f"{where}: duplicate id {record_id!r} (first at {seen[record_id]})")
@@ -355,12 +415,38 @@ def _load_file(path: Path, label: str | None, mmsafety_variant: str) -> list[Saf
     raise ShieldError(f"{path}: unsupported file type {suffix!r} (expected one of {', '.join(FILE_SUFFIXES)})")
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_saved_dataset(path: Path, label: str | None) -> list[SafetyRecord]:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (its "train" split)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # corrupt or partial directory
+        raise ShieldError(f"{path}: unreadable saved dataset ({_one_line(exc)})") from None
+    name = str(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ShieldError(f"{path}: saved DatasetDict has no 'train' split (splits: {', '.join(dataset)}); "
+                              f"pass the split's directory, {path}/<split>")
+        dataset, name = dataset["train"], str(path / "train")
+    rows = [(f"row {i}", row) for i, row in enumerate(dataset, start=1)]
+    return _records_from_rows(rows, name, path, label)
+
+
 def _load_dir(path: Path, label: str | None, mmsafety_variant: str) -> list[SafetyRecord]:
-    """An MM-SafetyBench data directory (with processed_questions/) or a folder of its question files."""
+    """A `save_to_disk` dataset, an MM-SafetyBench data directory (with processed_questions/) or a
+    folder of its question files."""
+    if _is_saved_dataset(path):
+        return _load_saved_dataset(path, label)
     folder = path / "processed_questions" if (path / "processed_questions").is_dir() else path
     files = sorted(folder.glob("*.json"))
     if not files:
-        raise ShieldError(f"{path}: a directory without MM-SafetyBench question files (*.json)")
+        raise ShieldError(f"{path}: neither a saved dataset (save_to_disk) nor a directory of MM-SafetyBench "
+                          "question files (*.json)")
     records = []
     for file in files:
         records.extend(_load_file(file, label, mmsafety_variant))
