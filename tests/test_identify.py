@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_deepspeed, run_python
+from conftest import REPO, child_env, run_deepspeed, run_python
 from identify_helpers import MARKER, marker_datasets, plant_neurons, write_jsonl
 from shield_ds.neurons import NeuronSet
 from shield_ds.neurons.identify import IdentifyConfig, Identifier
@@ -78,6 +78,29 @@ def test_mixed_modality_uneven_shards_finish(tiny_checkpoint, tmp_path):
     assert sum(g["records"] for g in meta["groups"].values()) == 7
     assert {g.split(".")[2] for g in meta["groups"]} == {"text", "typographic"}
     assert all(g["tokens"] > 0 for g in meta["groups"].values())
+
+
+@pytest.mark.distributed
+def test_saved_datasets_with_image_objects_on_two_ranks(tiny_checkpoint, tmp_path):
+    """Both ranks load the same save_to_disk datasets and write their images to one cache at once."""
+    import datasets
+    from PIL import Image
+
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    for label, part in (("harmful", colors[:2]), ("benign", colors[2:])):
+        datasets.Dataset.from_dict({
+            "prompt": [f"What does this {label} picture show?"] * 2, "language": ["en", "en"],
+            "label": [label, label], "image": [Image.new("RGB", (32, 32), c) for c in part],
+        }).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / label))
+    out, cache = tmp_path / "identify", tmp_path / "cache"
+    run_deepspeed(IDENTIFY, ["--model", str(tiny_checkpoint("llava")), "--harmful", str(tmp_path / "harmful"),
+                             "--benign", str(tmp_path / "benign"), "--modalities", "image", "--batch-size", "2",
+                             "--out", str(out), "--max-param-fraction", "0", *FP32_PARTITIONED],
+                  num_ranks=2, timeout=600, env=child_env(SHIELD_DS_IMAGE_CACHE=str(cache)))
+    meta = json.loads((out / "neurons.json").read_text())
+    assert {g: v["records"] for g, v in meta["groups"].items()} == {"harmful.en.image": 2, "benign.en.image": 2}
+    assert len([p for p in cache.iterdir() if p.suffix == ".png"]) == 4
+    assert not [p for p in cache.iterdir() if p.suffix != ".png"]  # no temporary files left
 
 
 @pytest.fixture(scope="module")
