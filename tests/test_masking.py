@@ -234,7 +234,7 @@ def test_delta_mode_is_bit_identical_to_mask_mode_under_sgd_on_one_process(bias)
 # ---- ZeRO-3 on CPU ranks ----------------------------------------------------------------------
 W2_VARIANTS = ["mask-adamw", "delta-adamw", "mask-sgd", "delta-sgd"]
 W3_VARIANTS = ["mask-adamw", "mask-adaml2", "mask-sgdm", "mask-sgd", "delta-sgd", "delta-adamw",
-               "mask-adamw-offload-install", "mask-adamw-bf16", "mask-adamw-nomasker"]
+               "mask-adamw-offload-install", "mask-adamw-bf16", "delta-adamw-bf16", "mask-adamw-nomasker"]
 
 
 def _launch(tmp_path_factory, world: int, variants: list[str]) -> dict[str, dict]:
@@ -315,4 +315,8 @@ def test_without_masker_adamw_decay_moves_frozen_outside_entries(world3):
 def test_offload_and_bf16_leave_outside_untouched(world3):
     assert _outside_moved(world3["mask-adamw-offload-install"]) == 0
     assert _outside_moved(world3["mask-adamw-bf16"]) == 0
+    assert _outside_moved(world3["delta-adamw-bf16"]) == 0  # merged back into bf16 base weights
+    for mode in ("mask", "delta"):
+        result = world3[f"{mode}-adamw-bf16"]
+        assert any(not torch.equal(result["final"][n], result["init"][n]) for n in result["masks"]), mode
     assert _max_rel(world3["mask-adamw-offload-install"]["final"], world3["mask-adamw"]["final"]) < 1e-5
