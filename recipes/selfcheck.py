@@ -12,6 +12,11 @@ writes OUT/selfcheck.json. Exit code 1 when the all-reduce gives a wrong sum.
 PreemptionHandler.should_stop() (a signal such as the sbatch pre-timeout SIGUSR1, or
 `scontrol requeue`), then exit with REQUEUE_EXIT_CODE like train.py does; when the job comes back
 with --resume it reports the restart and finishes.
+
+Testing aid for the crash path: SHIELD_DS_FAULT_EXIT="RANK:SECONDS" makes rank RANK exit with code 1
+right after the all-reduce while the other ranks block for SECONDS without talking to it, like ranks
+stuck in an NCCL collective whose peer died. Under `srun --kill-on-bad-exit=1` (slurm/common.sh) the
+job ends at once; without it, it waits out the SECONDS.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from shield_ds.dist import device
     from shield_ds.engine import init_distributed
     from shield_ds.launch.env import export_distributed_env
-    from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, restart_count
+    from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue, restart_count
 
     preemption = PreemptionHandler()  # before init: a signal may arrive while ranks rendezvous
     # init_distributed() does this mapping itself; doing it first tells us what the scheduler supplied.
@@ -69,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     ok = bool(torch.all(values == expected).item())
     hosts = [None] * world
     torch_dist.all_gather_object(hosts, host)
+    fault = os.environ.get("SHIELD_DS_FAULT_EXIT")
+    if fault:
+        fault_rank, seconds_stuck = fault.split(":")
+        if rank == int(fault_rank):
+            print(f"selfcheck fault injection: rank {rank} exits with code 1", flush=True)
+            os._exit(1)
+        time.sleep(float(seconds_stuck))
 
     restarts = restart_count()
     outcome = "finished"
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             from shield_ds.io import write_json
 
             write_json(os.path.join(args.out, "selfcheck.json"), summary)
+        if ok and outcome == "preempted":
+            mark_for_requeue()
     torch_dist.barrier()
     torch_dist.destroy_process_group()
     preemption.uninstall()

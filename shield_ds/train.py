@@ -181,7 +181,7 @@ class ShieldTrainer:
 
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> None:
-        from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+        from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue
 
         # Installed first: a pre-timeout or preemption signal that arrives while the model loads (minutes
         # at 70B) must stop the run at its first step, not kill the rank (the default action of SIGUSR1).
@@ -276,6 +276,8 @@ class ShieldTrainer:
             if stop:
                 log.warning("stopping at step %d for requeue", state["step"])
                 writer.close()
+                if dist.is_rank0():
+                    mark_for_requeue(f"stopped at step {state['step']}")
                 dist.barrier()
                 torch_dist.destroy_process_group()
                 sys.exit(REQUEUE_EXIT_CODE)

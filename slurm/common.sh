@@ -16,9 +16,16 @@
 # (runs/logs for OUT=runs/identify), not inside it: identify and evaluate write OUT as a whole
 # (they refuse an OUT they did not write and replace it atomically at the end).
 #
-# Requeue: a rank that stops for preemption exits with REQUEUE_EXIT_CODE (3, see
-# shield_ds/launch/preemption.py); the script then runs `scontrol requeue` and Slurm starts the job
-# again with SLURM_RESTART_COUNT + 1, which adds --resume.
+# Requeue: ranks that stop for preemption save a checkpoint, rank 0 writes the marker file
+# $SHIELD_REQUEUE_MARKER, and they exit with REQUEUE_EXIT_CODE (3, see shield_ds/launch/preemption.py);
+# the script then runs `scontrol requeue` and Slurm starts the job again with SLURM_RESTART_COUNT + 1,
+# which adds --resume.
+#
+# Crashes: srun runs with --kill-on-bad-exit=1 (SRUN_ARGS; set SRUN_ARGS="" to turn it off), so a
+# rank that dies (OOM, kill -9, an exception) takes the others down at once instead of leaving them
+# in a collective until the communication timeout. The price: the first rank to exit with code 3
+# makes srun kill the rest, and srun then returns their 143; the marker, written before any rank
+# exits, is what decides the requeue.
 
 REQUEUE_EXIT_CODE=3
 
@@ -73,10 +80,12 @@ shield_run() {
     # EXTRA_ARGS is split on whitespace on purpose: it holds several flags.
     # shellcheck disable=SC2206
     local cmd=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --ntasks=$((NNODES * GPUS_PER_NODE))
-               ${SRUN_ARGS:-} "$PYTHON" -u "$recipe" "$@" ${EXTRA_ARGS:-})
+               ${SRUN_ARGS---kill-on-bad-exit=1} "$PYTHON" -u "$recipe" "$@" ${EXTRA_ARGS:-})
     echo "=== command: ${cmd[*]}"
     if [[ ${DRY_RUN:-0} == 1 ]]; then return 0; fi
     [[ -n ${SLURM_JOB_ID:-} ]] || shield_die "not inside a Slurm job: submit this script with sbatch"
+    export SHIELD_REQUEUE_MARKER=$LOG_DIR/.requeue-$SLURM_JOB_ID-$RESTARTS
+    rm -f "$SHIELD_REQUEUE_MARKER"
     # srun runs in the background so the traps run as soon as a signal arrives (bash defers traps
     # while a foreground command runs); `wait` returns early on each trapped signal.
     trap '_shield_forward USR1' USR1
@@ -91,8 +100,9 @@ shield_run() {
     rc=$?
     trap - USR1 TERM
     echo "=== $(date -Is) ranks exited with code $rc"
-    if ((rc == REQUEUE_EXIT_CODE)); then
-        echo "=== ranks stopped for preemption (exit $REQUEUE_EXIT_CODE): requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) will resume)"
+    if ((rc == REQUEUE_EXIT_CODE)) || [[ -f $SHIELD_REQUEUE_MARKER ]]; then
+        rm -f "$SHIELD_REQUEUE_MARKER"
+        echo "=== ranks stopped for preemption (checkpoint saved): requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) will resume)"
         scontrol requeue "$SLURM_JOB_ID" || { echo "=== scontrol requeue failed"; exit 1; }
         # Slurm now ends this run; leave it a moment to do so rather than exiting first.
         sleep 60

@@ -145,7 +145,7 @@ def test_train_70b_scaled_down_command(slurm, tmp_path):
     fields = wait_job(job, env)
     assert fields["JobState"] == "COMPLETED", fields
     command = next(line for line in read_log(out).splitlines() if line.startswith("=== command:"))
-    assert "srun --nodes=1 --ntasks-per-node=2 --ntasks=2" in command
+    assert "srun --nodes=1 --ntasks-per-node=2 --ntasks=2 --kill-on-bad-exit=1 " in command
     assert command.endswith("recipes/train.py --neurons /runs/n --out " + str(out) +
                             " --ds-config ds_configs/zero3_bf16.json --model /models/m --resume"
                             " --max-grad-norm 1.0 --seed 3")
@@ -196,7 +196,9 @@ def test_train_signalled_requeues_and_resumes_bit_identical(identify_job, train_
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{log[-4000:]}"
     stopped = re.search(r"stopping at step (\d+) for requeue", log)
     assert stopped and 1 <= int(stopped.group(1)) < TRAIN_STEPS, log[-4000:]
-    assert "ranks exited with code 3" in log and "requeueing job" in log and "--resume" in log
+    # srun --kill-on-bad-exit: the first rank out with code 3 makes srun kill the other (143); the marker decides
+    assert re.search(r"ranks exited with code (3|143)\b", log) and "requeueing job" in log and "--resume" in log
+    assert not list((out.parent / "logs").glob(".requeue-*"))  # the marker is consumed
     assert f"resumed from {out / 'checkpoints'}/step-{int(stopped.group(1)):08d}" in log, log[-4000:]
     assert json.loads((out / "train.json").read_text())["steps"] == TRAIN_STEPS
     reference = load_file(str(train_job["out"] / "model" / "model.safetensors"))
@@ -207,6 +209,31 @@ def test_train_signalled_requeues_and_resumes_bit_identical(identify_job, train_
     patch_a = load_file(str(train_job["out"] / "shield_patch.safetensors"))
     patch_b = load_file(str(out / "shield_patch.safetensors"))
     assert patch_a.keys() == patch_b.keys() and all(torch.equal(patch_a[k], patch_b[k]) for k in patch_a)
+
+
+def test_a_dead_rank_ends_the_job_at_once(slurm, tmp_path):
+    """Rank 1 exits 1 while rank 0 is stuck for 10 minutes (as in a collective with a dead NCCL peer):
+    srun --kill-on-bad-exit=1 (the default of slurm/common.sh) ends the job within seconds."""
+    out = tmp_path / "run"
+    env = dict(slurm, OUT=str(out), SHIELD_DS_FAULT_EXIT="1:600")
+    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh"], env)
+    fields = wait_job(job, env, timeout=120)
+    log = read_log(out)
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", f"{fields}\n{log[-4000:]}"
+    assert "fault injection: rank 1 exits with code 1" in log and "requeueing" not in log
+
+
+def test_crashed_rank_fails_the_job_without_requeue(identify_job, tiny_env, tmp_path):
+    """kill -9 of rank 1 mid-step of a real training job: the job fails, a crash is not taken for a
+    preemption (no marker, no requeue) and nothing is exported. (Here gloo notices the dead peer by
+    itself; test_a_dead_rank_ends_the_job_at_once covers peers that would not.)"""
+    out = tmp_path / "crash"
+    job = submit_train(identify_job, out, dict(tiny_env, SHIELD_DS_FAULT_KILL="1:2"))
+    fields = wait_job(job, tiny_env, timeout=300)
+    log = read_log(out)
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", f"{fields}\n{log[-4000:]}"
+    assert "fault injection: SIGKILL rank 1" in log and "requeueing" not in log
+    assert not (out / "model").exists() and not list((out.parent / "logs").glob(".requeue-*"))
 
 
 def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
@@ -223,7 +250,8 @@ def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
                       until=lambda f: f.get("JobState") in DONE and f.get("Restarts") == "1")
     log = read_log(out)
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{log[-4000:]}"
-    assert "outcome preempted" in log and "ranks exited with code 3" in log and "requeueing job" in log
+    assert "outcome preempted" in log and re.search(r"ranks exited with code (3|143)\b", log)
+    assert "requeueing job" in log
     assert "selfcheck resume: restart 1, resume path taken" in log
     summary = json.loads((out / "selfcheck.json").read_text())
     assert summary["restart_count"] == 1 and summary["resumed"] and summary["outcome"] == "finished"

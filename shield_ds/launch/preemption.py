@@ -12,7 +12,12 @@ The contract between the scheduler, the training loop and the sbatch scripts:
 3. When it returns True the loop saves a DeepSpeed checkpoint (a collective: all ranks take part),
    waits at a barrier, destroys the process group (exiting with it alive can abort the process and
    lose the exit code), and every rank exits with `REQUEUE_EXIT_CODE`.
-4. The sbatch script sees that exit code from `srun` and runs `scontrol requeue $SLURM_JOB_ID`;
+4. Before that barrier rank 0 calls `mark_for_requeue()`, which writes the file named by
+   $SHIELD_REQUEUE_MARKER (set by slurm/common.sh). The sbatch script runs srun with
+   --kill-on-bad-exit=1, so that a crashed rank takes its peers down at once instead of leaving
+   them in a collective until the communication timeout; but then the first rank to exit with code
+   3 also makes srun kill the others, and srun's exit code is theirs (143). The marker is what
+   the script trusts. It sees the marker (or the exit code) and runs `scontrol requeue $SLURM_JOB_ID`;
    Slurm starts the same job again with SLURM_RESTART_COUNT incremented, and the script adds
    `--resume`, so train.py loads the latest checkpoint. (Under submitit, shield_ds.launch.submit
    does the requeue through submitit's checkpoint() instead.) A process started some other way
@@ -29,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -37,6 +43,7 @@ import torch.distributed as torch_dist
 from shield_ds.dist import get_logger
 
 REQUEUE_EXIT_CODE = 3
+REQUEUE_MARKER_ENV = "SHIELD_REQUEUE_MARKER"
 
 log = get_logger("launch")
 
@@ -119,6 +126,22 @@ class PreemptionHandler:
         flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def mark_for_requeue(reason: str = "preempted") -> bool:
+    """Write the requeue marker ($SHIELD_REQUEUE_MARKER) for the sbatch script; False when none is asked for.
+
+    Call on rank 0 once the checkpoint is complete and before the barrier that precedes the exit,
+    so the marker exists before any rank exits (and srun --kill-on-bad-exit kills the rest).
+    """
+    path = os.environ.get(REQUEUE_MARKER_ENV)
+    if not path:
+        return False
+    from shield_ds.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(reason + "\n", encoding="utf-8")
+    return True
 
 
 def requeue_self(job_id: str | None = None) -> bool:
