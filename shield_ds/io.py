@@ -1,4 +1,5 @@
-"""Atomic writes: an output is either complete or absent, never partial or clobbered."""
+"""Atomic writes (an output is either complete or absent, never partial or clobbered) and the JSON /
+JSONL readers whose errors name the file and line."""
 
 from __future__ import annotations
 
@@ -71,6 +72,31 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn the errors of reading a UTF-8 text file into one-line ShieldErrors naming it."""
+    from shield_ds.errors import ShieldError
+
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise ShieldError(f"{path}: not UTF-8 text ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ShieldError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed value of a UTF-8 JSON file; errors are ShieldErrors naming the file and line."""
+    from shield_ds.errors import ShieldError
+
+    path = Path(path)
+    with _reading(path), open(path, encoding="utf-8-sig") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ShieldError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+
+
 def read_jsonl(path: str | os.PathLike, where: Callable[[int], str]) -> list[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line of a UTF-8 JSONL file.
 
@@ -80,17 +106,12 @@ def read_jsonl(path: str | os.PathLike, where: Callable[[int], str]) -> list[tup
 
     path = Path(path)
     rows = []
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise ShieldError(f"{where(line_no)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    except UnicodeDecodeError as exc:
-        raise ShieldError(f"{path}: not UTF-8 text ({str(exc).splitlines()[0]})") from None
-    except OSError as exc:
-        raise ShieldError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with _reading(path), open(path, encoding="utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ShieldError(f"{where(line_no)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     return rows

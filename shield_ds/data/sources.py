@@ -27,7 +27,6 @@ import ast
 import csv
 import hashlib
 import io
-import json
 import os
 import random
 from collections import defaultdict
@@ -40,7 +39,7 @@ from shield_ds.data.records import (
 )
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
-from shield_ds.io import read_jsonl
+from shield_ds.io import read_json, read_jsonl
 
 log = get_logger("data")
 
@@ -111,18 +110,6 @@ def _read_jsonl(path: Path) -> list[tuple[str, Row]]:
             raise ShieldError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}")
         rows.append((f"line {line_no}", row))
     return rows
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise ShieldError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
-    except UnicodeDecodeError as exc:
-        raise ShieldError(f"{path}: not UTF-8 text ({_one_line(exc)})") from None
-    except OSError as exc:
-        raise ShieldError(f"{path}: cannot read ({_one_line(exc)})") from None
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Row]]:
@@ -399,7 +386,7 @@ def _load_file(path: Path, label: str | None, mmsafety_variant: str) -> list[Saf
     if suffix == ".parquet":
         return _records_from_rows(_read_parquet(path), str(path), path.parent, label)
     if suffix == ".json":
-        data = _read_json(path)
+        data = read_json(path)
         if _is_mm_safety(data):
             return _mm_safety(data, path, label, mmsafety_variant)
         if isinstance(data, list) and data and isinstance(data[0], dict) and "instr-resp" in data[0]:

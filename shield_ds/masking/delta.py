@@ -15,29 +15,18 @@ the slice parameters is weight decay of the merged weight.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from shield_ds.dist import get_logger
+from shield_ds.engine import gathered
 from shield_ds.masking.neuron_linear import (DIM, NEURONS, SLICE, SLICE_BIAS, make_neuron_linear,
                                              neuron_projections, restore_linear)
-from shield_ds.masking.partition import is_zero3_param, param_partition
+from shield_ds.masking.partition import param_partition
 from shield_ds.masking.partition_mask import PartitionMask
 from shield_ds.neurons.neuron_set import NeuronSet
 
 log = get_logger("masking")
-
-
-def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
-    """Gather ZeRO-3 parameters for the block (no-op for plain ones)."""
-    zero_params = [p for p in params if p is not None and is_zero3_param(p)]
-    if not zero_params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(zero_params, modifier_rank=modifier_rank)
 
 
 def delta_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -65,7 +54,7 @@ def attach_deltas(model: nn.Module, adapter, neuron_set: NeuronSet) -> list[str]
 def _attach(linear: nn.Linear, neurons: torch.Tensor, dim: int) -> None:
     make_neuron_linear(linear, neurons, dim)
     index = getattr(linear, NEURONS)
-    with _gathered([linear.weight, linear.bias]):
+    with gathered([linear.weight, linear.bias]):
         piece = linear.weight.detach().index_select(dim, index).clone()
         bias = linear.bias.detach().index_select(0, index).clone() if dim == 0 and linear.bias is not None else None
     linear.register_parameter(SLICE, nn.Parameter(piece))
@@ -93,7 +82,7 @@ def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, module in delta_modules(model):
         params = [getattr(module, attr) for attr in (SLICE, SLICE_BIAS) if hasattr(module, attr)]
-        with _gathered(params):
+        with gathered(params):
             for attr in (SLICE, SLICE_BIAS):
                 if hasattr(module, attr):
                     state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
@@ -114,7 +103,7 @@ def merge_deltas(model: nn.Module) -> int:
         index = getattr(module, NEURONS)
         dim = getattr(module, DIM)
         piece, piece_bias = getattr(module, SLICE), getattr(module, SLICE_BIAS, None)
-        with _gathered([module.weight, module.bias, piece, piece_bias], modifier_rank=0):
+        with gathered([module.weight, module.bias, piece, piece_bias], modifier_rank=0):
             weight = module.weight.data
             weight.index_copy_(dim, index.to(weight.device), piece.data.to(weight.dtype))
             if piece_bias is not None:
