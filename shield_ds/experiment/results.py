@@ -1,0 +1,211 @@
+"""The experiment's table: one row per arm, read back from its evaluate and train outputs.
+
+ASR is split by what the arm was trained on: `trained` (trained languages x trained modalities),
+`held-out languages` (the other languages, trained modalities) and `held-out modalities` (every
+language, the other modalities). Each rate comes with its 95% Wilson interval over the generations
+of that slice; over-refusal is over all benign test prompts; NLL drift is the change of the mean
+per-token NLL of the base model's benign answers against the base model itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from shield_ds.errors import ShieldError
+from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, Rate, markdown_table, read_generations,
+                                    transfer_markdown, transfer_table)
+from shield_ds.io import read_json
+
+SLICES = ("trained", "held_out_languages", "held_out_modalities")
+SLICE_TITLES = {"trained": "ASR trained", "held_out_languages": "ASR held-out languages",
+                "held_out_modalities": "ASR held-out modalities"}
+
+
+def slice_of(row: dict, trained: tuple[set[str], set[str]]) -> str:
+    """Which slice a generation belongs to, given (trained languages, trained modalities)."""
+    languages, modalities = trained
+    if row["modality"] not in modalities:
+        return "held_out_modalities"
+    return "trained" if row["language"] in languages else "held_out_languages"
+
+
+def rates(rows: Iterable[dict], trained: tuple[set[str], set[str]]) -> dict[str, Rate]:
+    """Attack successes per slice and benign refusals ("over_refusal") of judged generations."""
+    out = {name: Rate() for name in (*SLICES, "over_refusal")}
+    for row in rows:
+        if row["label"] == "harmful":
+            rate = out[slice_of(row, trained)]
+            rate.n += 1
+            rate.successes += int(row["attack_success"])
+        else:
+            out["over_refusal"].n += 1
+            out["over_refusal"].successes += int(row["refused"])
+    return out
+
+
+def _utility_nll(eval_dir: Path) -> float | None:
+    data = read_json(eval_dir / ASR_JSON)
+    utility = data.get("utility") if isinstance(data, dict) else None
+    return utility.get("benign_answer_nll") if isinstance(utility, dict) else None
+
+
+def trained_overlap(eval_dir: Path) -> int:
+    """How many evaluated prompts the evaluated model was trained on (0 when asr.json does not say)."""
+    data = read_json(Path(eval_dir) / ASR_JSON)
+    return int(data.get("trained_overlap") or 0) if isinstance(data, dict) else 0
+
+
+def check_no_overlap(eval_dirs: Sequence[Path], allow: bool) -> None:
+    """Refuse to tabulate an evaluation on prompts its model was trained on, unless allowed."""
+    for eval_dir in eval_dirs:
+        count = trained_overlap(eval_dir)
+        if count and not allow:
+            raise ShieldError(f"{eval_dir}: {count} evaluated prompts were trained on (pass --allow-overlap "
+                              f"to tabulate it anyway)")
+
+
+def arm_row(name: str, kind: str, budget: float | None, eval_dir: Path, train_dir: Path | None, base_dir: Path,
+            trained: tuple[set[str], set[str]]) -> dict[str, Any]:
+    """One table row: rates with intervals, NLL drift, trainable parameters, train time."""
+    if not (eval_dir / GENERATIONS_FILE).is_file():
+        raise ShieldError(f"{eval_dir}: no {GENERATIONS_FILE} (the arm's evaluation did not run)")
+    row: dict[str, Any] = {"arm": name, "kind": kind, "budget": budget}
+    for key, rate in rates(read_generations(eval_dir / GENERATIONS_FILE), trained).items():
+        low, high = rate.interval
+        row.update({f"{key}_n": rate.n, key: rate.rate, f"{key}_low": low, f"{key}_high": high})
+    nll, base_nll = _utility_nll(eval_dir), _utility_nll(base_dir)
+    row["benign_nll"] = nll
+    row["nll_drift"] = nll - base_nll if nll is not None and base_nll is not None else None
+    if train_dir is None:
+        row.update({"trainable_params": 0, "trainable_fraction": 0.0, "train_seconds": None})
+    else:
+        summary = read_json(train_dir / "train.json")
+        trainable, total = summary.get("trainable_params"), summary.get("total_params")
+        row.update({"trainable_params": trainable,
+                    "trainable_fraction": summary.get("trainable_fraction",
+                                                      trainable / total if trainable and total else None),
+                    "train_seconds": summary.get("train_seconds")})
+    return row
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _with_ci(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "–"
+    return f"{_pct(row[key])} [{_pct(row[key + '_low'])}, {_pct(row[key + '_high'])}] (n={row[key + '_n']})"
+
+
+def random_summary(rows: list[dict]) -> dict[str, Any] | None:
+    """Mean and min-max range over the random arms of the main budget (one row per seed)."""
+    seeds = [r for r in rows if r["kind"] == "random" and r["budget"] is None]
+    if len(seeds) < 2:
+        return None
+    out: dict[str, Any] = {"arm": f"random (mean of {len(seeds)} seeds; [min, max])", "kind": "random-mean",
+                           "budget": None}
+    for key in (*SLICES, "over_refusal"):
+        values = [r[key] for r in seeds if r.get(key) is not None]
+        if values:
+            out.update({key: sum(values) / len(values), f"{key}_low": min(values), f"{key}_high": max(values),
+                        f"{key}_n": seeds[0][f"{key}_n"]})
+        else:
+            out[key] = None
+    drifts = [r["nll_drift"] for r in seeds if r.get("nll_drift") is not None]
+    out["nll_drift"] = sum(drifts) / len(drifts) if drifts else None
+    out["benign_nll"] = None
+    for key in ("trainable_params", "trainable_fraction", "train_seconds"):
+        values = [r[key] for r in seeds if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def results_markdown(rows: list[dict], title: str, *, model: str) -> str:
+    """The arms table (percent, 95% Wilson intervals) with a note on how to read it."""
+    present = [s for s in SLICES if any(r.get(f"{s}_n") for r in rows)]
+    header = ["arm", *(SLICE_TITLES[s] + " % [95% CI]" for s in present), "over-refusal % [95% CI]",
+              "NLL drift (nats/token)", "trainable params", "trainable %", "train s"]
+    summary = random_summary(rows)
+    shown = rows + ([summary] if summary else [])
+    body = []
+    for r in shown:
+        drift = "–" if r.get("nll_drift") is None else f"{r['nll_drift']:+.3f}"
+        params = "–" if r.get("trainable_params") is None else f"{int(r['trainable_params']):,}"
+        fraction = "–" if r.get("trainable_fraction") is None else f"{100 * r['trainable_fraction']:.4f}"
+        seconds = "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
+        body.append([r["arm"], *(_with_ci(r, s) for s in present), _with_ci(r, "over_refusal"), drift, params,
+                     fraction, seconds])
+    notes = ("ASR = attack successes / harmful test prompts of the slice; over-refusal = refusals / benign "
+             "test prompts; the test prompts are a prompt-level split the arms never trained on. "
+             "Intervals are 95% Wilson score intervals per arm (the random-mean row shows the min-max "
+             "range over seeds instead). NLL drift: mean per-token NLL of the base model's greedy benign "
+             "answers under the arm minus under the base model.")
+    return f"# {title}\n\nModel: `{model}`\n\n{markdown_table(header, body)}\n\n{notes}\n"
+
+
+def held_out_groups(base_dir: Path, trained: tuple[set[str], set[str]]) -> list[str]:
+    """The evaluated languages and modalities that identify and train did not see."""
+    from shield_ds.evaluate.asr import load_asr
+
+    table = load_asr(base_dir)
+    languages, modalities = trained
+    return ([f"lang-{lang}" for lang in table.languages if lang not in languages]
+            + [f"modality-{mod}" for mod in table.modalities if mod not in modalities])
+
+
+def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
+    """Zero-shot transfer of the safety arm to each held-out group (before/after with intervals)."""
+    if not held:
+        return "## Zero-shot transfer (safety arm)\n\n_no held-out language or modality was evaluated_\n"
+    return ("## Zero-shot transfer (safety arm): ASR before and after per held-out group\n\n"
+            + transfer_markdown(transfer_table(base_dir, safety_dir, held)) + "\n")
+
+
+def plot_results(rows: list[dict], path: Path) -> Path | None:
+    """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals; with a
+    budget sweep, a second panel of trained-language ASR against trainable fraction per arm kind."""
+    from shield_ds.analysis.plots import plt, save_figure
+
+    main = [r for r in rows if r["budget"] is None]
+    keys = [k for k in (*SLICES, "over_refusal") if any(r.get(k) is not None for r in main)]
+    if not main or not keys:
+        return None
+    sweep = [r for r in rows if r["kind"] in ("safety", "random", "lora") and r.get("trainable_fraction")
+             and r.get("trained") is not None]
+    panels = 2 if any(r["budget"] is not None for r in rows) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(6.0, 1.3 * len(main) * len(keys) / 2) + 5 * (panels - 1), 4.2))
+    ax = axes[0] if panels > 1 else axes
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        xs, ys, err = [], [], [[], []]
+        for i, r in enumerate(main):
+            if r.get(key) is None:
+                continue
+            xs.append(i + (j - (len(keys) - 1) / 2) * width)
+            ys.append(r[key])
+            err[0].append(r[key] - r[f"{key}_low"])
+            err[1].append(r[f"{key}_high"] - r[key])
+        label = SLICE_TITLES.get(key, "over-refusal")
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(main)), labels=[r["arm"] for r in main], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate (95% Wilson CI)")
+    ax.legend(fontsize=7)
+    if panels > 1:
+        ax2 = axes[1]
+        for kind, marker in (("safety", "o"), ("random", "s"), ("lora", "^")):
+            points = sorted((r["trainable_fraction"], r["trained"], r["trained_low"], r["trained_high"])
+                            for r in sweep if r["kind"] == kind)
+            if points:
+                fx, fy, lo, hi = zip(*points)
+                ax2.errorbar(fx, fy, yerr=[[y - lo_ for y, lo_ in zip(fy, lo)], [h - y for y, h in zip(fy, hi)]],
+                             marker=marker, capsize=2, label=kind)
+        ax2.set_xscale("log")
+        ax2.set_xlabel("trainable fraction of parameters")
+        ax2.set_ylabel("ASR trained languages")
+        ax2.set_ylim(0, 1.05)
+        ax2.legend(fontsize=7)
+    save_figure(fig, path)
+    return path

@@ -1,0 +1,282 @@
+"""The comparative experiment: base, safety neurons and their controls, on held-out prompts.
+
+One config drives every stage as a separate launch of the stage recipes (so each stage runs under
+the user's launcher: `deepspeed --num_gpus N`, `srun`, or plain `python`):
+
+    evaluate base (test split)  ->  identify (train split, trained languages x modalities)
+    -> for each arm: train (train split) -> evaluate (test split, all languages x modalities)
+    -> results.md / results.csv / results.png: ASR on trained and held-out languages and
+       modalities with 95% Wilson intervals, over-refusal, benign-answer NLL drift, trainable
+       parameters and fraction, train time; plus transfer.md (held-out groups before/after).
+
+Arms: `safety` (the identified neurons), `random` (random neurons with the same per-layer counts,
+one run per seed), `lora` (LoRA at the neuron set's trainable-parameter budget), `full-ffn` (every
+FFN matrix; the upper bound). `budgets` adds a sweep: identify again under each parameter budget
+and train safety, one random seed and matched LoRA there.
+
+A stage whose output is complete and whose arguments are unchanged is not run again (`stage.json`
+beside its outputs), so an interrupted experiment continues where it stopped; `--force` reruns all.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from shield_ds import dist
+from shield_ds.errors import ShieldError
+from shield_ds.io import read_json, write_json, write_text
+
+log = dist.get_logger("experiment")
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("safety", "random", "lora", "full-ffn")
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class ExperimentConfig:
+    model: str
+    out: str = "runs/experiment"
+    launcher: str = "deepspeed --num_gpus 2"
+    train_languages: list[str] = field(default_factory=lambda: ["en", "zh", "it", "vi"])
+    train_modalities: list[str] = field(default_factory=lambda: ["text"])
+    eval_languages: list[str] | None = None  # None: every language in the data
+    eval_modalities: list[str] = field(default_factory=lambda: ["text"])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    random_seeds: int = 3
+    budgets: list[float] = field(default_factory=list)
+    data_args: str = ""  # flags for every stage (sources, --test-fraction, --split-seed, ...)
+    identify_args: str = ""
+    train_args: str = ""
+    evaluate_args: str = ""
+    base_evaluate_args: str = ""  # only for the base evaluation (e.g. --ablate DIR)
+    lora_args: str = "--lora-budget match"
+    allow_overlap: bool = False
+    force: bool = False
+
+    def validate(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ShieldError(f"unknown arm {unknown[0]!r} (expected some of {', '.join(ARMS)})")
+        if not self.train_languages:
+            raise ShieldError("--train-languages is empty (the languages identify and train see)")
+        if self.random_seeds < 1 and "random" in self.arms:
+            raise ShieldError(f"--random-seeds must be >= 1 with the random arm, got {self.random_seeds}")
+        for b in self.budgets:
+            if not 0 < b < 1:
+                raise ShieldError(f"budget {b}: a parameter fraction must be in (0, 1)")
+
+
+@dataclass
+class Arm:
+    """One trained variant: its name, the flags that make it, and where it writes."""
+
+    name: str  # e.g. "safety", "random-s1", "lora"
+    kind: str  # one of ARMS
+    flags: list[str]
+    root: Path
+    budget: float | None = None
+    seed: int | None = None
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+
+@dataclass
+class Stage:
+    """One launch of a stage recipe: its arguments, output dir, the file that says it finished, and
+    the output dirs of the stages it reads (rerun when one of them ran again)."""
+
+    recipe: str
+    args: list[str]
+    out: Path
+    finished: str
+    depends: list[Path] = field(default_factory=list)
+
+
+def _csv(values: Sequence[str]) -> str:
+    return ",".join(values)
+
+
+class Experiment:
+    """Plans the stages of an `ExperimentConfig`, runs what is not done yet, and tabulates."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+
+    # --- stage commands ------------------------------------------------------------------------
+    def _train_selection(self) -> list[str]:
+        return ["--languages", _csv(self.cfg.train_languages), "--modalities", _csv(self.cfg.train_modalities)]
+
+    def _eval_selection(self) -> list[str]:
+        langs = ["--languages", _csv(self.cfg.eval_languages)] if self.cfg.eval_languages else []
+        return [*langs, "--modalities", _csv(self.cfg.eval_modalities)]
+
+    def _common(self) -> list[str]:
+        return ["--model", self.cfg.model, *shlex.split(self.cfg.data_args)]
+
+    def _overlap(self) -> list[str]:
+        return ["--allow-overlap"] if self.cfg.allow_overlap else []
+
+    def identify_args(self, out: Path, budget: float | None = None) -> list[str]:
+        extra = ["--max-param-fraction", repr(budget)] if budget is not None else []
+        return [*self._common(), *self._train_selection(), "--out", str(out), "--overwrite",
+                *shlex.split(self.cfg.identify_args), *extra]
+
+    def arms(self) -> list[Arm]:
+        """The main arms, then the budget sweep's (safety, random seed 0, matched LoRA per budget)."""
+        cfg, identify = self.cfg, self.out / "identify"
+        arms: list[Arm] = []
+        for kind in cfg.arms:
+            if kind == "safety":
+                arms.append(Arm("safety", kind, ["--neurons", str(identify)], self.out / "arms" / "safety"))
+            elif kind == "random":
+                for seed in range(cfg.random_seeds):
+                    arms.append(Arm(f"random-s{seed}", kind, ["--neurons", f"random:{seed}:{identify}"],
+                                    self.out / "arms" / f"random-s{seed}", seed=seed))
+            elif kind == "lora":
+                arms.append(Arm("lora", kind, ["--update", "lora", "--neurons", str(identify),
+                                               *shlex.split(cfg.lora_args)], self.out / "arms" / "lora"))
+            else:
+                arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn"))
+        for budget in cfg.budgets:
+            root = self.out / "budgets" / f"{budget:g}"
+            ident = root / "identify"
+            arms.append(Arm(f"safety@{budget:g}", "safety", ["--neurons", str(ident)], root / "safety", budget=budget))
+            arms.append(Arm(f"random-s0@{budget:g}", "random", ["--neurons", f"random:0:{ident}"], root / "random-s0",
+                            budget=budget, seed=0))
+            arms.append(Arm(f"lora@{budget:g}", "lora", ["--update", "lora", "--neurons", str(ident),
+                                                          *shlex.split(cfg.lora_args)], root / "lora", budget=budget))
+        return arms
+
+    def train_args(self, arm: Arm) -> list[str]:
+        return [*self._common(), *self._train_selection(), *arm.flags, "--out", str(arm.train_dir),
+                *shlex.split(self.cfg.train_args)]
+
+    def evaluate_args(self, model: str, out: Path) -> list[str]:
+        return ["--model", model, *shlex.split(self.cfg.data_args), *self._eval_selection(), "--out", str(out),
+                *(["--compare", str(self.out / "eval-base")] if out != self.out / "eval-base" else []),
+                *self._overlap(), *shlex.split(self.cfg.evaluate_args)]
+
+    def plan(self) -> list[Stage]:
+        """Every stage in order, each with the stages whose outputs it reads."""
+        base = Stage("evaluate.py", [*self.evaluate_args(self.cfg.model, self.out / "eval-base"),
+                                     *shlex.split(self.cfg.base_evaluate_args)], self.out / "eval-base", "asr.json")
+        identify = {None: Stage("identify.py", self.identify_args(self.out / "identify"), self.out / "identify",
+                                "neurons.json")}
+        for budget in self.cfg.budgets:
+            root = self.out / "budgets" / f"{budget:g}" / "identify"
+            identify[budget] = Stage("identify.py", self.identify_args(root, budget), root, "neurons.json")
+        stages = [base, *identify.values()]
+        for arm in self.arms():
+            train = Stage("train.py", self.train_args(arm), arm.train_dir, "train.json",
+                          [identify[arm.budget].out] if arm.kind != "full-ffn" else [])
+            stages.append(train)
+            stages.append(Stage("evaluate.py", self.evaluate_args(str(arm.train_dir / "model"), arm.eval_dir),
+                                arm.eval_dir, "asr.json", [train.out, base.out]))
+        return stages
+
+    # --- running -------------------------------------------------------------------------------
+    @staticmethod
+    def _stamp(out: Path) -> str | None:
+        try:
+            return read_json(out / STAGE_FILE).get("finished_at")
+        except ShieldError:
+            return None
+
+    def _done(self, stage: Stage) -> bool:
+        """Finished before with the same arguments, and no stage it reads has run since."""
+        marker = stage.out / STAGE_FILE
+        if self.cfg.force or not marker.is_file() or not (stage.out / stage.finished).is_file():
+            return False
+        try:
+            recorded = read_json(marker)
+        except ShieldError:
+            return False
+        return (recorded.get("args") == stage.args
+                and recorded.get("upstream") == {str(d): self._stamp(d) for d in stage.depends})
+
+    def run_stage(self, stage: Stage) -> None:
+        """Launch one stage recipe, unless it is done already with the same arguments and inputs."""
+        if self._done(stage):
+            print(f"== done already: {stage.recipe} -> {stage.out}", flush=True)
+            return
+        cmd = [*shlex.split(self.cfg.launcher), str(REPO / "recipes" / stage.recipe), *stage.args]
+        if cmd[0] in ("python", "python3"):  # the interpreter running this (its environment has torch)
+            cmd[0] = sys.executable
+        print("==", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        start = time.perf_counter()
+        if subprocess.run(cmd, cwd=REPO).returncode != 0:
+            raise ShieldError(f"experiment: stage {stage.recipe} -> {stage.out} failed (see its output above)")
+        write_json(stage.out / STAGE_FILE, {
+            "recipe": stage.recipe, "args": stage.args, "seconds": time.perf_counter() - start,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z") + f".{time.time_ns()}",
+            "upstream": {str(d): self._stamp(d) for d in stage.depends}})
+
+    def run(self) -> list[dict[str, Any]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "experiment.json", {"config": asdict(self.cfg)})
+        start = time.perf_counter()
+        for stage in self.plan():
+            if stage.recipe == "train.py":
+                self._share_benign_targets(stage.out)
+            self.run_stage(stage)
+        log.info("experiment stages took %.0f s", time.perf_counter() - start)
+        return self.write_results()
+
+    def _share_benign_targets(self, train_dir: Path) -> None:
+        """The base model's answers to the benign training prompts are the same for every arm: the first
+        arm generates them (`--benign-targets self`), the others start from its cache."""
+        from shield_ds.train import BENIGN_TARGETS_FILE
+
+        target = train_dir / BENIGN_TARGETS_FILE
+        if target.exists():
+            return
+        for arm in self.arms():
+            cache = arm.train_dir / BENIGN_TARGETS_FILE
+            if cache.is_file() and arm.train_dir != train_dir:
+                train_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cache, target)
+                return
+
+    # --- results -------------------------------------------------------------------------------
+    def write_results(self) -> list[dict[str, Any]]:
+        from shield_ds.experiment.results import (arm_row, check_no_overlap, held_out_groups, plot_results,
+                                                  results_markdown, transfer_section)
+        from shield_ds.evaluate.asr import rows_to_csv
+
+        base_dir = self.out / "eval-base"
+        check_no_overlap([base_dir, *(a.eval_dir for a in self.arms())], self.cfg.allow_overlap)
+        trained = (set(self.cfg.train_languages), set(self.cfg.train_modalities))
+        rows = [arm_row("base", "base", None, base_dir, None, base_dir, trained)]
+        rows += [arm_row(a.name, a.kind, a.budget, a.eval_dir, a.train_dir, base_dir, trained) for a in self.arms()]
+        title = (f"Arms trained on languages {_csv(self.cfg.train_languages)} x modalities "
+                 f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
+        if self.cfg.allow_overlap:
+            title += " (evaluation prompts overlap the trained prompts)"
+        text = results_markdown(rows, title, model=self.cfg.model)
+        safety = next((a for a in self.arms() if a.name == "safety"), None)
+        if safety is not None:
+            held = held_out_groups(base_dir, trained)
+            text += "\n" + transfer_section(base_dir, safety.eval_dir, held)
+        plot = plot_results(rows, self.out / "results.png")
+        if plot is not None:
+            text += f"\n![ASR per arm]({plot.name})\n"
+        write_text(self.out / "results.md", text)
+        write_text(self.out / "results.csv", rows_to_csv(rows))
+        print(text, flush=True)
+        return rows

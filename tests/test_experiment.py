@@ -1,0 +1,127 @@
+"""The experiment driver: stage plan and reruns, the arms table from evaluate/train outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shield_ds.errors import ShieldError
+from shield_ds.evaluate.asr import asr_table, wilson_interval, write_asr_reports, write_generations
+from shield_ds.experiment import Experiment, ExperimentConfig
+from shield_ds.experiment.results import arm_row, rates, results_markdown
+from shield_ds.io import write_json
+
+TRAINED = ({"en", "zh"}, {"text"})
+
+
+def _gen(i: int, language: str, modality: str, label: str, success: bool) -> dict:
+    return {"id": f"p{i}.{language}.{modality}", "language": language, "modality": modality, "label": label,
+            "prompt": "q", "response": "a", "refused": not success if label == "harmful" else success,
+            "attack_success": success if label == "harmful" else False, "judge": "refusal-matcher"}
+
+
+def _eval_dir(root: Path, rows: list[dict], nll: float | None = None, overlap: int = 0) -> Path:
+    root.mkdir(parents=True)
+    write_generations(root / "generations.jsonl", rows)
+    write_asr_reports(asr_table(rows), root)
+    data = json.loads((root / "asr.json").read_text())
+    data["trained_overlap"] = overlap
+    if nll is not None:
+        data["utility"] = {"benign_answer_nll": nll}
+    write_json(root / "asr.json", data)
+    return root
+
+
+def _rows(successes: dict[tuple[str, str], int], n: int = 10, benign_refused: int = 0) -> list[dict]:
+    rows = []
+    for (lang, mod), k in successes.items():
+        rows += [_gen(i, lang, mod, "harmful", i < k) for i in range(n)]
+    rows += [_gen(100 + i, "en", "text", "benign", i < benign_refused) for i in range(n)]
+    return rows
+
+
+def test_rates_split_trained_and_held_out_slices():
+    rows = _rows({("en", "text"): 3, ("zh", "text"): 5, ("sw", "text"): 7, ("en", "typographic"): 9})
+    r = rates(rows, TRAINED)
+    assert (r["trained"].successes, r["trained"].n) == (8, 20)
+    assert (r["held_out_languages"].successes, r["held_out_languages"].n) == (7, 10)
+    assert (r["held_out_modalities"].successes, r["held_out_modalities"].n) == (9, 10)
+    assert (r["over_refusal"].successes, r["over_refusal"].n) == (0, 10)
+
+
+def test_arm_rows_table_and_drift(tmp_path):
+    base = _eval_dir(tmp_path / "base", _rows({("en", "text"): 9, ("sw", "text"): 8}), nll=1.5)
+    arm = _eval_dir(tmp_path / "arm", _rows({("en", "text"): 1, ("sw", "text"): 4}, benign_refused=2), nll=1.75)
+    train = tmp_path / "train"
+    train.mkdir()
+    write_json(train / "train.json", {"trainable_params": 30, "total_params": 100_000, "train_seconds": 12.5})
+    base_row = arm_row("base", "base", None, base, None, base, TRAINED)
+    arm_r = arm_row("safety", "safety", None, arm, train, base, TRAINED)
+    assert base_row["trained"] == 0.9 and base_row["nll_drift"] == 0.0
+    assert arm_r["trained"] == 0.1 and arm_r["held_out_languages"] == 0.4 and arm_r["over_refusal"] == 0.2
+    assert (arm_r["trained_low"], arm_r["trained_high"]) == pytest.approx(wilson_interval(1, 10))
+    assert arm_r["nll_drift"] == pytest.approx(0.25)
+    assert arm_r["trainable_fraction"] == pytest.approx(30 / 100_000)
+    seeds = [dict(arm_r, arm=f"random-s{s}", kind="random", trained=0.1 * (s + 1)) for s in range(3)]
+    text = results_markdown([base_row, arm_r, *seeds], "T", model="m")
+    assert "| safety | 10.0 [" in text and "random (mean of 3 seeds; [min, max])" in text
+    assert "| 20.0 [10.0, 30.0]" in text  # the seeds' mean with their range
+    assert "ASR held-out modalities" not in text  # no held-out modality was evaluated
+    assert "+0.250" in text
+
+
+def test_missing_generations_is_one_line_error(tmp_path):
+    with pytest.raises(ShieldError, match="no generations.jsonl"):
+        arm_row("safety", "safety", None, tmp_path, None, tmp_path, TRAINED)
+
+
+def test_results_refuse_overlap_unless_allowed(tmp_path):
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety"], train_languages=["en", "zh"])
+    rows = _rows({("en", "text"): 5, ("sw", "text"): 5})
+    _eval_dir(tmp_path / "eval-base", rows, nll=1.0)
+    _eval_dir(tmp_path / "arms" / "safety" / "eval", rows, nll=1.0, overlap=7)
+    (tmp_path / "arms" / "safety" / "train").mkdir(parents=True)
+    write_json(tmp_path / "arms" / "safety" / "train" / "train.json", {"trainable_params": 1, "total_params": 10})
+    with pytest.raises(ShieldError, match="7 evaluated prompts were trained on"):
+        Experiment(cfg).write_results()
+    cfg.allow_overlap = True
+    Experiment(cfg).write_results()
+    text = (tmp_path / "results.md").read_text()
+    assert "overlap the trained prompts" in text.splitlines()[0]
+    assert "lang-sw" in text and (tmp_path / "results.png").stat().st_size > 0
+    assert (tmp_path / "results.csv").read_text().startswith("arm,kind,budget")
+
+
+def test_plan_reruns_a_stage_when_its_input_ran_again(tmp_path):
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=2,
+                           budgets=[0.001])
+    exp = Experiment(cfg)
+    stages = exp.plan()
+    names = [(s.recipe, s.out.relative_to(tmp_path).as_posix()) for s in stages]
+    assert names[:3] == [("evaluate.py", "eval-base"), ("identify.py", "identify"),
+                         ("identify.py", "budgets/0.001/identify")]
+    assert ("train.py", "arms/random-s1/train") in names and ("train.py", "budgets/0.001/lora/train") in names
+    random1 = next(s for s in stages if s.out.as_posix().endswith("arms/random-s1/train"))
+    assert f"random:1:{tmp_path / 'identify'}" in random1.args
+    # Pretend every stage finished once; then identify "runs again": its trains and evals are stale.
+    for stage in stages:
+        stage.out.mkdir(parents=True, exist_ok=True)
+        (stage.out / stage.finished).write_text("{}")
+        write_json(stage.out / "stage.json", {"args": stage.args, "finished_at": "t0",
+                                              "upstream": {str(d): "t0" for d in stage.depends}})
+    assert all(exp._done(s) for s in stages)
+    write_json(tmp_path / "identify" / "stage.json", {"args": stages[1].args, "finished_at": "t1", "upstream": {}})
+    stale = {s.out.relative_to(tmp_path).as_posix() for s in stages if not exp._done(s)}
+    assert "arms/safety/train" in stale and "arms/random-s0/train" in stale
+    assert "eval-base" not in stale and "budgets/0.001/safety/train" not in stale
+    cfg.force = True
+    assert not any(exp._done(s) for s in stages)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ShieldError, match="unknown arm 'dropout'"):
+        Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))
+    with pytest.raises(ShieldError, match="budget 2.0"):
+        Experiment(ExperimentConfig(model="m", budgets=[2.0]))
