@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base checkpoint (default: the tiny llava demo model)")
     p.add_argument("--out", default="runs/experiment")
     p.add_argument("--launcher", default="deepspeed --num_gpus 2", help="command that starts a recipe on the ranks")
+    p.add_argument("--eval-launcher", default=None, help="launcher of the evaluations (default: --launcher)")
     p.add_argument("--train-languages", default="en,zh,it,vi", help="languages identify and train see")
     p.add_argument("--train-modalities", default="text", help="modalities identify and train see")
     p.add_argument("--eval-languages", default=None, help="languages to evaluate (default: all in the data)")
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identify-args", default="", help="extra flags for identify.py")
     p.add_argument("--train-args", default="", help="extra flags for train.py (every arm)")
     p.add_argument("--evaluate-args", default="", help="extra flags for evaluate.py")
+    p.add_argument("--base-evaluate-args", default="", help="extra flags for the base evaluation only (e.g. --ablate DIR)")
     p.add_argument("--lora-args", default="--lora-budget match", help="flags of the LoRA arm")
     p.add_argument("--allow-overlap", action="store_true", help="tabulate evaluations on trained prompts (says so)")
     p.add_argument("--force", action="store_true", help="rerun stages that are already done")
@@ -49,12 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     from shield_ds.experiment import Experiment, ExperimentConfig
 
     Experiment(ExperimentConfig(
-        model=args.model or str(default_model()), out=args.out, launcher=args.launcher,
+        model=args.model or str(default_model()), out=args.out, launcher=args.launcher, eval_launcher=args.eval_launcher,
         train_languages=csv_list(args.train_languages) or [], train_modalities=csv_list(args.train_modalities) or [],
         eval_languages=csv_list(args.eval_languages), eval_modalities=csv_list(args.eval_modalities) or ["text"],
         arms=csv_list(args.arms) or [], random_seeds=args.random_seeds,
         budgets=[float(b) for b in csv_list(args.budgets) or []], data_args=args.data_args,
         identify_args=args.identify_args, train_args=args.train_args, evaluate_args=args.evaluate_args,
+        base_evaluate_args=args.base_evaluate_args,
         lora_args=args.lora_args, allow_overlap=args.allow_overlap, force=args.force,
     )).run()
 

@@ -65,7 +65,7 @@ def test_ds_config_batch_sizes_are_computed_and_auto_is_refused(tmp_path):
         resolve_ds_config(tmp_path / "broken.json", micro_batch_size=1)
 
 
-@pytest.mark.parametrize("config", ["demo/identify", "demo/train", "demo/evaluate", "transfer"])
+@pytest.mark.parametrize("config", ["demo/identify", "demo/train", "demo/evaluate", "experiment"])
 def test_shipped_configs_name_real_flags(config):
     import importlib.util
 

@@ -91,20 +91,3 @@ def test_bad_input_one_line_errors(tiny_checkpoint, tmp_path):
     proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--compare", str(tmp_path / "nothing"),
                                         "--ds-config", "none")], check=False, timeout=300)
     assert proc.returncode == 2 and "nothing" in proc.stderr.strip().splitlines()[-1]
-
-
-def test_transfer_experiment_runs_all_stages_and_tables_held_out_groups(tiny_checkpoint, tmp_path):
-    out = tmp_path / "transfer"
-    proc = run_python([str(REPO / "recipes" / "transfer.py"), "--config", str(REPO / "configs" / "transfer.yaml"),
-                       "--model", str(tiny_checkpoint("llava")), "--out", str(out), "--launcher", "python",
-                       "--eval-languages", "en,zh,sw", "--identify-args",
-                       "--per-group-limit 3 --ratio 0.1 --max-param-fraction 0.05 --ds-config none",
-                       "--evaluate-args", "--per-group-limit 2 --max-new-tokens 6 --ds-config none",
-                       "--train-args", "--per-group-limit 3 --benign-targets self --max-new-tokens 6 --max-steps 2 "
-                                       "--ds-config ds_configs/zero3_fp32.json"], timeout=900)
-    table = (out / "transfer.md").read_text()
-    # held out: the languages not trained on (sw; en and zh were trained) and the typographic modality
-    assert "lang-sw" in table and "modality-typographic" in table
-    assert "lang-en" not in table and "lang-zh" not in table
-    assert (out / "train" / "model" / "model.safetensors").exists()
-    assert "transfer" in proc.stdout.lower()

@@ -125,3 +125,33 @@ def test_bad_config_is_refused():
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))
     with pytest.raises(ShieldError, match="budget 2.0"):
         Experiment(ExperimentConfig(model="m", budgets=[2.0]))
+
+
+@pytest.mark.distributed
+def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path):
+    """One process per stage (launcher python): base, identify, safety, random, LoRA, full FFN."""
+    from conftest import REPO, run_python
+
+    out = tmp_path / "exp"
+    args = [str(REPO / "recipes" / "experiment.py"), "--model", str(tiny_checkpoint("llava")), "--out", str(out),
+            "--launcher", "python", "--train-languages", "en,zh", "--eval-languages", "en,zh,sw",
+            "--eval-modalities", "text,typographic", "--random-seeds", "1",
+            "--identify-args", "--per-group-limit 3 --ratio 0.1 --max-param-fraction 0.05 --ds-config none",
+            "--evaluate-args", "--per-group-limit 2 --max-new-tokens 6 --ds-config none",
+            "--train-args", "--per-group-limit 3 --benign-targets self --max-new-tokens 6 --max-steps 2 "
+                            "--ds-config ds_configs/zero3_fp32.json"]
+    proc = run_python(args, timeout=900)
+    rows = {r.split(",")[0]: r for r in (out / "results.csv").read_text().splitlines()[1:]}
+    assert set(rows) == {"base", "safety", "random-s0", "lora", "full-ffn"}
+    text = (out / "results.md").read_text()
+    assert "ASR held-out languages" in text and "ASR held-out modalities" in text
+    assert "lang-sw" in text and "modality-typographic" in text and "lang-en" not in text
+    for arm in ("safety", "random-s0", "lora", "full-ffn"):
+        assert (out / "arms" / arm / "train" / "model" / "model.safetensors").exists()
+    # the base model's benign answers were generated once (by the first arm) and shared by every arm
+    caches = {(out / "arms" / arm / "train" / "benign_targets.jsonl").read_text() for arm in rows if arm != "base"}
+    assert len(caches) == 1
+    # a second run with nothing changed launches nothing and writes the same table
+    again = run_python(args, timeout=300)
+    assert again.stdout.count("== done already") == 10
+    assert (out / "results.md").read_text() == text

@@ -45,6 +45,7 @@ class ExperimentConfig:
     model: str
     out: str = "runs/experiment"
     launcher: str = "deepspeed --num_gpus 2"
+    eval_launcher: str | None = None  # None: `launcher` (e.g. "python" with --ds-config none for a small model)
     train_languages: list[str] = field(default_factory=lambda: ["en", "zh", "it", "vi"])
     train_modalities: list[str] = field(default_factory=lambda: ["text"])
     eval_languages: list[str] | None = None  # None: every language in the data
@@ -215,7 +216,10 @@ class Experiment:
         if self._done(stage):
             print(f"== done already: {stage.recipe} -> {stage.out}", flush=True)
             return
-        cmd = [*shlex.split(self.cfg.launcher), str(REPO / "recipes" / stage.recipe), *stage.args]
+        launcher = self.cfg.launcher
+        if stage.recipe == "evaluate.py" and self.cfg.eval_launcher:
+            launcher = self.cfg.eval_launcher
+        cmd = [*shlex.split(launcher), str(REPO / "recipes" / stage.recipe), *stage.args]
         if cmd[0] in ("python", "python3"):  # the interpreter running this (its environment has torch)
             cmd[0] = sys.executable
         print("==", " ".join(shlex.quote(c) for c in cmd), flush=True)
