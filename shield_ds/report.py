@@ -1,6 +1,7 @@
 """The demo report: one markdown page with the tables and plots of every stage of a run directory.
 
     python -m shield_ds.report --run runs/demo [--trained-languages en,zh,it,vi --trained-modalities text]
+        [--allow-overlap]
 
 Expects the layout scripts/demo.sh writes: identify/ (with analysis/), eval-base/ (with the
 ablation), train/, eval-shielded/ (with the comparison against eval-base).
@@ -55,13 +56,18 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def build_report(run: Path, trained_languages: list[str] | None, trained_modalities: list[str] | None) -> str:
+def build_report(run: Path, trained_languages: list[str] | None, trained_modalities: list[str] | None,
+                 allow_overlap: bool = False) -> str:
+    """The report text; evaluations on prompts the model was trained on are refused unless `allow_overlap`."""
+    from shield_ds.data.splits import overlap_note
     from shield_ds.evaluate.asr import load_asr, transfer_markdown, transfer_table
     from shield_ds.neurons import NeuronSet
 
     identify, base, train, shielded = run / "identify", run / "eval-base", run / "train", run / "eval-shielded"
     if not (identify / "neurons.json").exists():
         raise ShieldError(f"{run}: no identify/neurons.json (run the demo first)")
+    note = overlap_note([base, shielded], allow_overlap)
+    note = f" {note}" if note else ""
     ns = NeuronSet.load(identify)
     meta = ns.meta
     out = [f"# Precise Shield demo report\n\nRun directory: `{run}`. Model: `{meta['model']}` "
@@ -102,7 +108,7 @@ def build_report(run: Path, trained_languages: list[str] | None, trained_modalit
         summary = json.loads((train / "train.json").read_text(encoding="utf-8"))
         cfg = summary["config"]
         out.append(f"{summary['steps']} optimizer steps on {summary['world_size']} ranks, update mode "
-                   f"`{cfg['update']}`, {summary['records']} records (languages {cfg['languages'] or 'all'}, "
+                   f"`{cfg['update']}`, {summary['records']} records ({cfg.get('split', 'all')} split, languages {cfg['languages'] or 'all'}, "
                    f"modalities {cfg['modalities']}); trainable tensors hold {summary['trainable_params']:,} "
                    f"parameters, of which the {summary['neurons']} neurons' slices "
                    f"({summary['neuron_param_fraction']:.4%} of the model) may change. Exported: `train/model/` "
@@ -113,7 +119,7 @@ def build_report(run: Path, trained_languages: list[str] | None, trained_modalit
     else:
         out.append("_not produced_\n")
 
-    out.append("\n## 5. Attack success rate, base vs shielded\n\n")
+    out.append(f"\n## 5. Attack success rate, base vs shielded{note}\n\n")
     if (shielded / "compare.md").exists():
         out.append((shielded / "compare.md").read_text(encoding="utf-8") + "\n")
         out.append(_image(base / "asr_heatmap.png", run, "ASR base"))
@@ -125,7 +131,7 @@ def build_report(run: Path, trained_languages: list[str] | None, trained_modalit
         before, after = load_asr(base), load_asr(shielded)
         held = [f"lang-{l}" for l in before.languages if trained_languages and l not in trained_languages]
         held += [f"modality-{m}" for m in before.modalities if trained_modalities and m not in trained_modalities]
-        out.append("\n## 6. Zero-shot transfer to held-out languages and modalities\n\n"
+        out.append(f"\n## 6. Zero-shot transfer to held-out languages and modalities{note}\n\n"
                    f"Trained on languages {', '.join(trained_languages or ['all'])} and modalities "
                    f"{', '.join(trained_modalities or ['all'])}; every other group below was never trained on.\n\n")
         out.append(transfer_markdown(transfer_table(before, after, held)) + "\n" if held else "_no held-out group_\n")
@@ -138,8 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--trained-languages", default=None)
     p.add_argument("--trained-modalities", default=None)
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="report evaluations on prompts the model was trained on (titled as such)")
     args = p.parse_args(argv)
-    text = build_report(args.run, csv_list(args.trained_languages), csv_list(args.trained_modalities))
+    text = build_report(args.run, csv_list(args.trained_languages), csv_list(args.trained_modalities),
+                        args.allow_overlap)
     write_text(args.run / "report.md", text)
     print(f"wrote {args.run / 'report.md'}")
 
