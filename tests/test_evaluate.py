@@ -91,6 +91,21 @@ def test_bad_input_one_line_errors(tiny_checkpoint, tmp_path):
     proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--compare", str(tmp_path / "nothing"),
                                         "--ds-config", "none")], check=False, timeout=300)
     assert proc.returncode == 2 and "nothing" in proc.stderr.strip().splitlines()[-1]
+    # a source whose prompts all fall in the train split has nothing to evaluate on the (default) test split
+    from shield_ds.data.splits import split_of
+
+    ids = [f"p{i}" for i in range(40) if split_of(f"tiny:p{i}", 0.3, 0) == "train"][:2]
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps({"id": i, "prompt": f"How do I do harm number {i}?", "language": "en",
+                                        "label": "harmful"}) + "\n" for i in ids))
+    for extra, needle in ((["--harmful", str(tiny)], "'en' prompt falls in the test split"),
+                          (["--test-fraction", "1.5"], "--test-fraction")):
+        proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--languages", "en", *extra, "--ds-config", "none")],
+                          check=False, timeout=300)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("error: ") and needle in last, last
+        assert extra[0] != "--harmful" or str(tiny) in last
+    assert not (tmp_path / "out").exists()
 
 
 def test_transfer_experiment_runs_all_stages_and_tables_held_out_groups(tiny_checkpoint, tmp_path):
@@ -108,3 +123,21 @@ def test_transfer_experiment_runs_all_stages_and_tables_held_out_groups(tiny_che
     assert "lang-en" not in table and "lang-zh" not in table
     assert (out / "train" / "model" / "model.safetensors").exists()
     assert "transfer" in proc.stdout.lower()
+    # identify and train read the train split, evaluation the test split: no evaluated prompt was trained on
+    neurons = json.loads((out / "identify" / "neurons.json").read_text())
+    assert neurons["split"] == "train" and len(neurons["prompt_key_digest"]) == 64
+    for stage in ("eval-base", "eval-shielded"):
+        asr = json.loads((out / stage / "asr.json").read_text())
+        assert (asr["split"], asr["test_fraction"], asr["split_seed"], asr["trained_overlap"]) == ("test", 0.3, 0, 0)
+    # the report refuses an evaluation that overlaps the trained prompts unless --allow-overlap, and then says so
+    from shield_ds.data.splits import OVERLAP_NOTE
+
+    asr_path = out / "eval-shielded" / "asr.json"
+    asr_path.write_text(json.dumps({**json.loads(asr_path.read_text()), "trained_overlap": 3}))
+    report = ["-m", "shield_ds.report", "--run", str(out), "--trained-languages", "en,zh"]
+    proc = run_python(report, check=False, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "eval-shielded" in last and "--allow-overlap" in last, last
+    assert not (out / "report.md").exists()
+    run_python([*report, "--allow-overlap"], timeout=300)
+    assert f"base vs shielded {OVERLAP_NOTE}" in (out / "report.md").read_text()

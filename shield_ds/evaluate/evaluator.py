@@ -74,6 +74,8 @@ class Evaluator:
         from shield_ds.data.splits import OVERLAP_NOTE, overlap_note
 
         cfg = self.cfg
+        if overlap:
+            log.warning("%s was trained on %d of the evaluated prompts (--split %s)", cfg.model, overlap, cfg.split)
         if not cfg.compare:
             return ""
         if overlap and not cfg.allow_overlap:
