@@ -20,13 +20,15 @@ from shield_ds.errors import exit_on_error  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate answers, judge them, and tabulate ASR per language x modality.")
     p.add_argument("--model", default=None, help="checkpoint directory or hub name (default: the tiny llava demo model)")
-    add_data_args(p, modalities="text,typographic")
+    add_data_args(p, modalities="text,typographic", split="test")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--judge", default=None, help="model judge (causal-LM guard or sequence classifier); default: refusal matcher")
     p.add_argument("--refusal-phrases", default=None, help="JSON/YAML file of extra refusal phrases per language")
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--compare", default=None, help="an earlier evaluate --out directory (e.g. the base model's)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="--compare even when the model was trained on evaluated prompts (titled as such)")
     p.add_argument("--ablate", default=None, help="identify output: zero these neurons (plus random controls)")
     p.add_argument("--ablate-controls", type=int, default=3, help="random control sets for --ablate")
     add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EvalConfig(
         model=args.model or str(default_model()), **data_kwargs(args), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, judge=args.judge, refusal_phrases=args.refusal_phrases, out=args.out,
-        compare=args.compare, ablate=args.ablate, ablate_controls=args.ablate_controls,
+        compare=args.compare, allow_overlap=args.allow_overlap, ablate=args.ablate, ablate_controls=args.ablate_controls,
         ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds,
     )
     Evaluator(cfg).run()

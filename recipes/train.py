@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune only the selected safety neurons (gate/up rows, down columns).")
     p.add_argument("--model", default=None, help="base checkpoint directory or hub name (default: the tiny llava demo model)")
     p.add_argument("--neurons", default="runs/identify", help="an identify output directory")
-    add_data_args(p, modalities="text")
+    add_data_args(p, modalities="text", split="train")
     p.add_argument("--benign-targets", default="none", choices=["none", "self"],
                    help="'self': the base model answers benign prompts that have no response (cached in --out)")
     p.add_argument("--refusals", default=None, help="JSON/YAML file: language -> list of refusal templates")

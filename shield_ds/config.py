@@ -75,8 +75,8 @@ class SourcesAction(argparse.Action):
         setattr(namespace, self.dest, current + list(values))
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, modalities: str) -> None:
-    """The data flags every recipe shares (see `data_kwargs`)."""
+def add_data_args(parser: argparse.ArgumentParser, *, modalities: str, split: str = "all") -> None:
+    """The data flags every recipe shares (see `data_kwargs`); `split` is the recipe's default split."""
     parser.add_argument("--harmful", action=SourcesAction, nargs="+", default=None, metavar="SOURCE",
                         help="harmful prompts: files, hub datasets or builtin names (default multijail)")
     parser.add_argument("--benign", action=SourcesAction, nargs="+", default=None, metavar="SOURCE",
@@ -86,6 +86,11 @@ def add_data_args(parser: argparse.ArgumentParser, *, modalities: str) -> None:
     parser.add_argument("--image", default=None, help="image file for the 'image' modality view")
     parser.add_argument("--per-group-limit", type=int, default=None, help="at most N records per label x language x modality")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("train", "test", "all"), default=split,
+                        help=f"which prompts: the train or test split by prompt id (the same in every language "
+                             f"and view), or all (default {split})")
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="share of prompts in the test split")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split")
     parser.add_argument("--data-dir", default=None, help="where the builtin datasets live (default: ../shared/data)")
 
 
@@ -94,7 +99,8 @@ def data_kwargs(args: argparse.Namespace) -> dict:
     return {"harmful": args.harmful or ["multijail"], "benign": args.benign or ["multiq"],
             "languages": csv_list(args.languages), "modalities": csv_list(args.modalities) or ["text"],
             "image": args.image, "per_group_limit": args.per_group_limit, "seed": args.seed,
-            "data_dir": args.data_dir}
+            "data_dir": args.data_dir, "split": args.split, "test_fraction": args.test_fraction,
+            "split_seed": args.split_seed}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, ds_config: str, allow_none: bool) -> None:

@@ -5,10 +5,11 @@
 
 A patch holds, per parameter that owns selected neurons, the final rows (gate/up) or columns
 (down) at the neuron indices, plus metadata: the base model's config hash and a digest of the
-base values at those slices, so a patch for another base model is refused. Applying copies the
-base directory and rewrites only the weight shards that hold patched tensors; every other byte
-of every other tensor is the base's. The training recipe exports `OUT/model` with this same
-function, so `apply` reproduces it bit for bit.
+base values at those slices, so a patch for another base model is refused, and the provenance of
+the training data (the trained prompt keys, split, fraction, seed; `shield_ds.data.splits`).
+Applying copies the base directory, rewrites only the weight shards that hold patched tensors
+(every other byte of every other tensor is the base's) and writes `shield_provenance.json`. The
+training recipe exports `OUT/model` with this same function, so `apply` reproduces it bit for bit.
 """
 
 from __future__ import annotations
@@ -157,8 +158,16 @@ def apply_patch(base_dir: str | Path, patch: str | Path, out_dir: str | Path) ->
     """Write `out_dir` = base checkpoint with the patch's slices; refuses a patch for another base."""
     from shield_ds.models import config_hash, load_config
 
+    from shield_ds.data.splits import PROVENANCE_FILE, read_provenance, write_provenance
+
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     entries, meta = read_patch(patch)
+    provenance = meta.get("provenance")
+    if provenance:  # a base that was itself trained: the result was trained on both sets of prompts
+        base_provenance = read_provenance(base_dir)
+        if base_provenance:
+            provenance = {**provenance, "prompt_keys": sorted(set(provenance["prompt_keys"])
+                                                              | set(base_provenance["trained_prompt_keys"]))}
     files = CheckpointFiles(base_dir)
     base_hash = config_hash(load_config(base_dir))
     if base_hash != meta["base_config_hash"]:
@@ -172,7 +181,7 @@ def apply_patch(base_dir: str | Path, patch: str | Path, out_dir: str | Path) ->
         by_file.setdefault(files.weight_map[key], []).append((key, entry))
     with atomic_dir(out_dir) as staging:
         for item in base_dir.iterdir():
-            if item.name in by_file or item.name.startswith("."):
+            if item.name in by_file or item.name.startswith(".") or (provenance and item.name == PROVENANCE_FILE):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         for filename, patched in by_file.items():
@@ -182,6 +191,8 @@ def apply_patch(base_dir: str | Path, patch: str | Path, out_dir: str | Path) ->
             for key, entry in patched:
                 tensors[key] = put(tensors[key], entry.kind, entry.indices, entry.values)
             save_file(tensors, str(staging / filename), metadata=file_meta)
+        if provenance:
+            write_provenance(staging, **provenance)
     return out_dir
 
 
@@ -201,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         entries, meta = read_patch(args.patch)
         meta = {k: v for k, v in meta.items() if k != "params"}
+        if meta.get("provenance"):
+            keys = meta["provenance"].pop("prompt_keys")
+            meta["provenance"]["trained_prompt_keys"] = len(keys)
         meta["patched_parameters"] = len(entries)
         meta["patched_values"] = sum(e.values.numel() for e in entries)
         print(json.dumps(meta, indent=2, sort_keys=True))

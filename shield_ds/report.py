@@ -54,8 +54,10 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def build_report(run: Path) -> str:
-    """The report of a demo run directory: identify/ (all languages, with analysis/) and experiment/."""
+def build_report(run: Path, allow_overlap: bool = False) -> str:
+    """The report of a demo run directory: identify/ (all languages, with analysis/) and experiment/.
+    Evaluations on prompts their model was trained on are refused unless `allow_overlap`."""
+    from shield_ds.data.splits import overlap_note
     from shield_ds.neurons import NeuronSet
 
     identify, experiment = run / "identify", run / "experiment"
@@ -64,6 +66,7 @@ def build_report(run: Path) -> str:
         raise ShieldError(f"{run}: no identify/neurons.json (run the demo first)")
     if not (experiment / "results.md").exists():
         raise ShieldError(f"{run}: no experiment/results.md (run the demo first)")
+    note = overlap_note([base, safety / "eval"], allow_overlap)
     ns = NeuronSet.load(identify)
     meta = ns.meta
     out = [f"# Precise Shield demo report\n\nRun directory: `{run}`. Model: `{meta['model']}` "
@@ -111,7 +114,7 @@ def build_report(run: Path) -> str:
         summary = json.loads((safety / "train" / "train.json").read_text(encoding="utf-8"))
         cfg = summary["config"]
         out.append(f"{summary['steps']} optimizer steps on {summary['world_size']} ranks, update mode "
-                   f"`{cfg['update']}`, {summary['records']} records (languages {cfg['languages'] or 'all'}, "
+                   f"`{cfg['update']}`, {summary['records']} records ({cfg.get('split', 'all')} split, languages {cfg['languages'] or 'all'}, "
                    f"modalities {cfg['modalities']}); trainable tensors hold {summary['trainable_params']:,} "
                    f"parameters, of which the {summary['neurons']} neurons' slices "
                    f"({summary['neuron_param_fraction']:.4%} of the model) may change.\n\n")
@@ -121,7 +124,7 @@ def build_report(run: Path) -> str:
     else:
         out.append("_not produced_\n")
 
-    out.append("\n## 6. Attack success rate per language x modality, base vs safety arm\n\n")
+    out.append(f"\n## 6. Attack success rate per language x modality, base vs safety arm{' ' + note if note else ''}\n\n")
     if (safety / "eval" / "compare.md").exists():
         out.append((safety / "eval" / "compare.md").read_text(encoding="utf-8") + "\n")
         out.append(_image(base / "asr_heatmap.png", run, "ASR base"))
@@ -135,8 +138,9 @@ def build_report(run: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m shield_ds.report", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--allow-overlap", action="store_true", help="present evaluations on trained prompts (says so)")
     args = p.parse_args(argv)
-    text = build_report(args.run)
+    text = build_report(args.run, args.allow_overlap)
     write_text(args.run / "report.md", text)
     print(f"wrote {args.run / 'report.md'}")
 

@@ -70,6 +70,9 @@ class TrainConfig:
     data_dir: str | None = None
     export: bool = True
     gradient_checkpointing: bool = False
+    split: str = "train"  # prompts of the train split (shield_ds.data.splits), "test" or "all"
+    test_fraction: float = 0.3
+    split_seed: int = 0
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -152,7 +155,8 @@ class ShieldTrainer:
             raise ShieldError(f"neuron set {cfg.neurons} selects no neurons: nothing to train")
         records = load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
                                image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
-                               data_dir=cfg.data_dir, require=())
+                               data_dir=cfg.data_dir, require=(), split=cfg.split, test_fraction=cfg.test_fraction,
+                               split_seed=cfg.split_seed)
         if not records:
             raise ShieldError("empty training set: no records for the requested languages and modalities")
         records = self._drop_overlong(with_refusals(records, load_refusals(cfg.refusals)))
@@ -364,6 +368,7 @@ class ShieldTrainer:
         """Write shield_patch.safetensors (the changed slices) and model/ (= patch applied to the base)."""
         from shield_ds.masking import merge_deltas
         from shield_ds.masking.partition_mask import neuron_params
+        from shield_ds.data.splits import provenance_args
         from shield_ds.patch import PatchEntry, apply_patch, resolve_checkpoint_dir, take, write_patch
 
         masker.remove()
@@ -381,7 +386,12 @@ class ShieldTrainer:
             write_patch(patch, entries, base_dir=base_dir, config_hash=self.config_hash,
                         extra_meta={"base_model": str(self.cfg.model), "neurons": str(self.cfg.neurons),
                                     "update": self.cfg.update, "neuron_count": self.neuron_set.count,
-                                    "package_version": shield_ds.__version__})
+                                    "package_version": shield_ds.__version__,
+                                    "provenance": provenance_args(self.records, split=self.cfg.split,
+                                                                  test_fraction=self.cfg.test_fraction,
+                                                                  split_seed=self.cfg.split_seed,
+                                                                  languages=self.cfg.languages,
+                                                                  modalities=self.cfg.modalities)})
             apply_patch(base_dir, patch, self.out / "model")
             log.info("exported %s and %s", patch, self.out / "model")
         dist.barrier()
@@ -389,10 +399,13 @@ class ShieldTrainer:
     def _write_summary(self, state: dict, total_steps: int, trainable: int) -> None:
         if not dist.is_rank0():
             return
+        from shield_ds.data.splits import split_provenance
+
         summary = {"steps": state["step"], "total_steps": total_steps, "world_size": dist.world_size(),
                    "total_params": self.total_params, "trainable_params": trainable,
                    "neurons": self.neuron_set.count, "neuron_param_fraction": self.neuron_set.param_fraction,
-                   "records": len(self.records), "config": asdict(self.cfg), "package_version": shield_ds.__version__}
+                   "records": len(self.records), "config": asdict(self.cfg), "package_version": shield_ds.__version__,
+                   **split_provenance(self.records, self.cfg.split, self.cfg.test_fraction, self.cfg.split_seed)}
         write_json(self.out / "train.json", summary)
         print(f"trained {self.neuron_set.count} neurons ({self.neuron_set.param_fraction:.6%} of "
               f"{self.total_params} parameters) for {state['step']} steps on {len(self.records)} records; "

@@ -76,3 +76,24 @@ def test_shipped_configs_name_real_flags(config):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     parse_args(module.build_parser(), ["--config", str(REPO / "configs" / f"{config}.yaml")])
+
+
+def test_split_flags_defaults_per_recipe_and_validation(capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    defaults = {}
+    for recipe in ("identify", "train", "evaluate"):
+        spec = importlib.util.spec_from_file_location(f"recipe_{recipe}_split", REPO / "recipes" / f"{recipe}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        kwargs = data_kwargs(parse_args(module.build_parser(), ["--model", "m"]))
+        defaults[recipe] = (kwargs["split"], kwargs["test_fraction"], kwargs["split_seed"])
+    assert defaults == {"identify": ("train", 0.3, 0), "train": ("train", 0.3, 0), "evaluate": ("test", 0.3, 0)}
+    kwargs = data_kwargs(parse_args(_parser(), ["--split", "test", "--test-fraction", "0.25", "--split-seed", "3"]))
+    assert (kwargs["split"], kwargs["test_fraction"], kwargs["split_seed"]) == ("test", 0.25, 3)
+    assert data_kwargs(parse_args(_parser(), []))["split"] == "all"  # add_data_args' own default
+    with pytest.raises(SystemExit) as exc:
+        parse_args(_parser(), ["--split", "validation"])
+    assert exc.value.code == 2 and "validation" in capsys.readouterr().err

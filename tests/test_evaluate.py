@@ -91,3 +91,19 @@ def test_bad_input_one_line_errors(tiny_checkpoint, tmp_path):
     proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--compare", str(tmp_path / "nothing"),
                                         "--ds-config", "none")], check=False, timeout=300)
     assert proc.returncode == 2 and "nothing" in proc.stderr.strip().splitlines()[-1]
+    # a source whose prompts all fall in the train split has nothing to evaluate on the (default) test split
+    from shield_ds.data.splits import split_of
+
+    ids = [f"p{i}" for i in range(40) if split_of(f"tiny:p{i}", 0.3, 0) == "train"][:2]
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps({"id": i, "prompt": f"How do I do harm number {i}?", "language": "en",
+                                        "label": "harmful"}) + "\n" for i in ids))
+    for extra, needle in ((["--harmful", str(tiny)], "'en' prompt falls in the test split"),
+                          (["--test-fraction", "1.5"], "--test-fraction")):
+        proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--languages", "en", *extra, "--ds-config", "none")],
+                          check=False, timeout=300)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("error: ") and needle in last, last
+        assert extra[0] != "--harmful" or str(tiny) in last
+    assert not (tmp_path / "out").exists()
+

@@ -132,7 +132,8 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     """One process per stage (launcher python): base, identify, safety, random, LoRA, full FFN."""
     from conftest import REPO, run_python
 
-    out = tmp_path / "exp"
+    run = tmp_path / "run"
+    out = run / "experiment"
     args = [str(REPO / "recipes" / "experiment.py"), "--model", str(tiny_checkpoint("llava")), "--out", str(out),
             "--launcher", "python", "--train-languages", "en,zh", "--eval-languages", "en,zh,sw",
             "--eval-modalities", "text,typographic", "--random-seeds", "1",
@@ -151,6 +152,30 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     # the base model's benign answers were generated once (by the first arm) and shared by every arm
     caches = {(out / "arms" / arm / "train" / "benign_targets.jsonl").read_text() for arm in rows if arm != "base"}
     assert len(caches) == 1
+    # identify and train read the train split, evaluation the test split: no evaluated prompt was trained on
+    neurons = json.loads((out / "identify" / "neurons.json").read_text())
+    assert neurons["split"] == "train" and len(neurons["prompt_key_digest"]) == 64
+    for stage in ("eval-base", "arms/safety/eval", "arms/lora/eval", "arms/full-ffn/eval"):
+        asr = json.loads((out / stage / "asr.json").read_text())
+        assert (asr["split"], asr["test_fraction"], asr["split_seed"], asr["trained_overlap"]) == ("test", 0.3, 0, 0)
+    # the report refuses an evaluation that overlaps the trained prompts unless --allow-overlap, and then says so
+    import shutil
+
+    from shield_ds.data.splits import OVERLAP_NOTE
+
+    shutil.copytree(out / "identify", run / "identify")
+    asr_path = out / "arms" / "safety" / "eval" / "asr.json"
+    clean = asr_path.read_text()
+    asr_path.write_text(json.dumps({**json.loads(clean), "trained_overlap": 3}))
+    report = ["-m", "shield_ds.report", "--run", str(run)]
+    proc = run_python(report, check=False, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "arms/safety/eval" in last and "--allow-overlap" in last, last
+    assert not (run / "report.md").exists()
+    run_python([*report, "--allow-overlap"], timeout=300)
+    report_text = (run / "report.md").read_text()
+    assert f"base vs safety arm {OVERLAP_NOTE}" in report_text and "| lora |" in report_text
+    asr_path.write_text(clean)
     # a second run with nothing changed launches nothing and writes the same table
     again = run_python(args, timeout=300)
     assert again.stdout.count("== done already") == 10

@@ -73,7 +73,7 @@ def test_mixed_modality_uneven_shards_finish(tiny_checkpoint, tmp_path):
     out = tmp_path / "identify"
     run_deepspeed(IDENTIFY, ["--model", str(tiny_checkpoint("llava")), "--harmful", str(harmful), "--benign", str(benign),
                              "--modalities", "text,typographic", "--batch-size", "2", "--out", str(out),
-                             "--max-param-fraction", "0", *FP32_PARTITIONED], num_ranks=2, timeout=600)
+                             "--max-param-fraction", "0", "--split", "all", *FP32_PARTITIONED], num_ranks=2, timeout=600)
     meta = json.loads((out / "neurons.json").read_text())
     assert sum(g["records"] for g in meta["groups"].values()) == 7
     assert {g.split(".")[2] for g in meta["groups"]} == {"text", "typographic"}
@@ -95,7 +95,7 @@ def test_saved_datasets_with_image_objects_on_two_ranks(tiny_checkpoint, tmp_pat
     out, cache = tmp_path / "identify", tmp_path / "cache"
     run_deepspeed(IDENTIFY, ["--model", str(tiny_checkpoint("llava")), "--harmful", str(tmp_path / "harmful"),
                              "--benign", str(tmp_path / "benign"), "--modalities", "image", "--batch-size", "2",
-                             "--out", str(out), "--max-param-fraction", "0", *FP32_PARTITIONED],
+                             "--out", str(out), "--max-param-fraction", "0", "--split", "all", *FP32_PARTITIONED],
                   num_ranks=2, timeout=600, env=child_env(SHIELD_DS_IMAGE_CACHE=str(cache)))
     meta = json.loads((out / "neurons.json").read_text())
     assert {g: v["records"] for g, v in meta["groups"].items()} == {"harmful.en.image": 2, "benign.en.image": 2}
@@ -125,7 +125,7 @@ def test_planted_neurons_are_recovered(planted, score, tmp_path):
     model, harmful, benign, truth = planted
     cfg = IdentifyConfig(model=str(model), harmful=[str(harmful)], benign=[str(benign)], modalities=["text"],
                          score=score, ratio=0.02, max_param_fraction=0.0, batch_size=8, out=str(tmp_path / "out"),
-                         ds_config=None)
+                         ds_config=None, split="all")
     found = Identifier(cfg).run().as_pairs()
     true = {(layer, i) for layer, idx in truth.items() for i in idx}
     precision = len(found & true) / max(len(found), 1)

@@ -16,6 +16,7 @@ from shield_ds.neurons import NeuronSet
 from shield_ds.neurons.identify import IdentifyConfig, Identifier
 
 TRAIN = str(REPO / "recipes" / "train.py")
+EVALUATE = str(REPO / "recipes" / "evaluate.py")
 pytestmark = pytest.mark.distributed
 
 
@@ -99,6 +100,35 @@ def test_patch_reproduces_export_and_refuses_other_base(setup, mask_run, tiny_ch
                           check=False, timeout=300)
         assert proc.returncode == 2 and "another base model" in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "bad").exists()
+
+
+def test_trained_prompts_are_recorded_and_evaluating_them_is_refused(setup, mask_run, tmp_path):
+    from shield_ds.data.splits import OVERLAP_NOTE, PROVENANCE_FILE, keys_digest, read_provenance
+
+    summary = json.loads((mask_run / "train.json").read_text())
+    prov = read_provenance(mask_run / "model")
+    assert (mask_run / "model" / PROVENANCE_FILE).is_file()  # reproduced by `patch apply` (test above)
+    assert (prov["split"], prov["test_fraction"], prov["split_seed"]) == ("train", 0.3, 0) == \
+        (summary["split"], summary["test_fraction"], summary["split_seed"])
+    assert prov["languages"] == ["en", "zh"] and prov["modalities"] == ["text"]
+    keys = prov["trained_prompt_keys"]
+    assert prov["prompt_key_digest"] == summary["prompt_key_digest"] == keys_digest(keys)
+    trained_harmful = [k for k in keys if k.startswith("multijail:")]
+    assert 0 < len(trained_harmful) <= 8 and {k.split(":")[0] for k in keys} == {"multijail", "benign"}
+    # the same data flags as training: the default test split shares no prompt, the train split is refused
+    ev = [EVALUATE, "--model", str(mask_run / "model"), "--languages", "en,zh", "--modalities", "text",
+          "--per-group-limit", "4", "--max-new-tokens", "4", "--batch-size", "16", "--ds-config", "none"]
+    run_python([*ev, "--out", str(tmp_path / "test")], timeout=300)
+    asr = json.loads((tmp_path / "test" / "asr.json").read_text())
+    assert (asr["split"], asr["trained_overlap"]) == ("test", 0) and asr["prompt_keys"] > 0
+    compare = ["--split", "train", "--out", str(tmp_path / "train"), "--compare", str(tmp_path / "test")]
+    proc = run_python([*ev, *compare], check=False, timeout=300)
+    _one_line_error(proc, f"trained on {len(trained_harmful)} of the evaluated prompts")
+    assert not (tmp_path / "train").exists()
+    run_python([*ev, *compare, "--allow-overlap"], timeout=300)
+    asr = json.loads((tmp_path / "train" / "asr.json").read_text())
+    assert (asr["split"], asr["trained_overlap"]) == ("train", len(trained_harmful))
+    assert OVERLAP_NOTE in (tmp_path / "train" / "compare.md").read_text()
 
 
 def test_delta_mode_equals_mask_mode(setup, mask_run):

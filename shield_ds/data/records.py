@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shield_ds.data.splits import derive_prompt_key
 from shield_ds.errors import ShieldError
 
 # MultiJail's ten languages: high-resource en zh it vi, medium ar ko th, low-resource bn sw jv.
@@ -51,7 +52,8 @@ class SafetyRecord:
 
     modality "text": `prompt` only; "image": `prompt` about the user-supplied `image` file;
     "typographic": `image_text` is rendered into an image (FigStep style) and `prompt` is a neutral
-    carrier prompt that asks the model to act on the image.
+    carrier prompt that asks the model to act on the image. `prompt_key` names the prompt across its
+    languages and views (`multijail:12`; see `shield_ds.data.splits`); left empty, it is read off the id.
     """
 
     id: str
@@ -64,6 +66,7 @@ class SafetyRecord:
     response: str | None = None
     source: str = ""
     category: str | None = None
+    prompt_key: str = ""
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__
@@ -72,6 +75,8 @@ class SafetyRecord:
         object.__setattr__(self, "modality", check_modality(self.modality))
         if not str(self.id).strip():
             raise ShieldError("empty id")
+        if not self.prompt_key:
+            object.__setattr__(self, "prompt_key", derive_prompt_key(self.id, self.language, self.source))
         if self.prompt is None or not str(self.prompt).strip():
             raise ShieldError(f"empty prompt (record {self.id})")
         if self.modality == "image" and not self.image:

@@ -37,6 +37,7 @@ from typing import Any, Iterable
 from shield_ds.data.records import (
     KNOWN_LANGUAGES, SafetyRecord, check_label, check_language, check_modality,
 )
+from shield_ds.data.splits import apply_split, check_split, derive_prompt_key, make_prompt_key
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, read_jsonl
@@ -173,7 +174,8 @@ def _multijail(rows, name: str, label: str | None) -> list[SafetyRecord]:
         for lang in _wide_language_columns(row):
             records.append(_record(
                 f"{where} column {lang!r}", id=f"multijail-{row_id}.{lang}", prompt=_require(row, lang, where),
-                language=lang, label=label or "harmful", source="multijail", category=category))
+                language=lang, label=label or "harmful", source="multijail", category=category,
+                prompt_key=make_prompt_key("multijail", row_id)))
     return records
 
 
@@ -187,10 +189,11 @@ def _multiq(rows, name: str, label: str | None) -> list[SafetyRecord]:
     for where, row in rows:
         where = f"{name} {where}"
         lang = _require(row, "language", where)
+        row_id = _require(row, "id", where)
         records.append(_record(
-            where, id=f"multiq-{_require(row, 'id', where)}.{str(lang).strip().lower()}",
+            where, id=f"multiq-{row_id}.{str(lang).strip().lower()}",
             prompt=_require(row, "prompt", where), language=lang, label=label or "benign",
-            source="multiq", category=_text(row, "domain")))
+            source="multiq", category=_text(row, "domain"), prompt_key=make_prompt_key("multiq", row_id)))
     return records
 
 
@@ -199,11 +202,11 @@ def _figstep(rows, name: str, label: str | None) -> list[SafetyRecord]:
     for where, row in rows:
         where = f"{name} {where}"
         dataset = _text(row, "dataset") or "safebench"
+        task = f"{_require(row, 'category_id', where)}-{_require(row, 'task_id', where)}"
         records.append(_record(
-            where, id=f"figstep-{_require(row, 'category_id', where)}-{_require(row, 'task_id', where)}",
-            prompt=CARRIER_PROMPT, language="en", label=label or "harmful", modality="typographic",
-            image_text=_require(row, "instruction", where), source=f"figstep/{dataset}",
-            category=_text(row, "category_name")))
+            where, id=f"figstep-{task}", prompt=CARRIER_PROMPT, language="en", label=label or "harmful",
+            modality="typographic", image_text=_require(row, "instruction", where), source=f"figstep/{dataset}",
+            category=_text(row, "category_name"), prompt_key=make_prompt_key("figstep", task)))
     return records
 
 
@@ -287,14 +290,18 @@ def _generic(rows, name: str, base: Path | None, label: str | None) -> list[Safe
             prompt = CARRIER_PROMPT
         if prompt is None:
             raise ShieldError(f"{where}: empty 'prompt'")
-        record_id = _text(row, "id") or f"{stem}-{index}"
+        given_id = _text(row, "id")
+        record_id = given_id or f"{stem}-{index}"
         if record_id in seen:
             raise ShieldError(f"{where}: duplicate id {record_id!r} (first at {seen[record_id]})")
         seen[record_id] = where
+        # by the id column (without a ".<language>" suffix: "7.en" and "7.zh" are one prompt), else by row
+        key = derive_prompt_key(given_id, str(language).strip().lower()) if given_id else f"row{index}"
         records.append(_record(
             where, id=record_id, prompt=prompt, language=language, label=row_label, modality=modality,
             image=image, image_text=image_text, response=_text(row, "response"),
-            source=_text(row, "source") or stem, category=_text(row, "category")))
+            source=_text(row, "source") or stem, category=_text(row, "category"),
+            prompt_key=make_prompt_key(stem, key)))
     return records
 
 
@@ -331,7 +338,8 @@ def _vlguard(items: list, path: Path, label: str | None) -> list[SafetyRecord]:
                 where, id=f"vlguard-{item_id}.{kind}", prompt=_require(pair, key, where), language="en",
                 label=label or default_label, modality="image", image=str(image.resolve()),
                 response=_text(pair, "response"), source=f"vlguard/{path.stem}",
-                category=str(category) if category else None))
+                category=str(category) if category else None,
+                prompt_key=make_prompt_key("vlguard", item_id)))  # one image: its safe and unsafe requests together
     return records
 
 
@@ -353,7 +361,8 @@ def _mm_safety(questions: dict, path: Path, label: str | None, variant: str) -> 
         records.append(_record(
             where, id=f"mmsafety-{scenario}-{qid}.{variant}", prompt=_require(item, MM_SAFETY_VARIANTS[variant], where),
             language="en", label=label or "harmful", modality="image", image=str(image.resolve()),
-            source=f"mm-safetybench/{variant}", category=category))
+            source=f"mm-safetybench/{variant}", category=category,
+            prompt_key=make_prompt_key("mmsafety", f"{scenario}-{qid}")))  # SD, SD_TYPO and TYPO views: one prompt
     return records
 
 
@@ -568,16 +577,25 @@ def with_modalities(records: list[SafetyRecord], modalities: Iterable[str], *,
 def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: Iterable[str],
                  languages: Iterable[str] | None = None, image: str | os.PathLike | None = None,
                  per_group_limit: int | None = None, seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 require: Iterable[str] = ("harmful",)) -> list[SafetyRecord]:
-    """Harmful and benign records from their sources, served in `modalities` and filtered.
+                 require: Iterable[str] = ("harmful",), split: str = "all", test_fraction: float = 0.3,
+                 split_seed: int = 0) -> list[SafetyRecord]:
+    """Harmful and benign records from their sources, in `split`, served in `modalities` and filtered.
 
-    The one path every recipe takes from `--harmful/--benign/--languages/--modalities/...` to records.
-    A label listed in `require` that ends up with no record is a ShieldError naming its sources.
+    The one path every recipe takes from `--harmful/--benign/--languages/--modalities/--split/...` to
+    records. The split (by prompt key, `shield_ds.data.splits`) is taken from each source before the
+    per-group limit, so the limit counts inside the split; a source without a prompt of a requested
+    language in the split is a ShieldError naming both. A label listed in `require` that ends up with
+    no record is a ShieldError naming its sources.
     """
+    check_split(split, test_fraction)
     modalities = list(modalities)
+    languages = list(languages) if languages is not None else None
     records: list[SafetyRecord] = []
     for specs, label in ((list(harmful), "harmful"), (list(benign), "benign")):
-        recs = [r for spec in specs for r in load_source(spec, label=label, data_dir=data_dir)]
+        recs = [r for spec in specs
+                for r in apply_split(load_source(spec, label=label, data_dir=data_dir), split,
+                                     test_fraction=test_fraction, split_seed=split_seed, languages=languages,
+                                     source=spec)]
         if recs:
             recs = select_records(with_modalities(recs, modalities, image=image), languages=languages,
                                   modalities=modalities, per_group_limit=per_group_limit, seed=seed)

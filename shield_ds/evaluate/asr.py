@@ -230,12 +230,14 @@ def plot_asr_heatmap(table: AsrTable, path: str | Path, title: str = "Attack suc
     heatmap(values, rows, cols, path, title=title, annotations=notes, colorbar_label="ASR")
 
 
-def write_asr_reports(table: AsrTable, out_dir: str | Path, *, title: str = "Attack success rate") -> dict[str, Path]:
-    """Write asr.csv, asr.json and asr_heatmap.png into `out_dir` (each atomically)."""
+def write_asr_reports(table: AsrTable, out_dir: str | Path, *, title: str = "Attack success rate",
+                      meta: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write asr.csv, asr.json (with the top-level `meta` entries, e.g. the split and trained_overlap) and
+    asr_heatmap.png into `out_dir` (each atomically)."""
     out_dir = Path(out_dir)
     paths = {"csv": out_dir / ASR_CSV, "json": out_dir / ASR_JSON, "heatmap": out_dir / ASR_HEATMAP}
     write_text(paths["csv"], rows_to_csv(table.rows()))
-    write_json(paths["json"], table.to_json())
+    write_json(paths["json"], {**table.to_json(), **(meta or {})})
     plot_asr_heatmap(table, paths["heatmap"], title=title)
     return paths
 

@@ -37,6 +37,10 @@ class EvalConfig:
     ds_config: str | None = "ds_configs/zero3_infer.json"
     ds_overrides: list[str] = field(default_factory=list)
     data_dir: str | None = None
+    split: str = "test"  # prompts of the test split (shield_ds.data.splits), "train" or "all"
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    allow_overlap: bool = False  # --compare an evaluation on prompts the model was trained on
 
 
 def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, Any]]:
@@ -62,7 +66,22 @@ class Evaluator:
         cfg = self.cfg
         return load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
                             image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
-                            data_dir=cfg.data_dir, require=("harmful",))
+                            data_dir=cfg.data_dir, require=("harmful",), split=cfg.split,
+                            test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
+
+    def _overlap_note(self, overlap: int) -> str:
+        """The compare table's title note; an overlap with the trained prompts is refused without --allow-overlap."""
+        from shield_ds.data.splits import OVERLAP_NOTE, overlap_note
+
+        cfg = self.cfg
+        if overlap:
+            log.warning("%s was trained on %d of the evaluated prompts (--split %s)", cfg.model, overlap, cfg.split)
+        if not cfg.compare:
+            return ""
+        if overlap and not cfg.allow_overlap:
+            raise ShieldError(f"{cfg.model}: trained on {overlap} of the evaluated prompts (--split {cfg.split}); "
+                              "evaluate on --split test or pass --allow-overlap")
+        return OVERLAP_NOTE if overlap else overlap_note([cfg.compare], cfg.allow_overlap)
 
     def _judges(self):
         """(attack-success judge, refusal matcher); a bad judge path fails on every rank before any work."""
@@ -86,6 +105,7 @@ class Evaluator:
         from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, write_asr_reports,
                                             write_generations)
         from shield_ds.evaluate.generate import generate_responses
+        from shield_ds.data.splits import split_provenance, trained_overlap
         from shield_ds.evaluate.judges import annotate
         from shield_ds.models import get_adapter, load_config, load_model
         from shield_ds.neurons import NeuronSet
@@ -96,6 +116,8 @@ class Evaluator:
         ablate_set = NeuronSet.load(cfg.ablate) if cfg.ablate else None
         if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():
             raise ShieldError(f"{cfg.compare}: no asr.json to compare with (run evaluate there first)")
+        overlap = trained_overlap(records, cfg.model)
+        note = self._overlap_note(overlap)
         judge, matcher = self._judges()
 
         ds_config = None
@@ -130,12 +152,14 @@ class Evaluator:
             rows = judged(responses)
             write_generations(self.out / "generations.jsonl", rows)
             table = asr_table(rows)
-            write_asr_reports(table, self.out)
+            write_asr_reports(table, self.out, meta={
+                **split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed), "trained_overlap": overlap})
             summary["asr"] = overall(rows)
             print(table_text(table), flush=True)
             if cfg.compare:
                 cmp_rows = compare(cfg.compare, self.out, out_dir=self.out)
-                write_text(self.out / "compare.md", compare_markdown(cmp_rows) + "\n")
+                title = f"**ASR base vs shielded {note}**\n\n" if note else ""
+                write_text(self.out / "compare.md", title + compare_markdown(cmp_rows) + "\n")
                 print(compare_markdown(cmp_rows), flush=True)
         if ablate_set is not None:
             summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)

@@ -50,21 +50,6 @@ def _utility_nll(eval_dir: Path) -> float | None:
     return utility.get("benign_answer_nll") if isinstance(utility, dict) else None
 
 
-def trained_overlap(eval_dir: Path) -> int:
-    """How many evaluated prompts the evaluated model was trained on (0 when asr.json does not say)."""
-    data = read_json(Path(eval_dir) / ASR_JSON)
-    return int(data.get("trained_overlap") or 0) if isinstance(data, dict) else 0
-
-
-def check_no_overlap(eval_dirs: Sequence[Path], allow: bool) -> None:
-    """Refuse to tabulate an evaluation on prompts its model was trained on, unless allowed."""
-    for eval_dir in eval_dirs:
-        count = trained_overlap(eval_dir)
-        if count and not allow:
-            raise ShieldError(f"{eval_dir}: {count} evaluated prompts were trained on (pass --allow-overlap "
-                              f"to tabulate it anyway)")
-
-
 def arm_row(name: str, kind: str, budget: float | None, eval_dir: Path, train_dir: Path | None, base_dir: Path,
             trained: tuple[set[str], set[str]]) -> dict[str, Any]:
     """One table row: rates with intervals, NLL drift, trainable parameters, train time."""

@@ -259,19 +259,20 @@ class Experiment:
 
     # --- results -------------------------------------------------------------------------------
     def write_results(self) -> list[dict[str, Any]]:
-        from shield_ds.experiment.results import (arm_row, check_no_overlap, held_out_groups, plot_results,
-                                                  results_markdown, transfer_section)
+        from shield_ds.data.splits import overlap_note
+        from shield_ds.experiment.results import (arm_row, held_out_groups, plot_results, results_markdown,
+                                                  transfer_section)
         from shield_ds.evaluate.asr import rows_to_csv
 
         base_dir = self.out / "eval-base"
-        check_no_overlap([base_dir, *(a.eval_dir for a in self.arms())], self.cfg.allow_overlap)
+        note = overlap_note([base_dir, *(a.eval_dir for a in self.arms())], self.cfg.allow_overlap)
         trained = (set(self.cfg.train_languages), set(self.cfg.train_modalities))
         rows = [arm_row("base", "base", None, base_dir, None, base_dir, trained)]
         rows += [arm_row(a.name, a.kind, a.budget, a.eval_dir, a.train_dir, base_dir, trained) for a in self.arms()]
         title = (f"Arms trained on languages {_csv(self.cfg.train_languages)} x modalities "
                  f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
-        if self.cfg.allow_overlap:
-            title += " (evaluation prompts overlap the trained prompts)"
+        if note:
+            title += f" {note}"
         text = results_markdown(rows, title, model=self.cfg.model)
         safety = next((a for a in self.arms() if a.name == "safety"), None)
         if safety is not None:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import shield_ds
 from shield_ds import dist
 from shield_ds.engine import ShieldEngine, config_dtype, resolve_ds_config, zero_stage, gathered
+from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
 from shield_ds.neurons.neuron_set import META_FILE, SETS_DIR, STATS_FILE, NeuronSet
@@ -26,7 +27,8 @@ log = dist.get_logger("identify")
 
 # Settings that must match for an existing output directory to be reused without --overwrite.
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "tokens", "languages", "modalities",
-                  "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens", "scope")
+                  "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens", "scope",
+                  "split", "test_fraction", "split_seed")
 
 
 @dataclass
@@ -52,6 +54,9 @@ class IdentifyConfig:
     data_dir: str | None = None
     overwrite: bool = False
     scope: str = "lm"  # "lm": decoder FFNs; "lm+vision": also the vision tower's MLPs (written to vision/)
+    split: str = "train"  # prompts of the train split (shield_ds.data.splits), "test" or "all"
+    test_fraction: float = 0.3
+    split_seed: int = 0
 
 
 def last_token_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -80,7 +85,8 @@ def load_identify_records(cfg: IdentifyConfig) -> list:
 
     return load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages, image=cfg.image,
                         per_group_limit=cfg.per_group_limit, seed=cfg.seed, data_dir=cfg.data_dir,
-                        require=("harmful", "benign"))
+                        require=("harmful", "benign"), split=cfg.split, test_fraction=cfg.test_fraction,
+                        split_seed=cfg.split_seed)
 
 
 def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
@@ -121,7 +127,8 @@ class Identifier:
         return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
                 "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
-                "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope}
+                "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope,
+                "split": c.split, "test_fraction": c.test_fraction, "split_seed": c.split_seed}
 
     def run(self) -> NeuronSet:
         from shield_ds.data import SafetyCollator, plan_batches, shard_batches
@@ -182,6 +189,7 @@ class Identifier:
                            for g, n in stats.token_counts().items()},
                 "world_size": dist.world_size(), "package_version": shield_ds.__version__,
                 "dtype": str(dtype).replace("torch.", ""), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "prompt_keys": len(prompt_keys(records)), "prompt_key_digest": keys_digest(prompt_keys(records)),
                 **signature,
             }
             neuron_set = self._select(stats, groups, col_norms, meta, None)
@@ -298,7 +306,8 @@ class VisionScope:
             with gathered(ffn.down.weight):
                 norms.append(ffn.down.weight.detach().to(torch.float64).norm(dim=0).cpu())
         image_groups = [g for g in self.stats.groups if self.stats.token_counts()[g] > 0]
-        meta = {k: lm_meta[k] for k in ("model", "model_type", "config_hash", "score", "ratio", "world_size")}
+        meta = {k: lm_meta[k] for k in ("model", "model_type", "config_hash", "score", "ratio", "world_size", "split",
+                                        "test_fraction", "split_seed", "prompt_keys", "prompt_key_digest")}
         first = self.mlps[0][1]
         per_neuron = sum(p.in_features + (p.bias is not None) for p in first.rows.values()) + first.down.out_features
         meta.update({"scope": "vision", "num_layers": len(self.mlps), "intermediate_size": self.width,

@@ -1,0 +1,172 @@
+"""Prompt-level train/test splits, their provenance, and the trained-prompt overlap of evaluations.
+
+A record's *prompt key* names the prompt it is a version of: its source and prompt id, without the
+language or the modality view (MultiJail row 12 in all ten languages, as text or typographic image,
+is `multijail:12`). The readers set `SafetyRecord.prompt_key`; records built without one get the
+key `derive_prompt_key` reads off their id. A key is in the test split when a hash of
+(split seed, key) mapped to [0, 1) is below the test fraction: the split depends on nothing else,
+so it stays the same when languages, modalities, per-group limits or the other records change,
+and every language and view of one prompt lands on the same side.
+
+A trained model carries the keys it was trained on in `shield_provenance.json` (`write_provenance`,
+`read_provenance`); evaluations record how many of their keys the evaluated model was trained on
+(`trained_overlap` in asr.json) and the tables that present them refuse an overlap unless allowed
+(`overlap_note`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from shield_ds.errors import ShieldError
+from shield_ds.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from shield_ds.data.records import SafetyRecord
+
+SPLITS = ("train", "test", "all")
+PROVENANCE_FILE = "shield_provenance.json"
+PROVENANCE_FORMAT = "shield_ds.provenance"
+OVERLAP_NOTE = "(evaluation prompts overlap the trained prompts)"
+
+
+def make_prompt_key(source: str, prompt_id: str) -> str:
+    """`source:prompt_id`, e.g. `multijail:12`."""
+    return f"{source}:{prompt_id}"
+
+
+def derive_prompt_key(record_id: str, language: str, source: str = "") -> str:
+    """The key of a record built without one: its id without a view suffix (`@typographic`) and a
+    trailing `.<language>`, after its source."""
+    base = str(record_id).split("@", 1)[0]
+    suffix = f".{language}"
+    if base.endswith(suffix) and len(base) > len(suffix):
+        base = base[: -len(suffix)]
+    return make_prompt_key(source, base) if source else base
+
+
+def check_split(split: str, test_fraction: float) -> None:
+    """A known split name and a test fraction strictly between 0 and 1 (ShieldError otherwise)."""
+    if split not in SPLITS:
+        raise ShieldError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ShieldError(f"--test-fraction must be in (0, 1), got {test_fraction!r}")
+
+
+def split_of(key: str, test_fraction: float, split_seed: int = 0) -> str:
+    """"test" or "train" for a prompt key: sha256(seed, key) as a number in [0, 1) against the fraction."""
+    digest = hashlib.sha256(f"{int(split_seed)}\0{key}".encode("utf-8")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2.0 ** 64 < test_fraction else "train"
+
+
+def in_split(record: "SafetyRecord", split: str, test_fraction: float, split_seed: int = 0) -> bool:
+    return split == "all" or split_of(record.prompt_key, test_fraction, split_seed) == split
+
+
+def apply_split(records: list["SafetyRecord"], split: str, *, test_fraction: float = 0.3, split_seed: int = 0,
+                languages: Iterable[str] | None = None, source: str = "") -> list["SafetyRecord"]:
+    """The records of `split` (all of them for "all"), in their order.
+
+    With split "train" or "test", every language of `languages` (all languages of the records when
+    None) that the records have must keep at least one prompt: a source too small for the split is a
+    ShieldError naming `source` and the language.
+    """
+    check_split(split, test_fraction)
+    if split == "all":
+        return list(records)
+    kept = [r for r in records if in_split(r, split, test_fraction, split_seed)]
+    wanted = {str(lang).strip().lower() for lang in languages} if languages is not None else None
+    keys: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        keys[r.language].add(r.prompt_key)
+    left = {r.language for r in kept}
+    for lang in sorted(keys):
+        if (wanted is None or lang in wanted) and lang not in left:
+            raise ShieldError(f"{source or 'data'}: no {lang!r} prompt falls in the {split} split "
+                              f"({len(keys[lang])} prompts, --test-fraction {test_fraction}, --split-seed "
+                              f"{split_seed}); use a larger source, another --test-fraction or --split all")
+    return kept
+
+
+def prompt_keys(records: Iterable["SafetyRecord"]) -> list[str]:
+    """The sorted distinct prompt keys of `records`."""
+    return sorted({r.prompt_key for r in records})
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    """sha256 of the sorted distinct prompt keys, one per line."""
+    return hashlib.sha256("".join(f"{k}\n" for k in sorted(set(keys))).encode("utf-8")).hexdigest()
+
+
+def split_provenance(records: Iterable["SafetyRecord"], split: str, test_fraction: float,
+                     split_seed: int) -> dict[str, Any]:
+    """What the output JSONs record about the data a run used: split, fraction, seed, key count and digest."""
+    keys = prompt_keys(records)
+    return {"split": split, "test_fraction": test_fraction, "split_seed": split_seed,
+            "prompt_keys": len(keys), "prompt_key_digest": keys_digest(keys)}
+
+
+# --- provenance of a trained model ---------------------------------------------------------------
+
+def write_provenance(model_dir: str | os.PathLike, prompt_keys: Iterable[str], *, split: str, test_fraction: float,
+                     split_seed: int, languages: Iterable[str] | None, modalities: Iterable[str]) -> Path:
+    """Write `model_dir/shield_provenance.json`: the prompt keys a model was trained on and how they were drawn.
+
+    Every export of a trained model (patch, LoRA, full FFN) calls this, so evaluation can count the
+    evaluated prompts the model was trained on (`read_provenance`).
+    """
+    keys = sorted(set(prompt_keys))
+    path = Path(model_dir) / PROVENANCE_FILE
+    write_json(path, {"format": PROVENANCE_FORMAT, "version": 1, "trained_prompt_keys": keys,
+                      "prompt_key_digest": keys_digest(keys), "split": split, "test_fraction": test_fraction,
+                      "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
+                      "modalities": list(modalities)})
+    return path
+
+
+def provenance_args(records: Iterable["SafetyRecord"], *, split: str, test_fraction: float, split_seed: int,
+                    languages: Iterable[str] | None, modalities: Iterable[str]) -> dict[str, Any]:
+    """The keyword arguments of `write_provenance` for the records a model was trained on (JSON-ready,
+    e.g. to carry in a patch's metadata)."""
+    return {"prompt_keys": prompt_keys(records), "split": split, "test_fraction": test_fraction,
+            "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
+            "modalities": list(modalities)}
+
+
+def read_provenance(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance a trained model carries, or None (a base model, a hub name)."""
+    path = Path(model_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != PROVENANCE_FORMAT \
+            or not isinstance(data.get("trained_prompt_keys"), list):
+        raise ShieldError(f"{path}: not a shield-ds provenance file")
+    return data
+
+
+def trained_overlap(records: Iterable["SafetyRecord"], model: str | os.PathLike) -> int:
+    """How many distinct prompt keys of `records` the model was trained on (0 for a model without provenance)."""
+    provenance = read_provenance(model)
+    if provenance is None:
+        return 0
+    return len(set(prompt_keys(records)) & set(provenance["trained_prompt_keys"]))
+
+
+def overlap_note(eval_dirs: Iterable[str | os.PathLike], allow_overlap: bool) -> str:
+    """"" when no evaluation in `eval_dirs` overlaps its model's trained prompts; OVERLAP_NOTE when one does
+    and `allow_overlap`; otherwise a ShieldError naming the evaluation."""
+    overlapping = False
+    for directory in eval_dirs:
+        path = Path(directory) / "asr.json"
+        data = read_json(path) if path.is_file() else {}
+        count = int(data.get("trained_overlap") or 0) if isinstance(data, dict) else 0
+        if count and not allow_overlap:
+            raise ShieldError(f"{directory}: {count} evaluated prompts were trained on (trained_overlap in asr.json); "
+                              "evaluate on --split test or pass --allow-overlap")
+        overlapping = overlapping or bool(count)
+    return OVERLAP_NOTE if overlapping else ""
