@@ -103,9 +103,9 @@ def build_report(run: Path, trained_languages: list[str] | None, trained_modalit
         cfg = summary["config"]
         out.append(f"{summary['steps']} optimizer steps on {summary['world_size']} ranks, update mode "
                    f"`{cfg['update']}`, {summary['records']} records (languages {cfg['languages'] or 'all'}, "
-                   f"modalities {cfg['modalities']}); trainable tensors hold {summary['trainable_params']:,} "
-                   f"parameters, of which the {summary['neurons']} neurons' slices "
-                   f"({summary['neuron_param_fraction']:.4%} of the model) may change. Exported: `train/model/` "
+                   f"modalities {cfg['modalities']}); trainable tensors hold "
+                   f"{summary.get('optimizer_params', summary['trainable_params']):,} parameters, of which the "
+                   f"{summary['neurons']} neurons' slices ({summary['neuron_param_fraction']:.4%} of the model) may change. Exported: `train/model/` "
                    f"and `train/shield_patch.safetensors`.\n\n")
         plot = loss_plot(train / "tb", run / "train_loss.png")
         if plot:

@@ -64,6 +64,8 @@ class SafetyRecord:
     response: str | None = None
     source: str = ""
     category: str | None = None
+    # The response is a cut-off answer: train its tokens without closing the turn (no end of turn).
+    response_open: bool = False
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__
