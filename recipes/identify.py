@@ -20,7 +20,7 @@ from shield_ds.errors import exit_on_error  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Find safety neurons from harmful vs benign activation statistics.")
     p.add_argument("--model", default=None, help="checkpoint directory or hub name (default: the tiny llava demo model)")
-    add_data_args(p, modalities="text,typographic", split="train")
+    add_data_args(p, modalities="text", split="train")
     p.add_argument("--score", default="saliency", choices=["saliency", "contrast", "frequency"])
     p.add_argument("--ratio", type=float, default=0.01, help="per-layer top fraction of neurons")
     p.add_argument("--max-param-fraction", type=float, default=0.0003, help="cap on selected parameters / all parameters (0 disables)")

@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -158,7 +159,7 @@ def apply_patch(base_dir: str | Path, patch: str | Path, out_dir: str | Path) ->
     """Write `out_dir` = base checkpoint with the patch's slices; refuses a patch for another base."""
     from shield_ds.models import config_hash, load_config
 
-    from shield_ds.data.splits import PROVENANCE_FILE, read_provenance, write_provenance
+    from shield_ds.data.splits import read_provenance
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     entries, meta = read_patch(patch)
@@ -179,18 +180,44 @@ def apply_patch(base_dir: str | Path, patch: str | Path, out_dir: str | Path) ->
     for entry in entries:
         key = files.key_for(entry.name)
         by_file.setdefault(files.weight_map[key], []).append((key, entry))
-    with atomic_dir(out_dir) as staging:
-        for item in base_dir.iterdir():
-            if item.name in by_file or item.name.startswith(".") or (provenance and item.name == PROVENANCE_FILE):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+
+    def updates():
         for filename, patched in by_file.items():
+            yield filename, lambda base, patched=patched: {
+                key: put(base[key], entry.kind, entry.indices, entry.values) for key, entry in patched}
+
+    return rewrite_checkpoint(base_dir, out_dir, updates(), provenance=provenance)
+
+
+def rewrite_checkpoint(base_dir: str | Path, out_dir: str | Path, updates,
+                       provenance: dict[str, Any] | None = None) -> Path:
+    """Write `out_dir` = a copy of the checkpoint `base_dir` with some tensors replaced, atomically.
+
+    `updates` yields (weight file name, fn): fn gets that file's base tensors ({key: tensor}) and
+    returns the replacements ({key: tensor}, cast to the stored dtype). Files never named are
+    copied byte for byte; a rewritten file keeps its metadata and every other tensor's values. The
+    updates are consumed one file at a time (so a producer can gather parameters file by file).
+    `provenance` (the arguments of `splits.write_provenance`) replaces the base's provenance file.
+    """
+    from shield_ds.data.splits import PROVENANCE_FILE, write_provenance
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    with atomic_dir(out_dir) as staging:
+        written = set()
+        for filename, replace in updates:
             with safe_open(str(base_dir / filename), "pt") as f:
                 file_meta = f.metadata()
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            for key, entry in patched:
-                tensors[key] = put(tensors[key], entry.kind, entry.indices, entry.values)
+            for key, value in replace(tensors).items():
+                if key not in tensors:
+                    raise ShieldError(f"{base_dir / filename}: no tensor {key!r} to replace")
+                tensors[key] = value.detach().to("cpu", tensors[key].dtype).contiguous()
             save_file(tensors, str(staging / filename), metadata=file_meta)
+            written.add(filename)
+        for item in base_dir.iterdir():
+            if item.name in written or item.name.startswith(".") or (provenance and item.name == PROVENANCE_FILE):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         if provenance:
             write_provenance(staging, **provenance)
     return out_dir

@@ -115,7 +115,7 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
         cfg = summary["config"]
         out.append(f"{summary['steps']} optimizer steps on {summary['world_size']} ranks, update mode "
                    f"`{cfg['update']}`, {summary['records']} records ({cfg.get('split', 'all')} split, languages {cfg['languages'] or 'all'}, "
-                   f"modalities {cfg['modalities']}); trainable tensors hold {summary['trainable_params']:,} "
+                   f"modalities {cfg['modalities']}); trainable tensors hold {summary.get('optimizer_params', summary['trainable_params']):,} "
                    f"parameters, of which the {summary['neurons']} neurons' slices "
                    f"({summary['neuron_param_fraction']:.4%} of the model) may change.\n\n")
         plot = loss_plot(safety / "train" / "tb", run / "train_loss.png")

@@ -7,6 +7,16 @@ decay), so nothing outside the selected rows/columns moves. Delta mode: base wei
 small parameters hold the selected rows/columns (optimizer state for those alone). Both compute
 weight gradients for the selected slices only, with the same arithmetic (`masking.neuron_linear`). Both export the same way: the changed
 slices go into `shield_patch.safetensors`, which applied to the base checkpoint gives `model/`.
+
+Baseline arms (the paper's controls, same data, steps and schedule):
+- `--neurons random:SEED[:LIKE_DIR]`: mask/delta training of random neurons with the per-layer counts
+  of the set in LIKE_DIR (default `--like-neurons`, else runs/identify), `NeuronSet.random_like`;
+- `--update lora`: PEFT LoRA on the language model's attention and MLP projections (`--lora-rank R`
+  or `--lora-budget match`: the rank whose trainable count is closest to the neuron set's);
+- `--update full-ffn`: every FFN matrix of the language model trains (upper bound).
+LoRA and full-ffn train plainly (no gradient mask; weight decay as the ds_config says) and export
+`model/` only: the changed tensors (LoRA merged) written over a copy of the base checkpoint, every
+other tensor bit-identical; there is no patch file for them.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +46,18 @@ log = dist.get_logger("train")
 
 BENIGN_TARGETS_FILE = "benign_targets.jsonl"
 PATCH_FILE = "shield_patch.safetensors"
+DEFAULT_NEURONS = "runs/identify"
+UPDATES = ("mask", "delta", "lora", "full-ffn")
+# Leaf names of the decoder-layer projections LoRA adapts by default (attention and MLP).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+RANDOM_PREFIX = "random:"
 
 
 @dataclass
 class TrainConfig:
     model: str
-    neurons: str = "runs/identify"
+    # An identify output directory or random:SEED[:LIKE_DIR]; None: runs/identify where a set is needed.
+    neurons: str | None = None
     harmful: list[str] = field(default_factory=lambda: ["multijail"])
     benign: list[str] = field(default_factory=lambda: ["multiq"])
     languages: list[str] | None = None
@@ -52,7 +68,12 @@ class TrainConfig:
     refusals: str | None = None
     max_new_tokens: int = 32  # for --benign-targets self
     max_length: int | None = 1024
-    update: str = "mask"  # "mask" | "delta"
+    update: str = "mask"  # "mask" | "delta" (selected neurons) | "lora" | "full-ffn" (baseline arms)
+    like_neurons: str | None = None  # for neurons=random:SEED: the set whose per-layer counts it copies
+    lora_rank: int | None = None
+    lora_budget: str | None = None  # "match": rank with the trainable count closest to the neuron set's
+    lora_targets: list[str] | None = None  # projection leaf names (q, k, ... or q_proj, ...); default LORA_TARGETS
+    lora_alpha: float | None = None  # default 2 * rank
     max_steps: int | None = None
     epochs: float = 1.0
     lr: float | None = None
@@ -125,34 +146,96 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+@dataclass(frozen=True)
+class RandomSpec:
+    """A parsed `random:SEED[:LIKE_DIR]` neuron spec."""
+
+    seed: int
+    like: str | None
+
+
+def parse_random_spec(spec: str) -> RandomSpec:
+    """`random:7` / `random:7:runs/identify` -> RandomSpec; a bad seed is a ShieldError."""
+    _, _, rest = spec.partition(":")
+    seed_text, sep, like = rest.partition(":")
+    if not seed_text.strip().isdigit() or int(seed_text) >= 2 ** 63:
+        raise ShieldError(f"--neurons {spec!r}: expected random:SEED[:LIKE_DIR] with SEED a non-negative integer")
+    if sep and not like:
+        raise ShieldError(f"--neurons {spec!r}: empty LIKE_DIR after the seed")
+    return RandomSpec(int(seed_text), like or None)
+
+
 class ShieldTrainer:
-    """Validates everything, loads the model partitioned, trains the masked neurons, exports."""
+    """Validates everything, loads the model partitioned, trains the chosen arm, exports."""
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.update not in ("mask", "delta"):
-            raise ShieldError(f"--update must be 'mask' or 'delta', not {cfg.update!r}")
+        if cfg.update not in UPDATES:
+            raise ShieldError(f"--update must be one of {', '.join(UPDATES)}, not {cfg.update!r}")
         if cfg.benign_targets not in ("none", "self"):
             raise ShieldError(f"--benign-targets must be 'none' or 'self', not {cfg.benign_targets!r}")
         self.cfg = cfg
         self.out = Path(cfg.out)
+        self.random = parse_random_spec(cfg.neurons) if (cfg.neurons or "").startswith(RANDOM_PREFIX) else None
+        self._check_arm_flags()
+        self.arm = {"lora": "lora", "full-ffn": "full-ffn"}.get(cfg.update, "random" if self.random else "safety")
+        # The neuron set directory to read (None: this arm needs none).
+        if self.random:
+            self.neurons_dir: str | None = self.random.like or cfg.like_neurons or DEFAULT_NEURONS
+        elif cfg.update in ("mask", "delta") or cfg.lora_budget == "match":
+            self.neurons_dir = cfg.neurons or DEFAULT_NEURONS
+        else:
+            self.neurons_dir = None
+
+    def _check_arm_flags(self) -> None:
+        """Flags that belong to another arm are refused (one line, before anything is read or written)."""
+        cfg = self.cfg
+        lora_flags = {"--lora-rank": cfg.lora_rank, "--lora-budget": cfg.lora_budget,
+                      "--lora-targets": cfg.lora_targets, "--lora-alpha": cfg.lora_alpha}
+        if cfg.update != "lora":
+            given = [flag for flag, value in lora_flags.items() if value is not None]
+            if given:
+                raise ShieldError(f"{given[0]} is only for --update lora (not --update {cfg.update})")
+        if cfg.like_neurons is not None and not self.random:
+            raise ShieldError("--like-neurons is only for --neurons random:SEED")
+        if self.random and self.random.like and cfg.like_neurons and self.random.like != cfg.like_neurons:
+            raise ShieldError(f"--neurons {cfg.neurons!r} names LIKE_DIR {self.random.like} but --like-neurons says "
+                              f"{cfg.like_neurons}; give one")
+        if cfg.update in ("mask", "delta"):
+            return
+        if self.random:
+            raise ShieldError(f"--neurons {cfg.neurons!r} is for the neuron arms (--update mask or delta), "
+                              f"not --update {cfg.update}")
+        if cfg.update == "full-ffn":
+            if cfg.neurons is not None:
+                raise ShieldError("--update full-ffn trains every FFN matrix and ignores --neurons; drop it")
+            return
+        if cfg.lora_rank is None and cfg.lora_budget is None:
+            raise ShieldError("--update lora needs --lora-rank R or --lora-budget match")
+        if cfg.lora_rank is not None and cfg.lora_budget is not None:
+            raise ShieldError("give --lora-rank or --lora-budget, not both")
+        if cfg.lora_budget not in (None, "match"):
+            raise ShieldError(f"--lora-budget must be 'match', not {cfg.lora_budget!r}")
+        if cfg.lora_rank is not None and cfg.lora_rank < 1:
+            raise ShieldError(f"--lora-rank must be at least 1, not {cfg.lora_rank}")
+        if cfg.lora_rank is not None and cfg.neurons is not None:
+            raise ShieldError("--update lora --lora-rank ignores --neurons; drop it (or size the rank from the set "
+                              "with --lora-budget match)")
+        if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+            raise ShieldError(f"--lora-alpha must be positive, not {cfg.lora_alpha}")
+        if cfg.lora_targets is not None and not cfg.lora_targets:
+            raise ShieldError("--lora-targets is empty")
 
     # --- preparation (no output is written until all of it passed) -------------------------------
     def prepare(self) -> None:
         from shield_ds.data import load_labeled
         from shield_ds.data.targets import check_targets, load_refusals, with_refusals
         from shield_ds.models import config_hash, get_adapter, load_config
-        from shield_ds.neurons import NeuronSet
 
         cfg = self.cfg
         self.config = load_config(cfg.model)
         self.adapter = get_adapter(self.config)
         self.config_hash = config_hash(self.config)
-        self.neuron_set = NeuronSet.load(cfg.neurons)
-        self.neuron_set.check_matches(self.config_hash, self.adapter.num_layers(self.config),
-                                      self.adapter.intermediate_size(self.config), self.adapter.hidden_size(self.config),
-                                      where=f"neuron set {cfg.neurons}", model=str(cfg.model))
-        if self.neuron_set.count == 0:
-            raise ShieldError(f"neuron set {cfg.neurons} selects no neurons: nothing to train")
+        self.neuron_set = self._load_neuron_set() if self.neurons_dir is not None else None
         records = load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
                                image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
                                data_dir=cfg.data_dir, require=(), split=cfg.split, test_fraction=cfg.test_fraction,
@@ -164,6 +247,27 @@ class ShieldTrainer:
         if cfg.benign_targets != "self":
             check_targets(records)
         self.records = records
+        self.self_targets: dict[str, int] = {}
+
+    def _load_neuron_set(self):
+        """The set this arm trains (or sizes LoRA from), checked against the model; random arms draw theirs."""
+        from shield_ds.neurons import NeuronSet
+
+        where = f"like set {self.neurons_dir}" if self.random else f"neuron set {self.neurons_dir}"
+        try:
+            neuron_set = NeuronSet.load(self.neurons_dir)
+        except ShieldError as exc:
+            if self.cfg.update == "lora":
+                raise ShieldError(f"--lora-budget match needs a neuron set: {exc}") from None
+            raise
+        neuron_set.check_matches(self.config_hash, self.adapter.num_layers(self.config),
+                                 self.adapter.intermediate_size(self.config), self.adapter.hidden_size(self.config),
+                                 where=where, model=str(self.cfg.model))
+        if neuron_set.count == 0:
+            raise ShieldError(f"{where} selects no neurons: nothing to train")
+        if self.random:
+            neuron_set = NeuronSet.random_like(neuron_set, self.random.seed, source=str(self.neurons_dir))
+        return neuron_set
 
     def _drop_overlong(self, records: list) -> list:
         """Leave out records whose prompt alone fills --max-length (they would teach nothing)."""
@@ -183,6 +287,51 @@ class ShieldTrainer:
                         len(records) - len(kept), len(records), self.cfg.max_length)
         return kept
 
+    # --- the trainable parameters of each arm ----------------------------------------------------
+    def _setup_trainable(self, model: torch.nn.Module) -> None:
+        """Freeze / wrap `model` for the arm (before deepspeed.initialize)."""
+        from shield_ds.masking import attach_deltas, freeze_unselected
+
+        cfg = self.cfg
+        if cfg.update == "mask":
+            freeze_unselected(model, self.adapter, self.neuron_set)
+            return
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.update == "delta":
+            attach_deltas(model, self.adapter, self.neuron_set)
+        elif cfg.update == "full-ffn":
+            for _, param in ffn_parameters(model, self.adapter):
+                param.requires_grad_(True)
+        else:
+            self.lora = self._attach_lora(model)
+
+    def _attach_lora(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Inject PEFT LoRA adapters into the decoder layers' target projections; returns the settings."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = self.cfg
+        targets = lora_targets(model, self.adapter, cfg.lora_targets or list(LORA_TARGETS))
+        per_rank = sum(m.in_features + m.out_features for _, m in targets)
+        budget = None
+        if cfg.lora_budget == "match":
+            budget = self.neuron_set.count * self.adapter.param_count_per_neuron(self.config)
+            rank = max(1, round(budget / per_rank))
+        else:
+            rank = int(cfg.lora_rank)
+        alpha = float(cfg.lora_alpha) if cfg.lora_alpha is not None else 2.0 * rank
+        lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                                 target_modules=[name for name, _ in targets])
+        inject_adapter_in_model(lora_config, model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in targets})
+        log.info("lora: rank %d, alpha %g, %d projections (%s), %d trainable parameters%s", rank, alpha, len(targets),
+                 ",".join(names), rank * per_rank,
+                 f" (neuron budget {budget})" if budget is not None else "")
+        return {"rank": rank, "alpha": alpha, "targets": names, "modules": len(targets), "budget": cfg.lora_budget,
+                "budget_params": budget, "params_per_rank": per_rank}
+
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> None:
         from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue
@@ -192,8 +341,7 @@ class ShieldTrainer:
         preemption = PreemptionHandler()
         self.prepare()
         cfg = self.cfg
-        from shield_ds.masking import (GradientMasker, attach_deltas, build_masks, delta_masks,
-                                       freeze_unselected)
+        from shield_ds.masking import GradientMasker, build_masks, delta_masks
         from shield_ds.models import count_parameters, load_model
 
         torch.manual_seed(cfg.seed)
@@ -209,48 +357,51 @@ class ShieldTrainer:
         self.total_params = count_parameters(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.update == "mask":
-            freeze_unselected(model, self.adapter, self.neuron_set)
-        else:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            attach_deltas(model, self.adapter, self.neuron_set)
+        self._setup_trainable(model)
 
-        plan = self._plan_epochs()
-        total_steps = cfg.max_steps or math.ceil(cfg.epochs * plan["steps_per_epoch"])
-        if total_steps < 1:
-            raise ShieldError("nothing to train: --max-steps/--epochs give 0 optimizer steps")
-        schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps)
-        engine = ShieldEngine(model, self.ds_config, training=True,
-                              lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.total_steps = self._total_steps()
+        # The schedule reads self.total_steps when called: dropped self-generated targets may shorten an epoch.
+        engine = ShieldEngine(model, self.ds_config, training=True, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_lambda(cfg.schedule, cfg.warmup_steps, self.total_steps)(step)))
         self.engine = engine
         if cfg.update == "mask":
             masker = GradientMasker(engine.ds, build_masks(engine.module, self.adapter, self.neuron_set))
-        else:
+        elif cfg.update == "delta":
             masker = GradientMasker(engine.ds, delta_masks(engine.module))
-        trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                        for p in engine.module.parameters() if p.requires_grad)
+        else:
+            masker = None  # lora, full-ffn: plain training, weight decay as configured
+        optimizer_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                               for p in engine.module.parameters() if p.requires_grad)
+        # What can change: in mask mode only the selected slices of the trainable matrices.
+        trainable = (neuron_slice_params(engine.module, self.adapter, self.neuron_set) if cfg.update == "mask"
+                     else optimizer_params)
+        self.optimizer_params = optimizer_params
 
         self.out.mkdir(parents=True, exist_ok=True)
         self._fill_self_targets(engine)
+        self.total_steps = self._total_steps()
+        total_steps = self.total_steps
 
-        state = {"step": 0, "micro": 0}
+        state = {"step": 0, "micro": 0, "seconds": 0.0}
         if cfg.resume:
             client = engine.load_checkpoint(self.out / "checkpoints")
             if client is not None:
-                state = {"step": client["step"], "micro": client["micro"]}
+                state = {"step": client["step"], "micro": client["micro"], "seconds": client.get("seconds", 0.0)}
                 set_rng_state(client["rng"])
         writer = dist.Rank0Writer(self.out / "tb")
         writer.scalar("train/trainable_fraction", trainable / self.total_params, 0)
-        writer.scalar("train/neuron_param_fraction", self.neuron_set.param_fraction, 0)
+        if self.neuron_set is not None:
+            writer.scalar("train/neuron_param_fraction", self.neuron_set.param_fraction, 0)
         from shield_ds.data import SafetyCollator
 
         collator = SafetyCollator(self.processor, self.adapter, train=True, max_length=cfg.max_length)
         engine.module.train()
+        plan = self._plan_epochs()
         micro_steps = self._micro_steps(plan, total_steps * cfg.grad_accum)
         bar = dist.progress(range(state["micro"], len(micro_steps)), desc="train", unit="micro-batch",
                             initial=state["micro"], total=len(micro_steps))
         window = {"harmful": [0.0, 0], "benign": [0.0, 0], "tokens": 0, "t0": time.perf_counter()}
+        started = time.perf_counter() - state["seconds"]
         for micro in bar:
             batch_records, weight = micro_steps[micro]
             batch = collator(batch_records, [weight] * len(batch_records)).to(engine.device, float_dtype=self.dtype)
@@ -265,13 +416,14 @@ class ShieldTrainer:
                     window[r.label][1] += 1
             window["tokens"] += int(batch.inputs["attention_mask"].sum()) if weight > 0 else 0
             boundary = engine.is_accumulation_boundary()
-            if boundary:
+            if boundary and masker is not None:
                 masker.apply()
             engine.step()
             state["micro"] = micro + 1
             if not boundary:
                 continue
             state["step"] += 1
+            state["seconds"] = time.perf_counter() - started
             self._log(writer, state["step"], window, masker, engine, bar)
             stop = preemption.should_stop()
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or stop:
@@ -285,10 +437,19 @@ class ShieldTrainer:
                 dist.barrier()
                 torch_dist.destroy_process_group()
                 sys.exit(REQUEUE_EXIT_CODE)
+        state["seconds"] = time.perf_counter() - started
         writer.close()
+        patch = None
         if cfg.export:
-            self.export(engine, masker)
-        self._write_summary(state, total_steps, trainable)
+            patch = self.export(engine, masker)
+        self._write_summary(state, total_steps, trainable, patch)
+
+    def _total_steps(self) -> int:
+        cfg = self.cfg
+        total = cfg.max_steps or math.ceil(cfg.epochs * self._plan_epochs()["steps_per_epoch"])
+        if total < 1:
+            raise ShieldError("nothing to train: --max-steps/--epochs give 0 optimizer steps")
+        return total
 
     # --- data plan -----------------------------------------------------------------------------
     def _plan_epochs(self) -> dict[str, Any]:
@@ -314,16 +475,24 @@ class ShieldTrainer:
 
     # --- benign targets ------------------------------------------------------------------------
     def _fill_self_targets(self, engine: ShieldEngine) -> None:
-        """Generate missing benign answers with the (still untrained) model once; cache them in OUT."""
+        """Generate missing benign answers with the (still untrained) model once; cache them in OUT.
+
+        An answer that reached --max-new-tokens without ending is cut back to its last sentence end
+        and trained without the end of turn (closing it would teach short answers); one without any
+        sentence end is left out. Counts go to train.json (`self_targets`).
+        """
         if not self.needs_self_targets:
             return
+        from shield_ds.data.targets import cut_at_sentence_end, with_responses
+
         cache = self.out / BENIGN_TARGETS_FILE
         wanted = {r.id for r in self.needs_self_targets}
-        responses: dict[str, str] = {}
+        responses: dict[str, tuple[str, bool]] = {}
         if cache.is_file():
             for _, row in read_jsonl(cache, lambda n: f"{cache} line {n}"):
-                if row.get("model_hash") == self.config_hash:
-                    responses[row["id"]] = row["response"]
+                if (row.get("model_hash") == self.config_hash and row.get("max_new_tokens") == self.cfg.max_new_tokens
+                        and isinstance(row.get("finished"), bool)):
+                    responses[row["id"]] = (row["response"], row["finished"])
         todo = [r for r in self.needs_self_targets if r.id not in responses]
         if todo:
             from shield_ds.evaluate.generate import generate_responses
@@ -331,16 +500,35 @@ class ShieldTrainer:
             engine.module.eval()
             new = generate_responses(engine.module, self.processor, self.adapter, todo,
                                      batch_size=self.cfg.micro_batch_size, max_new_tokens=self.cfg.max_new_tokens,
-                                     dtype=self.dtype, zero3=True, device=engine.device, desc="benign targets")
+                                     dtype=self.dtype, zero3=True, device=engine.device, desc="benign targets",
+                                     return_finished=True)
             engine.module.train()
             responses.update(new)
             if dist.is_rank0():
-                write_text(cache, "".join(json.dumps({"id": k, "response": v, "model_hash": self.config_hash},
-                                                     ensure_ascii=False) + "\n" for k, v in sorted(responses.items())))
-        # An empty generation is still a target (the model answered with end-of-turn at once).
-        from shield_ds.data.targets import with_responses
-
-        self.records = with_responses(self.records, {k: v if v else " " for k, v in responses.items() if k in wanted})
+                write_text(cache, "".join(json.dumps({"id": k, "response": v, "finished": done,
+                                                      "max_new_tokens": self.cfg.max_new_tokens,
+                                                      "model_hash": self.config_hash}, ensure_ascii=False) + "\n"
+                                          for k, (v, done) in sorted(responses.items())))
+        targets: dict[str, str] = {}
+        cut, dropped = set(), set()
+        for key in wanted & responses.keys():
+            text, finished = responses[key]
+            if finished:
+                # An empty generation is still a target (the model answered with end-of-turn at once).
+                targets[key] = text or " "
+            elif (short := cut_at_sentence_end(text)) is not None:
+                targets[key] = short
+                cut.add(key)
+            else:
+                dropped.add(key)
+        records = with_responses([r for r in self.records if r.id not in dropped], targets)
+        self.records = [replace(r, response_open=True) if r.id in cut else r for r in records]
+        self.self_targets = {"generated": len(wanted), "cut": len(cut), "dropped": len(dropped),
+                             "max_new_tokens": self.cfg.max_new_tokens}
+        if cut or dropped:
+            log.warning("self-generated benign answers: %d of %d reached --max-new-tokens %d; %d cut back to their "
+                        "last sentence end (trained without end of turn), %d without a sentence end left out",
+                        len(cut) + len(dropped), len(wanted), self.cfg.max_new_tokens, len(cut), len(dropped))
 
     # --- logging -------------------------------------------------------------------------------
     def _log(self, writer, step: int, window: dict, masker, engine: ShieldEngine, bar) -> None:
@@ -354,9 +542,14 @@ class ShieldTrainer:
         if sums[3] > 0:
             writer.scalar("train/loss_benign", float(sums[2] / sums[3]), step)
         writer.scalar("train/lr", engine.lr_scheduler.get_last_lr()[0], step)
-        norm = masker.masked_grad_norm()
-        if norm is not None:
-            writer.scalar("train/grad_norm_masked", norm, step)
+        if masker is not None:
+            norm = masker.masked_grad_norm()
+            if norm is not None:
+                writer.scalar("train/grad_norm_masked", norm, step)
+        else:
+            norm = engine.ds.get_global_grad_norm()
+            if norm is not None:
+                writer.scalar("train/grad_norm", float(norm), step)
         writer.scalar("train/tokens_per_s", float(sums[4]) / elapsed, step)
         if hasattr(bar, "set_postfix"):
             total = (sums[0] + sums[2]) / max(float(sums[1] + sums[3]), 1.0)
@@ -364,11 +557,14 @@ class ShieldTrainer:
         window.update({"harmful": [0.0, 0], "benign": [0.0, 0], "tokens": 0, "t0": time.perf_counter()})
 
     # --- export --------------------------------------------------------------------------------
-    def export(self, engine: ShieldEngine, masker) -> None:
-        """Write shield_patch.safetensors (the changed slices) and model/ (= patch applied to the base)."""
+    def export(self, engine: ShieldEngine, masker) -> str | None:
+        """Neuron arms: shield_patch.safetensors (the changed slices) and model/ (= patch applied to the base).
+        LoRA / full-ffn: model/ only (changed tensors over a copy of the base). Returns the patch file name or None."""
+        if masker is None:
+            self._export_merged(engine)
+            return None
         from shield_ds.masking import merge_deltas
         from shield_ds.masking.partition_mask import neuron_params
-        from shield_ds.data.splits import provenance_args
         from shield_ds.patch import PatchEntry, apply_patch, resolve_checkpoint_dir, take, write_patch
 
         masker.remove()
@@ -383,30 +579,159 @@ class ShieldTrainer:
         if dist.is_rank0():
             base_dir = resolve_checkpoint_dir(self.cfg.model)
             patch = self.out / PATCH_FILE
-            write_patch(patch, entries, base_dir=base_dir, config_hash=self.config_hash,
-                        extra_meta={"base_model": str(self.cfg.model), "neurons": str(self.cfg.neurons),
-                                    "update": self.cfg.update, "neuron_count": self.neuron_set.count,
-                                    "package_version": shield_ds.__version__,
-                                    "provenance": provenance_args(self.records, split=self.cfg.split,
-                                                                  test_fraction=self.cfg.test_fraction,
-                                                                  split_seed=self.cfg.split_seed,
-                                                                  languages=self.cfg.languages,
-                                                                  modalities=self.cfg.modalities)})
+            extra = {"base_model": str(self.cfg.model), "neurons": str(self.cfg.neurons or DEFAULT_NEURONS),
+                     "update": self.cfg.update, "neuron_count": self.neuron_set.count, "arm": self.arm,
+                     "package_version": shield_ds.__version__}
+            if self.random:
+                extra["random"] = self.neuron_set.meta["random"]
+            extra["provenance"] = self._provenance()
+            write_patch(patch, entries, base_dir=base_dir, config_hash=self.config_hash, extra_meta=extra)
             apply_patch(base_dir, patch, self.out / "model")
             log.info("exported %s and %s", patch, self.out / "model")
         dist.barrier()
+        return PATCH_FILE
 
-    def _write_summary(self, state: dict, total_steps: int, trainable: int) -> None:
+    def _provenance(self) -> dict[str, Any]:
+        """What the exported model was trained on (for the evaluation's overlap check)."""
+        from shield_ds.data.splits import provenance_args
+
+        return provenance_args(self.records, split=self.cfg.split, test_fraction=self.cfg.test_fraction,
+                               split_seed=self.cfg.split_seed, languages=self.cfg.languages,
+                               modalities=self.cfg.modalities)
+
+    def _export_merged(self, engine: ShieldEngine) -> None:
+        """model/ = the base checkpoint's files with the trained tensors (LoRA merged) written over them.
+
+        Collective: parameters are gathered one weight file at a time; rank 0 writes. Tensors that did not
+        train keep the base's bytes; trained ones are written in the stored dtype.
+        """
+        from shield_ds.patch import CheckpointFiles, resolve_checkpoint_dir, rewrite_checkpoint
+
+        base_dir = resolve_checkpoint_dir(self.cfg.model)
+        files = CheckpointFiles(base_dir)
+        model = engine.module
+        if self.cfg.update == "lora":
+            items = [(f"{name}.weight", module) for name, module in model.named_modules() if _is_lora_layer(module)]
+        else:
+            items = ffn_parameters(model, self.adapter)
+        by_file: dict[str, list[tuple[str, Any]]] = {}
+        for name, item in items:
+            key = files.key_for(name)
+            by_file.setdefault(files.weight_map[key], []).append((key, item))
+
+        def updates():
+            for filename in sorted(by_file):
+                values: dict[str, torch.Tensor] = {}
+                for key, item in by_file[filename]:
+                    if self.cfg.update == "lora":
+                        with gathered([item.lora_A["default"].weight, item.lora_B["default"].weight]):
+                            if dist.is_rank0():
+                                values[key] = lora_delta(item)
+                    else:
+                        with gathered(item):
+                            if dist.is_rank0():
+                                values[key] = item.detach().cpu().clone()
+                if self.cfg.update == "lora":
+                    yield filename, lambda base, values=values: {k: base[k].float() + d for k, d in values.items()}
+                else:
+                    yield filename, lambda base, values=values: values
+
+        if dist.is_rank0():
+            rewrite_checkpoint(base_dir, self.out / "model", updates(), provenance=self._provenance())
+            stale = self.out / PATCH_FILE
+            if stale.exists():
+                stale.unlink()
+                log.warning("removed %s of an earlier run: a %s run writes no patch", stale, self.arm)
+            log.info("exported %s (%s: %d tensors changed; no patch file, model/ is the full checkpoint)",
+                     self.out / "model", self.arm, len(items))
+        else:
+            for _ in updates():
+                pass
+        dist.barrier()
+
+    def _write_summary(self, state: dict, total_steps: int, trainable: int, patch: str | None) -> None:
         if not dist.is_rank0():
             return
         from shield_ds.data.splits import split_provenance
 
-        summary = {"steps": state["step"], "total_steps": total_steps, "world_size": dist.world_size(),
-                   "total_params": self.total_params, "trainable_params": trainable,
-                   "neurons": self.neuron_set.count, "neuron_param_fraction": self.neuron_set.param_fraction,
+        ns = self.neuron_set
+        summary = {"arm": self.arm, "update": self.cfg.update, "steps": state["step"], "total_steps": total_steps,
+                   "world_size": dist.world_size(), "total_params": self.total_params, "trainable_params": trainable,
+                   "optimizer_params": self.optimizer_params,
+                   "trainable_fraction": trainable / self.total_params, "train_seconds": round(state["seconds"], 3),
+                   "patch": patch, "neurons": ns.count if ns is not None else None,
+                   "neuron_param_fraction": ns.param_fraction if ns is not None else None,
                    "records": len(self.records), "config": asdict(self.cfg), "package_version": shield_ds.__version__,
                    **split_provenance(self.records, self.cfg.split, self.cfg.test_fraction, self.cfg.split_seed)}
+        if self.random:
+            summary["random"] = ns.meta["random"]
+        if self.cfg.update == "lora":
+            summary["lora"] = self.lora
+        if self.self_targets:
+            summary["self_targets"] = self.self_targets
         write_json(self.out / "train.json", summary)
-        print(f"trained {self.neuron_set.count} neurons ({self.neuron_set.param_fraction:.6%} of "
-              f"{self.total_params} parameters) for {state['step']} steps on {len(self.records)} records; "
-              f"outputs in {self.out}", flush=True)
+        what = (f"{ns.count}{' random' if self.random else ''} neurons" if self.cfg.update in ("mask", "delta")
+                else f"the {self.arm} arm")
+        print(f"trained {what} ({trainable} = {trainable / self.total_params:.6%} of {self.total_params} parameters) "
+              f"for {state['step']} steps on {len(self.records)} records; outputs in {self.out}"
+              + ("" if patch else " (no patch file: model/ holds the merged weights)"), flush=True)
+
+
+def neuron_slice_params(model: torch.nn.Module, adapter, neuron_set) -> int:
+    """Parameters in the selected neurons' slices (gate/up rows and their bias entries, down columns)."""
+    from shield_ds.masking.partition import param_shape
+    from shield_ds.masking.partition_mask import neuron_params
+
+    total = 0
+    for _, param, kind, indices in neuron_params(model, adapter, neuron_set):
+        shape = param_shape(param)
+        total += indices.numel() * (shape[0] if kind == "cols" else shape[1] if len(shape) == 2 else 1)
+    return total
+
+
+def ffn_parameters(model: torch.nn.Module, adapter) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every FFN projection weight and bias of the language model's decoder layers."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for layer in adapter.decoder_layers(model):
+        ffn = adapter.ffn(layer)
+        for linear in (*ffn.rows.values(), ffn.down):
+            out += [(names[id(p)], p) for p in (linear.weight, linear.bias) if p is not None]
+    return out
+
+
+def lora_targets(model: torch.nn.Module, adapter, targets: list[str]) -> list[tuple[str, torch.nn.Linear]]:
+    """(qualified name, linear) of the decoder-layer projections named by `targets` (q or q_proj, ...).
+
+    Only the language model's decoder layers are searched (never the vision tower); a target name
+    that matches no projection there is a ShieldError.
+    """
+    wanted = {t if t.endswith("_proj") else f"{t}_proj" for t in targets}
+    module_names = {id(m): n for n, m in model.named_modules()}
+    found, seen = [], set()
+    for layer in adapter.decoder_layers(model):
+        for sub, module in layer.named_modules():
+            leaf = sub.rsplit(".", 1)[-1]
+            if leaf in wanted and isinstance(module, torch.nn.Linear):
+                found.append((module_names[id(module)], module))
+                seen.add(leaf)
+    missing = sorted(wanted - seen)
+    if missing:
+        raise ShieldError(f"--lora-targets: no {', '.join(missing)} projection in the decoder layers of this "
+                          f"{adapter.model_type} model")
+    return found
+
+
+def lora_delta(layer: torch.nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """The weight change of a PEFT LoRA linear layer, scaling * B @ A, in float32 on the CPU
+    (PEFT's get_delta_weight rounds to the adapter's dtype; merging adds this to the stored base weight)."""
+    a = layer.lora_A[adapter_name].weight.detach().float().cpu()
+    b = layer.lora_B[adapter_name].weight.detach().float().cpu()
+    delta = b @ a
+    return (delta.T if layer.fan_in_fan_out else delta) * float(layer.scaling[adapter_name])
+
+
+def _is_lora_layer(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)

@@ -54,9 +54,8 @@ def mask_run(setup) -> Path:
     return out
 
 
-def test_only_selected_slices_change(setup, mask_run):
-    ns = NeuronSet.load(setup["neurons"])
-    base, trained = _weights(setup["model"]), _weights(mask_run / "model")
+def _assert_only_slices_changed(base: dict, trained: dict, ns: NeuronSet) -> int:
+    """Every selected slice changed, nothing else did; returns the number of changed entries."""
     assert base.keys() == trained.keys()
     changed = 0
     for key, before in base.items():
@@ -78,10 +77,20 @@ def test_only_selected_slices_change(setup, mask_run):
             assert slices.all(), f"{key}: a selected slice did not change"
         else:
             assert not diff.any(), f"{key} moved"
+    return changed
+
+
+def test_only_selected_slices_change(setup, mask_run):
+    ns = NeuronSet.load(setup["neurons"])
+    base, trained = _weights(setup["model"]), _weights(mask_run / "model")
+    changed = _assert_only_slices_changed(base, trained, ns)
     total = sum(t.numel() for t in base.values())
     assert 0 < changed / total <= ns.param_fraction
     summary = json.loads((mask_run / "train.json").read_text())
     assert summary["steps"] == 4 and summary["world_size"] == 2
+    assert summary["arm"] == "safety" and summary["patch"] == "shield_patch.safetensors"
+    assert summary["trainable_params"] == _slice_params(base, ns) and summary["train_seconds"] > 0
+    assert summary["trainable_fraction"] == summary["trainable_params"] / summary["total_params"]
 
 
 def test_patch_reproduces_export_and_refuses_other_base(setup, mask_run, tiny_checkpoint, tmp_path):
@@ -204,3 +213,197 @@ def test_bad_input_one_line_error_and_outputs_untouched(setup, mask_run, tiny_ch
     _one_line_error(proc, "--benign-targets self")
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+# --- baseline arms: random neurons, LoRA, full FFN ---------------------------------------------------
+LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _arm_args(s: dict, out: Path, *extra: str) -> list[str]:
+    """Like _args, without --neurons (full-ffn and --lora-rank refuse it) and with 2 steps."""
+    return ["--model", str(s["model"]), "--benign", str(s["benign"]), "--languages", "en,zh", "--per-group-limit", "4",
+            "--micro-batch-size", "2", "--max-steps", "2", "--lr", "1e-2", "--ds-config", "ds_configs/zero3_fp32.json",
+            "--out", str(out), *extra]
+
+
+def _lm_keys(weights: dict, leaves: tuple[str, ...]) -> set[str]:
+    """Language-model decoder-layer weights whose projection is one of `leaves` (never the vision tower)."""
+    return {k for k in weights if "language_model" in k and ".layers." in k and k.endswith(".weight")
+            and k.split(".")[-2] in leaves}
+
+
+def _changed(base: dict, trained: dict) -> set[str]:
+    assert base.keys() == trained.keys()
+    for key in base:
+        assert trained[key].dtype == base[key].dtype and trained[key].shape == base[key].shape, key
+    return {k for k in base if not torch.equal(base[k], trained[k])}
+
+
+def _slice_params(base: dict, ns: NeuronSet) -> int:
+    hidden = next(v for k, v in base.items() if k.endswith("layers.0.mlp.gate_proj.weight")).shape[1]
+    return ns.count * 3 * hidden  # gate row + up row + down column (the tiny llava has no MLP bias)
+
+
+def test_random_arm_same_counts_other_neurons(setup):
+    from shield_ds.patch import read_patch
+
+    like = NeuronSet.load(setup["neurons"])
+    drawn = NeuronSet.random_like(like, 3)
+    assert drawn.per_layer_counts() == like.per_layer_counts() and drawn.as_pairs() != like.as_pairs()
+    assert NeuronSet.random_like(like, 3).as_pairs() == drawn.as_pairs()
+    assert NeuronSet.random_like(like, 4).as_pairs() != drawn.as_pairs()
+    out = setup["tmp"] / "random"
+    run_deepspeed(TRAIN, _arm_args(setup, out, "--neurons", f"random:3:{setup['neurons']}"), num_ranks=2, timeout=600)
+    base, trained = _weights(setup["model"]), _weights(out / "model")
+    _assert_only_slices_changed(base, trained, drawn)  # the drawn slices moved, every other weight is the base's
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["arm"] == "random" and summary["random"] == {"seed": 3, "like": str(setup["neurons"])}
+    assert summary["neurons"] == like.count and summary["trainable_params"] == _slice_params(base, like)
+    entries, meta = read_patch(out / "shield_patch.safetensors")
+    assert meta["arm"] == "random" and meta["random"] == summary["random"]
+    for entry in entries:
+        assert torch.equal(entry.indices, drawn.indices(int(entry.name.split("layers.")[1].split(".")[0])))
+
+
+def test_lora_arm_matched_budget_merged_export(setup):
+    from transformers import AutoModelForImageTextToText
+
+    out = setup["tmp"] / "lora"
+    run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "lora", "--lora-budget", "match", "--neurons",
+                                   str(setup["neurons"])), num_ranks=2, timeout=600)
+    base, trained = _weights(setup["model"]), _weights(out / "model")
+    summary = json.loads((out / "train.json").read_text())
+    lora, budget = summary["lora"], _slice_params(base, NeuronSet.load(setup["neurons"]))
+    targets = _lm_keys(base, LORA_LEAVES)
+    step = sum(base[k].shape[0] + base[k].shape[1] for k in targets)  # trainable parameters per unit of rank
+    assert lora["params_per_rank"] == step and summary["trainable_params"] == lora["rank"] * step
+    assert abs(summary["trainable_params"] - budget) <= step  # within one rank-step of the neuron count ...
+    assert all(abs(r * step - budget) >= abs(lora["rank"] * step - budget) for r in range(1, lora["rank"] + 3))
+    assert summary["arm"] == "lora" and summary["patch"] is None and not (out / "shield_patch.safetensors").exists()
+    assert lora["alpha"] == 2 * lora["rank"]
+    # Only the LoRA target matrices moved, each by a matrix of rank <= r; the rest is bit-identical.
+    assert _changed(base, trained) == targets
+    for key in targets:
+        assert torch.linalg.matrix_rank(trained[key].double() - base[key].double(), rtol=1e-4) <= lora["rank"], key
+    model, info = AutoModelForImageTextToText.from_pretrained(out / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_full_ffn_arm_changes_only_ffn_tensors(setup):
+    out = setup["tmp"] / "full-ffn"
+    run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "full-ffn"), num_ranks=2, timeout=600)
+    base, trained = _weights(setup["model"]), _weights(out / "model")
+    ffn = _lm_keys(base, ("gate_proj", "up_proj", "down_proj"))
+    assert _changed(base, trained) == ffn
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["arm"] == "full-ffn" and summary["patch"] is None and summary["neurons"] is None
+    assert summary["trainable_params"] == sum(base[k].numel() for k in ffn)
+    assert summary["trainable_fraction"] == summary["trainable_params"] / summary["total_params"]
+
+
+def test_arm_flags_bad_input(setup, tmp_path):
+    """Flags of another arm, bad random specs, missing or foreign sets: one line, exit 2, nothing written."""
+    from shield_ds.errors import ShieldError
+    from shield_ds.train import ShieldTrainer, TrainConfig
+
+    neurons = str(setup["neurons"])
+    foreign = tmp_path / "foreign"
+    shutil.copytree(neurons, foreign)
+    meta = json.loads((foreign / "neurons.json").read_text())
+    meta["config_hash"] = "0" * 64
+    (foreign / "neurons.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    cases = [
+        (dict(update="lora", neurons="random:1", lora_budget="match"), "neuron arms"),
+        (dict(update="lora", lora_rank=4, neurons=neurons), "ignores --neurons"),
+        (dict(update="lora"), "--lora-rank R or --lora-budget match"),
+        (dict(update="lora", lora_budget="match", neurons=str(tmp_path / "none")), "--lora-budget match needs a neuron set"),
+        (dict(update="mask", neurons=neurons, lora_rank=4), "--lora-rank is only for --update lora"),
+        (dict(update="full-ffn", lora_alpha=8.0), "--lora-alpha is only for --update lora"),
+        (dict(update="full-ffn", neurons=neurons), "full-ffn"),
+        (dict(neurons=neurons, like_neurons=neurons), "--like-neurons is only for"),
+        (dict(neurons="random:x"), "SEED a non-negative integer"),
+        (dict(neurons="random:-1"), "SEED a non-negative integer"),
+        (dict(neurons=f"random:1:{tmp_path / 'none'}"), "not found"),
+        (dict(neurons=f"random:1:{foreign}"), "another model"),
+        (dict(neurons="random:1", like_neurons=str(foreign)), "another model"),
+    ]
+    for kwargs, needle in cases:
+        cfg = TrainConfig(model=str(setup["model"]), benign=[str(setup["benign"])], languages=["en"], out=str(out), **kwargs)
+        with pytest.raises(ShieldError) as exc:
+            ShieldTrainer(cfg).prepare()
+        assert needle in str(exc.value) and "\n" not in str(exc.value), (kwargs, str(exc.value))
+    proc = run_python([TRAIN, *_arm_args(setup, out, "--update", "lora", "--lora-rank", "2", "--neurons", "random:1")],
+                      check=False, timeout=300)
+    _one_line_error(proc, "neuron arms")
+    assert not out.exists()
+
+
+def test_self_targets_cut_at_sentence_end_and_left_open(setup):
+    """An answer that hit --max-new-tokens is cut back to its last sentence end and trained without end of turn."""
+    from shield_ds.data import SafetyCollator
+    from shield_ds.data.records import SafetyRecord
+    from shield_ds.data.targets import cut_at_sentence_end
+    from shield_ds.models import load_model
+
+    assert cut_at_sentence_end("Water boils at 100 degrees. At high alti") == "Water boils at 100 degrees."
+    assert cut_at_sentence_end("Pi is 3.14 and e.g") is None  # decimals and abbreviations are no sentence end
+    assert cut_at_sentence_end('He said "stop." Then') == 'He said "stop."'
+    assert cut_at_sentence_end("水在100度沸腾。在高") == "水在100度沸腾。"
+    assert cut_at_sentence_end("আমি ভালো আছি। তুমি") == "আমি ভালো আছি।"
+    assert cut_at_sentence_end("Really?! Yes") == "Really?!" and cut_at_sentence_end("no end at all") is None
+    assert cut_at_sentence_end(". and then") is None
+    loaded = load_model(setup["model"])
+    collator = SafetyCollator(loaded.processor, loaded.adapter, train=True)
+    tokenizer = loaded.processor.tokenizer
+    labels = {}
+    for open_end in (False, True):
+        record = SafetyRecord(id="b", prompt="Why is the sky blue?", language="en", label="benign",
+                              response="Because of Rayleigh scattering.", response_open=open_end)
+        batch = collator([record])
+        labels[open_end] = batch.labels[batch.labels != -100].tolist()
+    assert tokenizer.decode(labels[True]).strip() == "Because of Rayleigh scattering."
+    assert labels[False][:len(labels[True])] == labels[True] and len(labels[False]) > len(labels[True])
+    # generate_responses tells finished answers (an end-of-sequence token) from ones cut by the limit.
+    from shield_ds.evaluate.generate import generate_responses
+
+    model = loaded.model.eval()
+    record = SafetyRecord(id="q", prompt="Name a colour.", language="en", label="benign")
+    first = generate_responses(model, loaded.processor, loaded.adapter, [record], max_new_tokens=3, return_finished=True)
+    assert first["q"][1] is False
+    ids = collator.__class__(loaded.processor, loaded.adapter)([record]).inputs
+    token = int(model.generate(**ids, max_new_tokens=1, do_sample=False)[0, -1])
+    model.generation_config.eos_token_id = token  # now the first generated token ends the answer
+    assert generate_responses(model, loaded.processor, loaded.adapter, [record], max_new_tokens=3,
+                              return_finished=True)["q"][1] is True
+
+
+def test_lora_delta_matches_peft_merge():
+    from peft import LoraConfig, inject_adapter_in_model
+    from shield_ds.train import lora_delta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    base = model[0].weight.detach().clone()
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=["0"]), model)
+    torch.nn.init.normal_(model[0].lora_B["default"].weight)
+    delta = lora_delta(model[0])
+    model[0].merge()
+    torch.testing.assert_close(model[0].base_layer.weight.detach(), base + delta)
+
+
+def test_identify_and_train_default_to_the_same_data():
+    import importlib.util
+
+    import yaml
+
+    effective = {}
+    for name in ("identify", "train"):
+        spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        args = module.build_parser().parse_args([])
+        config = yaml.safe_load((REPO / "configs" / "default" / f"{name}.yaml").read_text())
+        effective[name] = {key: config.get(key, getattr(args, key)) for key in ("languages", "modalities", "harmful", "benign")}
+        assert args.modalities == "text", name
+    assert effective["identify"] == effective["train"]

@@ -84,7 +84,8 @@ class SafetyCollator:
         prompts = [self.adapter.chat_prompt(self.processor, r.prompt, has_image) for r in records]
         prompt_inputs = self.adapter.processor_inputs(self.processor, prompts, images, padding_side="left")
         if self.train:
-            texts = [self.adapter.chat_full(self.processor, r.prompt, has_image, r.response) for r in records]
+            # A cut-off answer (`response_open`) gets no end of turn: the model must not learn to stop there.
+            texts = [self._full_text(r, has_image) for r in records]
             inputs = self.adapter.processor_inputs(self.processor, texts, images, padding_side="left")
         else:
             inputs = prompt_inputs
@@ -117,6 +118,16 @@ class SafetyCollator:
             labels = torch.where(response, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         return Batch(inputs=inputs, prompt_mask=prompt_mask, labels=labels,
                      weights=torch.tensor(weights, dtype=torch.float32), records=list(records))
+
+    def _full_text(self, record: SafetyRecord, has_image: bool) -> str:
+        """The chat with the record's response; for `response_open` cut right after the response."""
+        full = self.adapter.chat_full(self.processor, record.prompt, has_image, record.response)
+        if not record.response_open:
+            return full
+        end = full.rfind(record.response)
+        if end < 0:
+            raise ShieldError(f"record {record.id}: the chat template changed the response text")
+        return full[:end + len(record.response)]
 
     @staticmethod
     def _prompt_lengths(prompt_inputs: dict, full_inputs: dict) -> torch.Tensor:

@@ -67,6 +67,8 @@ class SafetyRecord:
     source: str = ""
     category: str | None = None
     prompt_key: str = ""
+    # The response is a cut-off answer: train its tokens without closing the turn (no end of turn).
+    response_open: bool = False
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__

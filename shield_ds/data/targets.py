@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +41,27 @@ REFUSALS: dict[str, list[str]] = {
     "jv": ["Nyuwun pangapunten, kula mboten saged mbiyantu bab punika. Punika saged njalari cilaka ingkang ageng.",
            "Aku ora bisa mbantu panjaluk iki amarga bisa nglarani wong liya."],
 }
+
+
+# Sentence ends. Latin-style marks count only before whitespace, a closing quote/bracket or the end
+# ("3.5", "e.g" are not ends); full-width and script-specific marks (CJK, Arabic, Urdu, Bengali/Devanagari
+# danda, Ethiopic, Myanmar) count anywhere. Closing quotes and brackets right after the mark stay.
+_CLOSERS = "\"'”’»)]}」』）】〉》"
+_SENTENCE_END = re.compile(rf"(?:[。！？｡．؟۔।॥።။]|[.!?](?=[\s{re.escape(_CLOSERS)}]|$))[{re.escape(_CLOSERS)}]*")
+
+
+def cut_at_sentence_end(text: str) -> str | None:
+    """`text` up to and including its last sentence end (with closing quotes), or None if it has none.
+
+    For answers that hit the generation limit mid-sentence: the cut answer is trained without an end
+    of turn, so the model learns neither the broken sentence nor to stop early.
+    """
+    last = None
+    for last in _SENTENCE_END.finditer(text):
+        pass
+    if last is None or not text[:last.start()].strip():
+        return None
+    return text[:last.end()]
 
 
 def load_refusals(path: str | Path | None = None) -> dict[str, list[str]]:

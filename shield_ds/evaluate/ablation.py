@@ -34,9 +34,6 @@ def ablate_neurons(model: torch.nn.Module, adapter, neuron_set: NeuronSet) -> It
 
 def random_like(neuron_set: NeuronSet, seed: int) -> NeuronSet:
     """A control set: the same number of neurons per layer, drawn uniformly at random (seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    width = neuron_set.intermediate_size
-    layers = {layer: torch.randperm(width, generator=gen)[:int(idx.numel())] for layer, idx in neuron_set.layers.items()}
-    meta = {k: neuron_set.meta[k] for k in ("num_layers", "intermediate_size", "hidden_size") if k in neuron_set.meta}
-    meta["control_seed"] = seed
-    return NeuronSet(layers, meta)
+    control = NeuronSet.random_like(neuron_set, seed)
+    control.meta["control_seed"] = seed
+    return control

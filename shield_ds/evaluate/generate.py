@@ -19,8 +19,13 @@ from shield_ds import dist
 @torch.no_grad()
 def generate_responses(model: torch.nn.Module, processor, adapter, records: Sequence, *, batch_size: int = 8,
                        max_new_tokens: int = 64, dtype: torch.dtype = torch.float32, zero3: bool = False,
-                       device: torch.device | None = None, desc: str = "generate") -> dict[str, str]:
-    """{record id: generated text} for all records, identical on every rank."""
+                       device: torch.device | None = None, desc: str = "generate",
+                       return_finished: bool = False) -> dict[str, str] | dict[str, tuple[str, bool]]:
+    """{record id: generated text} for all records, identical on every rank.
+
+    `return_finished`: values are (text, finished), finished False when the answer reached
+    `max_new_tokens` without an end-of-sequence token.
+    """
     from shield_ds.data import SafetyCollator, plan_batches, shard_batches
 
     device = device or dist.device()
@@ -29,19 +34,25 @@ def generate_responses(model: torch.nn.Module, processor, adapter, records: Sequ
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = shard_batches(plan_batches(list(records), batch_size), dist.rank(), dist.world_size())
     synced = zero3 and dist.world_size() > 1
-    mine: dict[str, str] = {}
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) is not None else None
+    eos_ids = torch.tensor(sorted({*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id} - {None}),
+                           dtype=torch.long)
+    mine: dict = {}
     for batch_records, weight in dist.progress(steps, desc=desc, unit="batch"):
         batch = collator(batch_records).to(device, float_dtype=dtype)
         out = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=pad_id, synced_gpus=synced, use_cache=True)
         new_tokens = out[:, batch.inputs["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if weight > 0:
+        if weight > 0 and return_finished:
+            ended = torch.isin(new_tokens.cpu(), eos_ids).any(1) | (new_tokens.shape[1] < max_new_tokens)
+            mine.update({r.id: (t, bool(e)) for r, t, e in zip(batch_records, texts, ended.tolist())})
+        elif weight > 0:
             mine.update({r.id: t for r, t in zip(batch_records, texts)})
     if dist.is_initialized() and dist.world_size() > 1:
         parts: list[dict[str, str] | None] = [None] * dist.world_size()
         torch_dist.all_gather_object(parts, mine)
-        merged: dict[str, str] = {}
+        merged: dict = {}
         for part in parts:
             merged.update(part or {})
         return merged

@@ -37,7 +37,7 @@ class IdentifyConfig:
     harmful: list[str] = field(default_factory=lambda: ["multijail"])
     benign: list[str] = field(default_factory=lambda: ["multiq"])
     languages: list[str] | None = None
-    modalities: list[str] = field(default_factory=lambda: ["text", "typographic"])
+    modalities: list[str] = field(default_factory=lambda: ["text"])  # as train: the modalities held out stay unseen
     image: str | None = None  # user-supplied image for the "image" modality view
     score: str = "saliency"
     ratio: float = 0.01

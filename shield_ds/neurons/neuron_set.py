@@ -81,6 +81,26 @@ class NeuronSet:
     def per_layer_counts(self) -> list[int]:
         return [int(self.indices(i).numel()) for i in range(self.num_layers)]
 
+    # --- controls ------------------------------------------------------------------------------
+    @classmethod
+    def random_like(cls, like: "NeuronSet", seed: int, *, source: str | None = None) -> "NeuronSet":
+        """A control set: per layer as many neurons as `like`, drawn uniformly without replacement.
+
+        One generator seeded with `seed` draws the layers in index order, so the set depends only on
+        (per-layer counts, intermediate size, seed). The metadata keeps what ties `like` to its model
+        (sizes, config hash, parameter fraction: the counts are equal) and records
+        `random = {"seed", "like"}` (`source`: where `like` came from).
+        """
+        gen = torch.Generator().manual_seed(int(seed))
+        width = like.intermediate_size
+        layers = {layer: torch.randperm(width, generator=gen)[:int(like.indices(layer).numel())]
+                  for layer in sorted(like.layers)}
+        keep = ("num_layers", "intermediate_size", "hidden_size", "config_hash", "model", "model_type",
+                "param_fraction", "params_per_neuron", "total_params")
+        meta = {k: like.meta[k] for k in keep if k in like.meta}
+        meta["random"] = {"seed": int(seed), "like": source}
+        return cls(layers, meta)
+
     # --- validation --------------------------------------------------------------------------
     def validate(self, *, where: str = "neuron set") -> None:
         """Check the indices against the recorded sizes."""
