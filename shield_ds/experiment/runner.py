@@ -35,7 +35,7 @@ from shield_ds.io import read_json, write_json, write_text
 
 log = dist.get_logger("experiment")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARMS = ("safety", "random", "lora", "full-ffn")
 STAGE_FILE = "stage.json"
 
