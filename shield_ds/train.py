@@ -143,6 +143,7 @@ class ShieldTrainer:
         cfg = self.cfg
         self.config = load_config(cfg.model)
         self.adapter = get_adapter(self.config)
+        self.adapter.check_modalities(cfg.modalities)
         self.config_hash = config_hash(self.config)
         self.neuron_set = NeuronSet.load(cfg.neurons)
         self.neuron_set.check_matches(self.config_hash, self.adapter.num_layers(self.config),
