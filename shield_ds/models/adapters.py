@@ -181,6 +181,8 @@ class FamilyAdapter:
         if images and not self.supports_images:
             raise ShieldError(f"{self.model_type} is a text-only model: it cannot take images")
         tokenizer = getattr(processor, "tokenizer", processor)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # e.g. Mistral and Llama 3 ship without one
         # Chat templates that already write the BOS token must not get a second one.
         bos = tokenizer.bos_token
         add_special_tokens = not (bos and all(text.startswith(bos) for text in texts))
