@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_python
 from shield_ds.errors import ShieldError
 from shield_ds.models import load_model
-from shield_ds.models.convert import convert_gguf
+from shield_ds.models.convert import convert_gguf, main
 
 gguf = pytest.importorskip("gguf", reason="GGUF import needs the optional `gguf` package")
 
@@ -93,22 +92,21 @@ def tiny_gguf(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     return src, path
 
 
-def _one_line_error(proc, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr[-3000:]
+def _one_line_error(stderr: str, *needles: str) -> str:
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), stderr[-3000:]
     for needle in needles:
         assert needle in last, last
     return last
 
 
-def test_gguf_converts_to_an_equal_checkpoint(tiny_gguf, tmp_path):
+def test_gguf_converts_to_an_equal_checkpoint(tiny_gguf, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, path = tiny_gguf
     out = tmp_path / "converted"
-    proc = run_python(["-m", "shield_ds.models.convert", "--gguf", str(path), "--out", str(out)], timeout=300)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"out": str(out)}
+    main(["--gguf", str(path), "--out", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"out": str(out)}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
@@ -144,7 +142,7 @@ def test_gguf_converts_to_an_equal_checkpoint(tiny_gguf, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(out / "model.safetensors")).values())
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tiny_gguf, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(tiny_gguf, tmp_path, capsys):
     src, path = tiny_gguf
     out = tmp_path / "out"
 
@@ -154,12 +152,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_gguf, tmp_path):
         message = str(err.value)
         assert "\n" not in message and all(needle in message for needle in needles), message
 
-    # Through the command line: one line, exit 2.
+    # Through the command line's main: one line on stderr, exit 2.
     text = tmp_path / "notes.gguf"
     text.write_text("not a model\n")
-    proc = run_python(["-m", "shield_ds.models.convert", "--gguf", str(text), "--out", str(out)], check=False,
-                      timeout=300)
-    _one_line_error(proc, "notes.gguf", "not a GGUF file")
+    with pytest.raises(SystemExit) as exited:
+        main(["--gguf", str(text), "--out", str(out)])
+    assert exited.value.code == 2
+    _one_line_error(capsys.readouterr().err, "notes.gguf", "not a GGUF file")
 
     refused(tmp_path / "missing.gguf", "missing.gguf")
     truncated = tmp_path / "truncated.gguf"

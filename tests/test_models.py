@@ -347,3 +347,49 @@ def test_zero3_load_is_partitioned_on_two_ranks(tiny_dir, tmp_path):
     script.write_text(ZERO3_SCRIPT)
     proc = run_deepspeed(script, [str(tiny_dir / "llava")], num_ranks=2, timeout=240)
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_llama_trains_and_evaluates_on_two_ranks(tiny_dir, tmp_path):
+    """A decoder-only family through stage 2 and 3 under ZeRO-3: only the selected neurons' slices
+    move (the tied embedding stays), and the trained model generates on 2 ranks."""
+    from safetensors.torch import load_file
+
+    from identify_helpers import write_jsonl
+    from shield_ds.neurons.identify import IdentifyConfig, Identifier
+
+    model = tiny_dir / "llama"
+    neurons = tmp_path / "identify"
+    ns = Identifier(IdentifyConfig(model=str(model), languages=["en"], modalities=["text"], per_group_limit=6,
+                                   ratio=0.05, max_param_fraction=0.0, out=str(neurons), ds_config=None)).run()
+    assert ns.count >= 8
+    benign = write_jsonl(tmp_path / "benign.jsonl", [
+        {"id": f"b{i}", "prompt": q, "language": "en", "label": "benign", "response": a}
+        for i, (q, a) in enumerate([("What is 2+2?", "4."), ("Name a primary colour.", "Red.")])])
+    train = tmp_path / "train"
+    run_deepspeed(REPO / "recipes" / "train.py", [
+        "--model", str(model), "--neurons", str(neurons), "--benign", str(benign), "--languages", "en",
+        "--modalities", "text", "--per-group-limit", "2", "--micro-batch-size", "2", "--grad-accum", "1",
+        "--max-steps", "2", "--lr", "1e-2", "--ds-config", "ds_configs/zero3_fp32.json", "--out", str(train)],
+        num_ranks=2, timeout=600)
+    base, trained = load_file(str(model / "model.safetensors")), load_file(str(train / "model" / "model.safetensors"))
+    assert base.keys() == trained.keys()
+    for key, before in base.items():
+        diff = before != trained[key]
+        if ".mlp." not in key:
+            assert not diff.any(), f"{key} moved"
+            continue
+        outside = diff.clone()  # changes that are not in a selected neuron's row (gate, up) or column (down)
+        selected = ns.indices(int(key.split("layers.")[1].split(".")[0]))
+        outside[(slice(None), selected) if "down_proj" in key else selected] = False
+        assert not outside.any(), f"{key}: weights outside the selected neurons moved"
+    assert any((base[key] != trained[key]).any() for key in base)
+
+    evaluation = tmp_path / "eval"
+    run_deepspeed(REPO / "recipes" / "evaluate.py", [
+        "--model", str(train / "model"), "--out", str(evaluation), "--languages", "en", "--modalities", "text",
+        "--per-group-limit", "2", "--batch-size", "2", "--max-new-tokens", "6", "--ds", "bf16.enabled=false",
+        "--ds", "zero_optimization.stage3_param_persistence_threshold=0"], num_ranks=2, timeout=600)
+    rows = [json.loads(line) for line in (evaluation / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {row["modality"] for row in rows} == {"text"}
+    assert json.loads((evaluation / "asr.json").read_text())["modalities"] == ["text"]

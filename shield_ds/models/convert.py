@@ -140,8 +140,8 @@ def convert_gguf(gguf: str | Path, out: str | Path, *, dtype: str = "float32", o
     with atomic_dir(out, overwrite=True) as stage:
         fresh.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
-    log.info("converted %s (%s, %s) to %s%s", gguf, config.model_type, dtype, out,
-             "" if getattr(tokenizer, "chat_template", None) else " (no chat template: the plain prompt format applies)")
+    note = "" if getattr(tokenizer, "chat_template", None) else " (no chat template: the plain prompt format applies)"
+    log.info("converted %s (%s, %s) to %s%s", gguf, config.model_type, dtype, out, note)
     return out
 
 

@@ -3,8 +3,8 @@
 Each checkpoint is a real Hugging Face directory (config, safetensors weights, processor with a
 byte-level tokenizer and a chat template) that plain `AutoProcessor.from_pretrained` and
 `AutoModelForImageTextToText.from_pretrained` load; the decoder-only families (llama, mistral,
-qwen2, gemma3_text) are a tokenizer and a `*ForCausalLM` (`AutoTokenizer`, `AutoModelForCausalLM`). Building is seeded and deterministic: two
-builds with the same seed write byte-identical weight files.
+qwen2, gemma3_text) are a tokenizer and a `*ForCausalLM` (`AutoTokenizer`, `AutoModelForCausalLM`).
+Building is seeded and deterministic: two builds with the same seed write byte-identical weight files.
 
     python -m shield_ds.models.tiny --arch llava --out /tmp/tiny-llava
     python -m shield_ds.models.tiny --arch all --out /tmp/tiny      # one subdirectory per family
