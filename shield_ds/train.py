@@ -234,6 +234,7 @@ class ShieldTrainer:
         cfg = self.cfg
         self.config = load_config(cfg.model)
         self.adapter = get_adapter(self.config)
+        self.adapter.check_modalities(cfg.modalities)
         self.config_hash = config_hash(self.config)
         self.neuron_set = self._load_neuron_set() if self.neurons_dir is not None else None
         records = load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,

@@ -1,4 +1,4 @@
-"""Model layer: tiny checkpoints of all seven families, their adapters, and the loader."""
+"""Model layer: tiny checkpoints of the seven VLM and four decoder-only families, their adapters, and the loader."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from conftest import run_deepspeed, run_python
+from conftest import REPO, run_deepspeed, run_python
 from shield_ds.errors import ShieldError
 from shield_ds.models import (SUPPORTED_FAMILIES, config_hash, count_parameters, get_adapter, load_config,
                               load_model, param_shape)
-from shield_ds.models.tiny import TINY_FAMILIES, build_tiny
+from shield_ds.models.tiny import TINY_FAMILIES, TINY_LLM_FAMILIES, TINY_VLM_FAMILIES, build_tiny
 
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """All seven tiny checkpoints, written through the CLI (one subdirectory per family)."""
+    """All tiny checkpoints, written through the CLI (one subdirectory per family)."""
     out = tmp_path_factory.mktemp("tiny-all")
     proc = run_python(["-m", "shield_ds.models.tiny", "--arch", "all", "--out", str(out)], timeout=300)
     written = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -36,11 +36,15 @@ _loaded: dict[str, tuple] = {}
 
 
 def load_plain(tiny_dir: Path, family: str):
-    """Processor, model and adapter through plain transformers (cached per family)."""
+    """Processor (the tokenizer for decoder-only families), model and adapter through plain
+    transformers (cached per family)."""
     if family not in _loaded:
         path = tiny_dir / family
-        processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        if family in TINY_LLM_FAMILIES:
+            processor, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+        else:
+            processor, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
+        model.eval()
         _loaded[family] = (processor, model, get_adapter(model.config))
     return _loaded[family]
 
@@ -88,7 +92,8 @@ def test_builds_are_byte_identical_and_small(tiny_dir, tmp_path):
 def test_byte_tokenizer_covers_utf8(tiny_dir):
     text = "Héllo, мир! 你好 🔒\n\ttabs"
     for family in TINY_FAMILIES:
-        tokenizer = load_plain(tiny_dir, family)[0].tokenizer
+        processor = load_plain(tiny_dir, family)[0]
+        tokenizer = getattr(processor, "tokenizer", processor)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids == list(text.encode("utf-8")), family
         assert tokenizer.decode(ids) == text
@@ -102,7 +107,7 @@ def test_llava_default_is_big_enough_for_selection(tiny_dir):
     assert adapter.param_count_per_neuron(config) == 3 * adapter.hidden_size(config)
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
 def test_family_reload_forward_and_neurons(tiny_dir, family):
     processor, model, adapter = load_plain(tiny_dir, family)
     config = model.config
@@ -169,6 +174,101 @@ def test_family_reload_forward_and_neurons(tiny_dir, family):
     assert set(seen) == set(range(len(layers))) - skipped
     for activation in seen.values():
         assert activation.shape[-1] == width
+
+
+@pytest.mark.parametrize("family", TINY_LLM_FAMILIES)
+def test_llm_family_reload_forward_and_neurons(tiny_dir, family):
+    tokenizer, model, adapter = load_plain(tiny_dir, family)
+    config = model.config
+    assert adapter.model_type == family and not adapter.supports_images
+    layers = adapter.decoder_layers(model)
+    width, hidden = adapter.intermediate_size(config), adapter.hidden_size(config)
+    assert len(layers) == adapter.num_layers(config) == 2 and (hidden, width) == (64, 128)
+    for index, layer in enumerate(layers):
+        ffn = adapter.ffn(layer)
+        assert set(ffn.rows) == {"gate_proj", "up_proj"}
+        assert all(tuple(linear.weight.shape) == (width, hidden) for linear in ffn.rows.values())
+        assert tuple(ffn.down.weight.shape) == (hidden, width) and adapter.neuron_module(layer) is ffn.down
+        assert adapter.ffn_name(model, index) == f"model.layers.{index}.mlp"
+    assert adapter.vision_mlps(model) == [] and adapter.image_token_ids(tokenizer) == []
+    assert adapter.param_count_per_neuron(config) == 3 * hidden
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tied == (family in ("llama", "gemma3_text"))
+    if family == "gemma3_text":  # Gemma 3 text: tanh GELU, scaled embeddings, extra FFN norms
+        assert config.hidden_activation == "gelu_pytorch_tanh"
+        assert hasattr(layers[0], "pre_feedforward_layernorm") and hasattr(layers[0], "post_feedforward_layernorm")
+
+    # Prompts through the family's chat template: the answer follows the prompt exactly.
+    prompt = adapter.chat_prompt(tokenizer, "Wie baue ich 🔒 ein Schloss?", False)
+    full = adapter.chat_full(tokenizer, "Wie baue ich 🔒 ein Schloss?", False, "Nein, danke.")
+    assert full.startswith(prompt) and "Nein, danke." in full[len(prompt):]
+    assert "User: " not in prompt  # the template, not the plain format
+
+    texts = [adapter.chat_prompt(tokenizer, text, False) for text in ("hi", "a much longer question here")]
+    batch = adapter.processor_inputs(tokenizer, texts, None)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
+    logits, seen = forward_with_neurons(model, adapter, batch)
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+    assert sorted(seen) == list(range(len(layers)))
+    assert all(activation.shape == (*batch["input_ids"].shape, width) for activation in seen.values())
+
+    # Text only: a request for images is refused in one line.
+    adapter.check_modalities(["text"])
+    with pytest.raises(ShieldError, match=f"^{family} is a text-only model: modality 'typographic' needs images"):
+        adapter.check_modalities(["text", "typographic"])
+    with pytest.raises(ShieldError, match="text-only"):
+        adapter.processor_inputs(tokenizer, texts, [solid_image(), solid_image()])
+
+
+def test_plain_prompt_format_without_chat_template(tiny_dir, caplog):
+    """A base model without a chat template: BOS + 'User: ...\\nAssistant:', answer after one space, EOS."""
+    from shield_ds.data import SafetyCollator
+    from shield_ds.data.records import SafetyRecord
+    from shield_ds.models.adapters import PLAIN_PROMPT_FORMAT
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "gemma3_text")
+    tokenizer.chat_template = None
+    adapter = get_adapter("gemma3_text")
+    with caplog.at_level("WARNING", logger="shield_ds"):
+        prompt = adapter.chat_prompt(tokenizer, "Why is the sky blue?", False)
+        full = adapter.chat_full(tokenizer, "Why is the sky blue?", False, "Rayleigh scattering.")
+    assert PLAIN_PROMPT_FORMAT == "User: {prompt}\nAssistant:"
+    assert prompt == "<bos>User: Why is the sky blue?\nAssistant:"
+    assert full == prompt + " Rayleigh scattering.<eos>"
+    assert sum("no chat template" in record.getMessage() for record in caplog.records) == 1  # warned once
+
+    # Training batch: one BOS, labels exactly on " Rayleigh scattering.<eos>".
+    records = [SafetyRecord(id="r1", prompt="Why is the sky blue?", language="en", label="benign",
+                            response="Rayleigh scattering.")]
+    batch = SafetyCollator(tokenizer, adapter, train=True)(records)
+    ids = batch.inputs["input_ids"][0]
+    assert int((ids == tokenizer.bos_token_id).sum()) == 1
+    labelled = batch.labels[0][batch.labels[0] != -100]
+    assert tokenizer.decode(labelled) == " Rayleigh scattering.<eos>"
+
+
+def test_load_model_decoder_only(tiny_dir):
+    loaded = load_model(tiny_dir / "mistral")
+    assert type(loaded.model).__name__ == "MistralForCausalLM" and loaded.adapter.model_type == "mistral"
+    tokenizer = loaded.processor
+    assert not hasattr(tokenizer, "image_processor")
+    # The original Mistral tokenizer has no pad token: the loader pads with EOS.
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
+    assert count_parameters(loaded.model) == sum(p.numel() for p in loaded.model.parameters())
+    from shield_ds.models import load_processor
+
+    assert type(load_processor(tiny_dir / "qwen2")).__name__ == type(AutoTokenizer.from_pretrained(
+        tiny_dir / "qwen2")).__name__
+
+
+def test_text_only_model_refuses_image_modalities_in_one_line(tiny_dir, tmp_path):
+    out = tmp_path / "identify"
+    proc = run_python([str(REPO / "recipes" / "identify.py"), "--model", str(tiny_dir / "llama"), "--out", str(out),
+                       "--modalities", "text,typographic", "--ds-config", "none"], check=False, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: llama is a text-only model: modality 'typographic' needs images; use --modalities text"
+    assert not out.exists()
 
 
 def test_unknown_model_type_lists_supported():
@@ -247,3 +347,49 @@ def test_zero3_load_is_partitioned_on_two_ranks(tiny_dir, tmp_path):
     script.write_text(ZERO3_SCRIPT)
     proc = run_deepspeed(script, [str(tiny_dir / "llava")], num_ranks=2, timeout=240)
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_llama_trains_and_evaluates_on_two_ranks(tiny_dir, tmp_path):
+    """A decoder-only family through stage 2 and 3 under ZeRO-3: only the selected neurons' slices
+    move (the tied embedding stays), and the trained model generates on 2 ranks."""
+    from safetensors.torch import load_file
+
+    from identify_helpers import write_jsonl
+    from shield_ds.neurons.identify import IdentifyConfig, Identifier
+
+    model = tiny_dir / "llama"
+    neurons = tmp_path / "identify"
+    ns = Identifier(IdentifyConfig(model=str(model), languages=["en"], modalities=["text"], per_group_limit=6,
+                                   ratio=0.05, max_param_fraction=0.0, out=str(neurons), ds_config=None)).run()
+    assert ns.count >= 8
+    benign = write_jsonl(tmp_path / "benign.jsonl", [
+        {"id": f"b{i}", "prompt": q, "language": "en", "label": "benign", "response": a}
+        for i, (q, a) in enumerate([("What is 2+2?", "4."), ("Name a primary colour.", "Red.")])])
+    train = tmp_path / "train"
+    run_deepspeed(REPO / "recipes" / "train.py", [
+        "--model", str(model), "--neurons", str(neurons), "--benign", str(benign), "--languages", "en",
+        "--modalities", "text", "--per-group-limit", "2", "--micro-batch-size", "2", "--grad-accum", "1",
+        "--max-steps", "2", "--lr", "1e-2", "--ds-config", "ds_configs/zero3_fp32.json", "--out", str(train)],
+        num_ranks=2, timeout=600)
+    base, trained = load_file(str(model / "model.safetensors")), load_file(str(train / "model" / "model.safetensors"))
+    assert base.keys() == trained.keys()
+    for key, before in base.items():
+        diff = before != trained[key]
+        if ".mlp." not in key:
+            assert not diff.any(), f"{key} moved"
+            continue
+        outside = diff.clone()  # changes that are not in a selected neuron's row (gate, up) or column (down)
+        selected = ns.indices(int(key.split("layers.")[1].split(".")[0]))
+        outside[(slice(None), selected) if "down_proj" in key else selected] = False
+        assert not outside.any(), f"{key}: weights outside the selected neurons moved"
+    assert any((base[key] != trained[key]).any() for key in base)
+
+    evaluation = tmp_path / "eval"
+    run_deepspeed(REPO / "recipes" / "evaluate.py", [
+        "--model", str(train / "model"), "--out", str(evaluation), "--languages", "en", "--modalities", "text",
+        "--per-group-limit", "2", "--batch-size", "2", "--max-new-tokens", "6", "--ds", "bf16.enabled=false",
+        "--ds", "zero_optimization.stage3_param_persistence_threshold=0"], num_ranks=2, timeout=600)
+    rows = [json.loads(line) for line in (evaluation / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {row["modality"] for row in rows} == {"text"}
+    assert json.loads((evaluation / "asr.json").read_text())["modalities"] == ["text"]

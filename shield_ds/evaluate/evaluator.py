@@ -112,6 +112,7 @@ class Evaluator:
 
         cfg = self.cfg
         adapter = get_adapter(load_config(cfg.model))
+        adapter.check_modalities(cfg.modalities)
         records = self._records()
         ablate_set = NeuronSet.load(cfg.ablate) if cfg.ablate else None
         if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():

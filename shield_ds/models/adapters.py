@@ -1,5 +1,5 @@
-"""Family adapters: where each vision-language family keeps its FFNs, neurons, vision tower,
-image tokens and prompt format.
+"""Family adapters: where each vision-language or decoder-only family keeps its FFNs, neurons,
+vision tower, image tokens and prompt format.
 
 A *neuron* is one channel of the gated FFN activation `act(gate_proj(x)) * up_proj(x)`, i.e. one
 input channel of `down_proj`: row i of gate_proj and up_proj and column i of down_proj belong to
@@ -15,7 +15,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
+
+log = get_logger("models")
+
+# Prompt format for a decoder-only checkpoint without a chat template (a base model): the answer
+# follows after one space, and the tokenizer's EOS token ends the assistant's turn.
+PLAIN_PROMPT_FORMAT = "User: {prompt}\nAssistant:"
+_warned_plain: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,16 @@ class FamilyAdapter:
     # a tokenizer does not know are skipped.
     image_token_names: tuple[str, ...] = ("<image>",)
     nested_images: bool = False  # processor wants one list of images per sample
+    supports_images: bool = True  # False for text-only (decoder-only) families
+
+    def check_modalities(self, modalities) -> None:
+        """ShieldError when a text-only family is asked for image views (typographic, image)."""
+        if self.supports_images:
+            return
+        visual = [m for m in modalities if m != "text"]
+        if visual:
+            raise ShieldError(f"{self.model_type} is a text-only model: modality '{visual[0]}' needs images; "
+                              f"use --modalities text")
 
     # ---- config facts -------------------------------------------------------------------
     def text_config(self, config) -> Any:
@@ -160,7 +178,11 @@ class FamilyAdapter:
         None or empty). Mixed batches are not supported (mllama's processor cannot pad them)."""
         if images is not None and len(images) != len(texts):
             raise ShieldError(f"{self.model_type}: {len(texts)} texts but {len(images)} images in one batch")
-        tokenizer = processor.tokenizer
+        if images and not self.supports_images:
+            raise ShieldError(f"{self.model_type} is a text-only model: it cannot take images")
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # e.g. Mistral and Llama 3 ship without one
         # Chat templates that already write the BOS token must not get a second one.
         bos = tokenizer.bos_token
         add_special_tokens = not (bos and all(text.startswith(bos) for text in texts))
@@ -240,12 +262,80 @@ class Idefics3Adapter(FamilyAdapter):
         return "<end_of_utterance>\n"
 
 
+class CausalLMAdapter(FamilyAdapter):
+    """A decoder-only LLM (`*ForCausalLM`): decoder layers at `model.model.layers[i].mlp`, the
+    processor is the tokenizer, and only the `text` modality exists.
+
+    A checkpoint without a chat template (a base model) gets BOS + PLAIN_PROMPT_FORMAT, with the
+    answer after one space and EOS as the end of turn (and a one-time warning).
+    """
+
+    supports_images = False
+    image_token_names = ()
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        model = unwrap_model(model)
+        return getattr(model, "model", model)
+
+    def vision_mlps(self, model: nn.Module) -> list[tuple[str, FFNProjections]]:
+        return []
+
+    def _messages(self, text: str, has_image: bool, response: str | None = None) -> list[dict]:
+        if has_image:
+            raise ShieldError(f"{self.model_type} is a text-only model: it cannot take images")
+        # Plain string content: the original templates of these families expect it.
+        messages = [{"role": "user", "content": text}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+        return messages
+
+    def _has_template(self, processor) -> bool:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if getattr(tokenizer, "chat_template", None):
+            return True
+        name = str(getattr(tokenizer, "name_or_path", "") or id(tokenizer))
+        if name not in _warned_plain:
+            _warned_plain.add(name)
+            log.warning("%s has no chat template: using the plain prompt format %r (answer after one space, "
+                        "EOS ends the turn)", name, PLAIN_PROMPT_FORMAT)
+        return False
+
+    def chat_prompt(self, processor, text: str, has_image: bool) -> str:
+        if self._has_template(processor):
+            return super().chat_prompt(processor, text, has_image)
+        self._messages(text, has_image)  # refuses images
+        bos = getattr(processor, "tokenizer", processor).bos_token or ""
+        return bos + PLAIN_PROMPT_FORMAT.format(prompt=text)
+
+    def chat_full(self, processor, text: str, has_image: bool, response: str) -> str:
+        if self._has_template(processor):
+            return super().chat_full(processor, text, has_image, response)
+        return self.chat_prompt(processor, text, has_image) + " " + response + self.end_of_turn(processor)
+
+
+class LlamaAdapter(CausalLMAdapter):
+    model_type = "llama"
+
+
+class MistralAdapter(CausalLMAdapter):
+    model_type = "mistral"
+
+
+class Qwen2Adapter(CausalLMAdapter):
+    model_type = "qwen2"
+
+
+class Gemma3TextAdapter(CausalLMAdapter):
+    model_type = "gemma3_text"
+
+
 _ADAPTERS: dict[str, type[FamilyAdapter]] = {
     cls.model_type: cls
     for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, MllamaAdapter, Gemma3Adapter,
-                Idefics3Adapter)
+                Idefics3Adapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Gemma3TextAdapter)
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_ADAPTERS)
+TEXT_ONLY_FAMILIES: tuple[str, ...] = tuple(name for name, cls in _ADAPTERS.items() if not cls.supports_images)
 
 
 def get_adapter(config_or_model_type) -> FamilyAdapter:

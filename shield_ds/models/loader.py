@@ -1,4 +1,5 @@
-"""Load a vision-language checkpoint with its processor and family adapter.
+"""Load a vision-language or decoder-only checkpoint with its processor (the tokenizer for a
+decoder-only model) and family adapter.
 
 Under ZeRO-3 the model is created partitioned (deepspeed.zero.Init through transformers'
 HfDeepSpeedConfig), so no rank ever holds the whole model.
@@ -14,12 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                          AutoTokenizer, PretrainedConfig)
 
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 
-from .adapters import FamilyAdapter, get_adapter
+from .adapters import TEXT_ONLY_FAMILIES, FamilyAdapter, get_adapter
 
 log = get_logger("models")
 
@@ -52,10 +54,30 @@ def load_config(path_or_name: str | Path) -> PretrainedConfig:
         raise ShieldError(f"cannot read a model config from {path_or_name}: {first_line}") from exc
 
 
-def load_processor(path_or_name: str | Path):
-    """The checkpoint's processor (tokenizer, image processor, chat template)."""
+def _text_only(config: PretrainedConfig) -> bool:
+    return getattr(config, "model_type", None) in TEXT_ONLY_FAMILIES
+
+
+def _auto_processor(path: str, text_only: bool):
+    """AutoProcessor, or for a decoder-only model its tokenizer (given a pad token: EOS if it has none)."""
+    if not text_only:
+        return AutoProcessor.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_processor(path_or_name: str | Path, config: PretrainedConfig | None = None):
+    """The checkpoint's processor (tokenizer, image processor, chat template); the tokenizer alone
+    for a decoder-only model."""
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(str(path_or_name))
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            config = None  # AutoProcessor reports what is missing
     try:
-        return AutoProcessor.from_pretrained(str(path_or_name))
+        return _auto_processor(str(path_or_name), config is not None and _text_only(config))
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShieldError(f"cannot load a processor from {path_or_name}: {first_line}") from exc
@@ -94,8 +116,9 @@ def load_model(path_or_name: str | Path, *, ds_config: dict | None = None,
         log.warning("a ZeRO-3 HfDeepSpeedConfig from an earlier load is still alive: %s will be loaded "
                     "partitioned too", path)
     try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
+        processor = _auto_processor(path, _text_only(config))
+        auto_class = AutoModelForCausalLM if _text_only(config) else AutoModelForImageTextToText
+        model = auto_class.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShieldError(f"cannot load model or processor from {path}: {first_line}") from exc

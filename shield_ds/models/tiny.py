@@ -2,8 +2,9 @@
 
 Each checkpoint is a real Hugging Face directory (config, safetensors weights, processor with a
 byte-level tokenizer and a chat template) that plain `AutoProcessor.from_pretrained` and
-`AutoModelForImageTextToText.from_pretrained` load. Building is seeded and deterministic: two
-builds with the same seed write byte-identical weight files.
+`AutoModelForImageTextToText.from_pretrained` load; the decoder-only families (llama, mistral,
+qwen2, gemma3_text) are a tokenizer and a `*ForCausalLM` (`AutoTokenizer`, `AutoModelForCausalLM`).
+Building is seeded and deterministic: two builds with the same seed write byte-identical weight files.
 
     python -m shield_ds.models.tiny --arch llava --out /tmp/tiny-llava
     python -m shield_ds.models.tiny --arch all --out /tmp/tiny      # one subdirectory per family
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
 from shield_ds.errors import ShieldError
 
-TINY_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama", "gemma3", "idefics3")
+TINY_VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama", "gemma3", "idefics3")
+TINY_LLM_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
+TINY_FAMILIES = TINY_VLM_FAMILIES + TINY_LLM_FAMILIES
 
 # Shared tiny sizes (see FAMILY-NOTES): text hidden 64, 4 heads / 2 KV heads of 16, vision hidden 32.
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -276,7 +279,58 @@ def _build_idefics3(arch: str):
     return config, processor
 
 
-BUILDERS = {"llava": _build_llava, "llava_next": _build_llava, "qwen2_vl": _build_qwen,
+# ---- decoder-only families: the "processor" is the tokenizer ----------------------------------
+
+# Llama 3 style: "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>" etc.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|finetune_right_pad_id|>"]
+LLAMA3_TEMPLATE = _template("", "{{ bos_token }}", "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n",
+                            "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+# Mistral instruct style: "<s>[INST] ... [/INST]" then " answer</s>".
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+MISTRAL_TEMPLATE = _template("", "{{ bos_token }}", "[INST] ", " [/INST]", " ", "</s>", "")
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _build_llm(arch: str):
+    """Tokenizer and config of a tiny decoder-only model (shared TEXT sizes)."""
+    if arch == "llama":
+        # Tied embeddings like SmolLM2 and Llama 3.2 1B.
+        tokenizer = byte_tokenizer(LLAMA3_SPECIALS, dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                                         pad_token="<|finetune_right_pad_id|>"),
+                                   chat_template=LLAMA3_TEMPLATE)
+        bos, eos, pad = _ids(tokenizer, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
+        config = transformers.LlamaConfig(**TEXT, vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=eos,
+                                          pad_token_id=pad, tie_word_embeddings=True)
+    elif arch == "mistral":
+        # No pad token, as in the original: the loader pads with EOS.
+        tokenizer = byte_tokenizer(MISTRAL_SPECIALS, dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"),
+                                   chat_template=MISTRAL_TEMPLATE)
+        bos, eos = _ids(tokenizer, "<s>", "</s>")
+        config = transformers.MistralConfig(**TEXT, vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=eos,
+                                            sliding_window=None, tie_word_embeddings=False)
+    elif arch == "qwen2":
+        tokenizer = byte_tokenizer(QWEN2_SPECIALS, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+                                   chat_template=_template("", "", "<|im_start|>{{ message['role'] }}\n",
+                                                           "<|im_end|>\n", "<|im_start|>assistant\n",
+                                                           "<|im_end|>\n", "<|im_start|>assistant\n"))
+        eos, pad = _ids(tokenizer, "<|im_end|>", "<|endoftext|>")
+        config = transformers.Qwen2Config(**TEXT, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=eos,
+                                          pad_token_id=pad, tie_word_embeddings=False)
+    else:
+        # Gemma 3 1B/270M: gelu_pytorch_tanh, tied and scaled embeddings, pre/post feed-forward norms.
+        tokenizer = byte_tokenizer(GEMMA_SPECIALS[:6], dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                                            unk_token="<unk>"), chat_template=GEMMA_TEMPLATE)
+        pad, eos, bos = _ids(tokenizer, "<pad>", "<eos>", "<bos>")
+        config = transformers.Gemma3TextConfig(
+            **TEXT, vocab_size=len(tokenizer), pad_token_id=pad, eos_token_id=eos, bos_token_id=bos,
+            query_pre_attn_scalar=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    return config, tokenizer
+
+
+BUILDERS = {"llama": _build_llm, "mistral": _build_llm, "qwen2": _build_llm, "gemma3_text": _build_llm,
+            "llava": _build_llava, "llava_next": _build_llava, "qwen2_vl": _build_qwen,
             "qwen2_5_vl": _build_qwen, "mllama": _build_mllama, "gemma3": _build_gemma3,
             "idefics3": _build_idefics3}
 
@@ -300,7 +354,8 @@ def build_tiny(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     config, processor = BUILDERS[arch](arch)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    auto_class = AutoModelForCausalLM if arch in TINY_LLM_FAMILIES else AutoModelForImageTextToText
+    model = auto_class.from_config(config, dtype=torch.float32)
     _wake_zero_inits(model, arch, torch.Generator().manual_seed(seed + 1))
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,7 @@ class Identifier:
         # Everything that can be wrong with the input is checked before the model is loaded.
         config = load_config(cfg.model)
         adapter = get_adapter(config)
+        adapter.check_modalities(cfg.modalities)
         chash = config_hash(config)
         signature = self.signature(chash)
         check_output_dir(out, signature, cfg.overwrite)

@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus 2 tests/workers/identify_families.py OUT_ROOT MODEL_DIR [MODEL_DIR ...]
 
-Each model gets OUT_ROOT/<dir name>/ (a normal identify output); one launch amortises start-up.
+Each model gets OUT_ROOT/<dir name>/ (a normal identify output); one launch amortises start-up. Vision-language
+models run text and typographic with the vision scope, decoder-only models text alone.
 """
 
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shield_ds.engine import init_distributed  # noqa: E402
+from shield_ds.models import get_adapter, load_config  # noqa: E402
 from shield_ds.neurons.identify import IdentifyConfig, Identifier  # noqa: E402
 
 
@@ -19,8 +21,11 @@ def main() -> None:
     out_root, models = Path(args[0]), args[1:]
     init_distributed()
     for model in models:
-        cfg = IdentifyConfig(model=model, languages=["en", "ar"], modalities=["text", "typographic"],
-                             per_group_limit=2, batch_size=2, ratio=0.05, max_param_fraction=0.0, scope="lm+vision",
+        images = get_adapter(load_config(model)).supports_images  # text-only LLMs: text, no vision scope
+        modalities = ["text", "typographic"] if images else ["text"]
+        cfg = IdentifyConfig(model=model, languages=["en", "ar"], modalities=modalities,
+                             per_group_limit=2, batch_size=2, ratio=0.05, max_param_fraction=0.0,
+                             scope="lm+vision" if images else "lm",
                              out=str(out_root / Path(model).name),
                              ds_overrides=["bf16.enabled=false", "zero_optimization.stage3_param_persistence_threshold=0"])
         Identifier(cfg).run()
