@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusal-phrases", default=None, help="JSON/YAML file of extra refusal phrases per language")
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--compare", default=None, help="an earlier evaluate --out directory (e.g. the base model's)")
+    p.add_argument("--reference-answers", default=None,
+                   help="generations.jsonl whose benign answers the utility NLL scores (default: --compare's, else this run's)")
     p.add_argument("--ablate", default=None, help="identify output: zero these neurons (plus random controls)")
     p.add_argument("--ablate-controls", type=int, default=3, help="random control sets for --ablate")
     add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EvalConfig(
         model=args.model or str(default_model()), **data_kwargs(args), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, judge=args.judge, refusal_phrases=args.refusal_phrases, out=args.out,
-        compare=args.compare, ablate=args.ablate, ablate_controls=args.ablate_controls,
+        compare=args.compare, reference_answers=args.reference_answers, ablate=args.ablate, ablate_controls=args.ablate_controls,
         ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds,
     )
     Evaluator(cfg).run()

@@ -32,6 +32,7 @@ class EvalConfig:
     refusal_phrases: str | None = None
     out: str = "runs/evaluate"
     compare: str | None = None
+    reference_answers: str | None = None  # generations.jsonl whose benign answers the utility NLL scores
     ablate: str | None = None  # a neuron set directory
     ablate_controls: int = 3  # random control sets (seeds)
     ds_config: str | None = "ds_configs/zero3_infer.json"
@@ -97,6 +98,10 @@ class Evaluator:
         if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():
             raise ShieldError(f"{cfg.compare}: no asr.json to compare with (run evaluate there first)")
         judge, matcher = self._judges()
+        from shield_ds.evaluate.utility import UtilityProbe
+        from shield_ds.models import config_hash
+
+        probe = UtilityProbe(cfg, records, self.out, config_hash(load_config(cfg.model)))
 
         ds_config = None
         if cfg.ds_config is not None:
@@ -126,6 +131,7 @@ class Evaluator:
 
         responses = generate("evaluate")
         summary: dict[str, Any] = {}
+        summary["utility"] = probe.measure(model, loaded.processor, adapter, responses, dtype=dtype, device=device)
         if dist.is_rank0():
             rows = judged(responses)
             write_generations(self.out / "generations.jsonl", rows)
@@ -137,6 +143,7 @@ class Evaluator:
                 cmp_rows = compare(cfg.compare, self.out, out_dir=self.out)
                 write_text(self.out / "compare.md", compare_markdown(cmp_rows) + "\n")
                 print(compare_markdown(cmp_rows), flush=True)
+            print(probe.write(summary["utility"]), flush=True)
         if ablate_set is not None:
             summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)
         if dist.is_rank0():
