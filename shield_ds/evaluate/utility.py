@@ -8,7 +8,8 @@ Reference answers, in order of precedence:
 
 The answers used are written to OUT/reference_answers.jsonl (generation rows plus `reference`,
 `reference_model`, `reference_config_hash`); a rerun into the same OUT that asks for the same reference
-made by the same model reuses that file. Teacher-forced NLL over the answer tokens only (prompt through
+file, made by the same model (path and config hash, from the file's asr.json), reuses that file (the
+answers stay pinned even if the source is re-evaluated or removed). "self" always scores this run's answers. Teacher-forced NLL over the answer tokens only (prompt through
 the family chat template, as training's `SafetyCollator(train=True)` and `response_nll`), batches sharded
 over the ranks in lockstep (every rank runs the same number of forwards, as ZeRO-3 needs), fp32 per
 sample, float64 sums reduced with one all_reduce. Empty answers are skipped.
@@ -66,16 +67,17 @@ def _benign_rows(path: Path) -> list[dict]:
     return [row for row in read_generations(path) if row["label"] == "benign"]
 
 
-def _read_cache(path: Path, source: str, config_hash: str | None) -> list[dict] | None:
-    """The cached rows when they were made for `source` by the model with `config_hash`, else None."""
-    if not path.is_file() or config_hash is None:
+def _read_cache(path: Path, source: str, model: str | None, config_hash: str | None) -> list[dict] | None:
+    """The cached rows when they were taken from `source`, made by `model` with `config_hash`; else None."""
+    if not path.is_file() or model is None or config_hash is None:
         return None
     try:
         rows = read_generations(path)
     except ShieldError as exc:
         log.warning("ignoring the cached reference answers: %s", exc)
         return None
-    if rows and all(r.get("reference") == source and r.get("reference_config_hash") == config_hash for r in rows):
+    if rows and all((r.get("reference"), r.get("reference_model"), r.get("reference_config_hash"))
+                    == (source, model, config_hash) for r in rows):
         return rows
     return None
 
@@ -110,14 +112,15 @@ class UtilityProbe:
                                   "(pass --reference-answers FILE)")
         else:
             path = None
-        source = SELF if path is None else str(path.resolve())
-        model, chash = (cfg.model, self.config_hash) if path is None else _generator(path)
-        cached = _read_cache(self.out / REFERENCE_FILE, source, chash)
+        if path is None:  # this run's own answers (generated anyway; the cache only records them)
+            return Reference(SELF, None, str(cfg.model), self.config_hash)
+        source = str(path.resolve())
+        model, chash = _generator(path)
+        cached = _read_cache(self.out / REFERENCE_FILE, source, model, chash)
         if cached is not None:
-            log.info("reusing the reference answers in %s", self.out / REFERENCE_FILE)
+            self._check_rows(cached, str(self.out / REFERENCE_FILE))
+            log.info("reusing the reference answers in %s (from %s)", self.out / REFERENCE_FILE, source)
             return Reference(source, cached, model, chash, reused=True)
-        if path is None:
-            return Reference(source, None, model, chash)
         if not path.is_file():
             raise ShieldError(f"{path}: reference answers file not found")
         rows = _benign_rows(path)
