@@ -51,14 +51,14 @@ def test_zero3_two_ranks_generate_like_one_process(tiny_checkpoint, tmp_path):
     assert "Δ NLL vs compared" in (tmp_path / "two" / "compare.md").read_text()
     cached = [json.loads(line) for line in (tmp_path / "two" / "reference_answers.jsonl").read_text().splitlines()]
     assert len(cached) == 12 and {r["id"]: r["response"] for r in cached}.items() <= one.items()
-    # a rerun of two with the same --compare reuses the cached answers, even after one's answers change
+    # a rerun of two with the same --compare reuses the cached answers, even after one's answers are gone
     from shield_ds.evaluate.evaluator import EvalConfig, Evaluator
     from shield_ds.evaluate.utility import UtilityProbe
 
     cfg = EvalConfig(model=str(model), languages=["en", "ar"], per_group_limit=3, compare=str(tmp_path / "one"),
                      out=str(tmp_path / "two"))
     records = Evaluator(cfg)._records()
-    (tmp_path / "one" / "generations.jsonl").write_text("")
+    (tmp_path / "one" / "generations.jsonl").unlink()
     probe = UtilityProbe(cfg, records, tmp_path / "two", table["config_hash"])
     assert probe.reference.reused and len(probe.reference.rows) == 12
 

@@ -143,7 +143,7 @@ class Evaluator:
                 cmp_rows = compare(cfg.compare, self.out, out_dir=self.out)
                 write_text(self.out / "compare.md", compare_markdown(cmp_rows) + "\n")
                 print(compare_markdown(cmp_rows), flush=True)
-            print(probe.write(summary["utility"]), flush=True)
+            probe.write(summary["utility"])
         if ablate_set is not None:
             summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)
         if dist.is_rank0():

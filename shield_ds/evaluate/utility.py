@@ -103,17 +103,9 @@ class UtilityProbe:
 
     def _resolve(self) -> Reference:
         cfg = self.cfg
-        if cfg.reference_answers:
-            path = Path(cfg.reference_answers)
-        elif cfg.compare:
-            path = Path(cfg.compare) / GENERATIONS_FILE
-            if not path.is_file():
-                raise ShieldError(f"{cfg.compare}: no {GENERATIONS_FILE} to take the reference answers from "
-                                  "(pass --reference-answers FILE)")
-        else:
-            path = None
-        if path is None:  # this run's own answers (generated anyway; the cache only records them)
+        if not cfg.reference_answers and not cfg.compare:  # this run's own answers (the cache only records them)
             return Reference(SELF, None, str(cfg.model), self.config_hash)
+        path = Path(cfg.reference_answers) if cfg.reference_answers else Path(cfg.compare) / GENERATIONS_FILE
         source = str(path.resolve())
         model, chash = _generator(path)
         cached = _read_cache(self.out / REFERENCE_FILE, source, model, chash)
@@ -122,6 +114,9 @@ class UtilityProbe:
             log.info("reusing the reference answers in %s (from %s)", self.out / REFERENCE_FILE, source)
             return Reference(source, cached, model, chash, reused=True)
         if not path.is_file():
+            if not cfg.reference_answers:
+                raise ShieldError(f"{cfg.compare}: no {GENERATIONS_FILE} to take the reference answers from "
+                                  "(pass --reference-answers FILE)")
             raise ShieldError(f"{path}: reference answers file not found")
         rows = _benign_rows(path)
         self._check_rows(rows, str(path))
@@ -162,14 +157,14 @@ class UtilityProbe:
                 "missing": sum(1 for r in self.benign if r.id not in answers),
                 "reference": ref.source, "reference_model": ref.model, "reference_config_hash": ref.config_hash}
 
-    def write(self, utility: dict[str, Any] | None) -> str:
-        """Rank 0: the cache, asr.json's `model`/`config_hash`/`utility`, compare.md's utility lines; the text."""
+    def write(self, utility: dict[str, Any] | None) -> None:
+        """Rank 0: the cache, asr.json's `model`/`config_hash`/`utility`, compare.md's utility lines; prints the table."""
         asr_path = self.out / ASR_JSON
         table = read_json(asr_path)
         table.update({"model": str(self.cfg.model), "config_hash": self.config_hash})
         if utility is None:
             write_json(asr_path, table)
-            return ""
+            return
         ref = self.reference
         if ref.rows is None:  # self: the benign rows this run has just written, with their verdicts
             ref.rows = _benign_rows(self.out / GENERATIONS_FILE)
@@ -190,7 +185,7 @@ class UtilityProbe:
         if self.cfg.compare and (self.out / "compare.md").is_file():
             md = (self.out / "compare.md").read_text(encoding="utf-8").rstrip("\n")
             write_text(self.out / "compare.md", md + "\n\n" + text + "\n")
-        return text
+        print(text, flush=True)
 
 
 def _fmt(value: float | None, sign: bool = False) -> str:
@@ -219,6 +214,7 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
     and one all_reduce sums the float64 totals.
     """
     from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+    from shield_ds.data.collate import IGNORE_INDEX
     from shield_ds.train import response_nll
 
     collator = SafetyCollator(processor, adapter, train=True)
@@ -226,8 +222,11 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
     steps = shard_batches(plan_batches(records, batch_size), dist.rank(), dist.world_size()) if records else []
     for batch_records, weight in dist.progress(steps, desc="utility", unit="batch"):
         batch = collator(batch_records, [weight] * len(batch_records)).to(device, float_dtype=dtype)
-        logits = model(**batch.inputs, use_cache=False).logits
-        nll, counts = response_nll(logits, batch.labels)
+        # left padding puts every answer at the end: only the last `keep` positions need logits
+        answer_columns = (batch.labels != IGNORE_INDEX).any(dim=0).nonzero()
+        keep = batch.labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else 1
+        logits = model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
+        nll, counts = response_nll(logits, batch.labels[:, -keep:])
         if weight > 0:
             totals += torch.stack([nll.double().sum(), counts.double().sum(), (counts > 0).double().sum()])
     if dist.is_initialized() and dist.world_size() > 1:
