@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--compare", default=None, help="an earlier evaluate --out directory (e.g. the base model's)")
     p.add_argument("--reference-answers", default=None,
-                   help="generations.jsonl whose benign answers the utility NLL scores (default: --compare's, else this run's)")
+                   help="generations.jsonl whose benign answers the utility NLL scores "
+                        "(default: --compare's generations, else this run's own)")
     p.add_argument("--ablate", default=None, help="identify output: zero these neurons (plus random controls)")
     p.add_argument("--ablate-controls", type=int, default=3, help="random control sets for --ablate")
     add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)

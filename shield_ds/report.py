@@ -72,7 +72,8 @@ def build_report(run: Path, trained_languages: list[str] | None, trained_modalit
 
     out.append("\n## 1. Safety neurons\n\n")
     ranking = f" (ranked {meta['cap_ranking']})" if meta.get("cap_ranking") else ""
-    out.append(f"Score `{meta['score']}`, per-layer ratio {meta['ratio']}, parameter cap {meta['max_param_fraction']}{ranking}; "
+    out.append(f"Score `{meta['score']}`, per-layer ratio {meta['ratio']}, "
+               f"parameter cap {meta['max_param_fraction']}{ranking}; "
                f"{ns.count} neurons selected = **{ns.param_fraction:.4%}** of all parameters.\n\n")
     rows = "\n".join(f"| {i} | {n} | {n / ns.intermediate_size:.2%} |" for i, n in enumerate(ns.per_layer_counts()))
     out.append("| layer | neurons | share of the layer |\n| --- | --- | --- |\n" + rows + "\n")

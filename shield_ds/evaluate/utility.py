@@ -9,10 +9,12 @@ Reference answers, in order of precedence:
 The answers used are written to OUT/reference_answers.jsonl (generation rows plus `reference`,
 `reference_model`, `reference_config_hash`); a rerun into the same OUT that asks for the same reference
 file, made by the same model (path and config hash, from the file's asr.json), reuses that file (the
-answers stay pinned even if the source is re-evaluated or removed). "self" always scores this run's answers. Teacher-forced NLL over the answer tokens only (prompt through
-the family chat template, as training's `SafetyCollator(train=True)` and `response_nll`), batches sharded
-over the ranks in lockstep (every rank runs the same number of forwards, as ZeRO-3 needs), fp32 per
-sample, float64 sums reduced with one all_reduce. Empty answers are skipped.
+answers stay pinned even if the source is re-evaluated or removed); "self" always scores this run's answers.
+
+Teacher-forced NLL over the answer tokens only (prompt through the family chat template, as training's
+`SafetyCollator(train=True)` and `response_nll`), batches sharded over the ranks in lockstep (every rank
+runs the same number of forwards, as ZeRO-3 needs), fp32 per sample, float64 sums reduced with one
+all_reduce. Empty answers are skipped.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class UtilityProbe:
                 "reference": ref.source, "reference_model": ref.model, "reference_config_hash": ref.config_hash}
 
     def write(self, utility: dict[str, Any] | None) -> None:
-        """Rank 0: the cache, asr.json's `model`/`config_hash`/`utility`, compare.md's utility lines; prints the table."""
+        """Rank 0: the cache, asr.json's `model`/`config_hash`/`utility`, compare.md's utility lines; prints them."""
         asr_path = self.out / ASR_JSON
         table = read_json(asr_path)
         table.update({"model": str(self.cfg.model), "config_hash": self.config_hash})

@@ -26,7 +26,8 @@ log = dist.get_logger("identify")
 
 # Settings that must match for an existing output directory to be reused without --overwrite.
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
-                  "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens", "scope")
+                  "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
+                  "scope")
 
 
 @dataclass
