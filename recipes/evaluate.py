@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, help="an earlier evaluate --out directory (e.g. the base model's)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="--compare even when the model was trained on evaluated prompts (titled as such)")
+    p.add_argument("--reference-answers", default=None,
+                   help="generations.jsonl whose benign answers the utility NLL scores "
+                        "(default: --compare's generations, else this run's own)")
     p.add_argument("--ablate", default=None, help="identify output: zero these neurons (plus random controls)")
     p.add_argument("--ablate-controls", type=int, default=3, help="random control sets for --ablate")
     add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EvalConfig(
         model=args.model or str(default_model()), **data_kwargs(args), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, judge=args.judge, refusal_phrases=args.refusal_phrases, out=args.out,
-        compare=args.compare, allow_overlap=args.allow_overlap, ablate=args.ablate, ablate_controls=args.ablate_controls,
+        compare=args.compare, allow_overlap=args.allow_overlap, reference_answers=args.reference_answers,
+        ablate=args.ablate, ablate_controls=args.ablate_controls,
         ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds,
     )
     Evaluator(cfg).run()

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default="saliency", choices=["saliency", "contrast", "frequency"])
     p.add_argument("--ratio", type=float, default=0.01, help="per-layer top fraction of neurons")
     p.add_argument("--max-param-fraction", type=float, default=0.0003, help="cap on selected parameters / all parameters (0 disables)")
+    p.add_argument("--cap-ranking", default="layer-normalized", choices=["layer-normalized", "raw"],
+                   help="how the parameter cap ranks candidates across layers: by within-layer rank (keeps the "
+                        "per-layer spread) or by raw score (favours deep layers)")
     p.add_argument("--tokens", default="all", choices=["all", "last"], help="prompt tokens the statistics reduce over")
     p.add_argument("--scope", default="lm", choices=["lm", "lm+vision"],
                    help="lm+vision: also find neurons in the vision tower's MLPs (written to OUT/vision/)")
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed()
     cfg = IdentifyConfig(
         model=args.model or str(default_model()), **data_kwargs(args),
-        score=args.score, ratio=args.ratio, max_param_fraction=args.max_param_fraction, tokens=args.tokens,
+        score=args.score, ratio=args.ratio, max_param_fraction=args.max_param_fraction,
+        cap_ranking=args.cap_ranking, tokens=args.tokens,
         include_image_tokens=args.include_image_tokens, batch_size=args.batch_size, out=args.out,
         ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds, offload_params=args.offload_params,
         overwrite=args.overwrite, scope=args.scope,

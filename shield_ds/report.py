@@ -77,9 +77,10 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
            "what it reports, not the safety of a real model: see `experiments/` for real models.\n"]
 
     out.append("\n## 1. Safety neurons (all ten languages, text and typographic, train split)\n\n")
-    out.append(f"Score `{meta['score']}`, per-layer ratio {meta['ratio']}, parameter cap {meta['max_param_fraction']}"
-               f" ({meta.get('cap_ranking', 'raw')} ranking); {ns.count} neurons selected = "
-               f"**{ns.param_fraction:.4%}** of all parameters.\n\n")
+    ranking = f" (ranked {meta['cap_ranking']})" if meta.get("cap_ranking") else ""
+    out.append(f"Score `{meta['score']}`, per-layer ratio {meta['ratio']}, "
+               f"parameter cap {meta['max_param_fraction']}{ranking}; "
+               f"{ns.count} neurons selected = **{ns.param_fraction:.4%}** of all parameters.\n\n")
     rows = "\n".join(f"| {i} | {n} | {n / ns.intermediate_size:.2%} |" for i, n in enumerate(ns.per_layer_counts()))
     out.append("| layer | neurons | share of the layer |\n| --- | --- | --- |\n" + rows + "\n")
     groups = meta.get("groups", {})

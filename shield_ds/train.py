@@ -112,14 +112,19 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean cross-entropy over response tokens ([B]); 0 for a sample without any."""
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample fp32 sum of cross-entropy over response tokens and the number of those tokens ([B], [B])."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                  ignore_index=-100, reduction="none").view(shift_labels.shape)
-    counts = (shift_labels != -100).sum(1)
-    return token_loss.sum(1) / counts.clamp_min(1)
+    return token_loss.sum(1), (shift_labels != -100).sum(1)
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean cross-entropy over response tokens ([B]); 0 for a sample without any."""
+    total, counts = response_nll(logits, labels)
+    return total / counts.clamp_min(1)
 
 
 def _fault_injection(step: int, boundary_next: bool) -> None:

@@ -14,7 +14,8 @@ MARKER = "~"
 
 
 @torch.no_grad()
-def plant_neurons(src: Path, dst: Path, planted: dict[int, list[int]], marker: str = MARKER) -> None:
+def plant_neurons(src: Path, dst: Path, planted: dict[int, list[int]], marker: str = MARKER,
+                  down_scale: dict[int, float] | None = None) -> None:
     """Copy a tiny llava checkpoint, editing it so `planted` neurons fire only in prompts with `marker`.
 
     Residual dimension k is reserved: only the marker's embedding writes it, and one attention value
@@ -22,7 +23,8 @@ def plant_neurons(src: Path, dst: Path, planted: dict[int, list[int]], marker: s
     and nothing else reads it). The planted neurons' gate/up rows read only k, so their activation is
     exactly silu(0) * 0 = 0 in prompts without the marker and positive from the marker on. Every other
     neuron has a zero weight on k, so the marker only rescales its inputs (through the norms).
-    The planted neurons write only into k (small down columns, so saliency still sees them).
+    The planted neurons write only into k (small down columns, so saliency still sees them);
+    `down_scale` multiplies a layer's planted down columns (saliency scale growing with depth).
     """
     model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(src)
@@ -58,7 +60,7 @@ def plant_neurons(src: Path, dst: Path, planted: dict[int, list[int]], marker: s
                 proj.weight[i, :] = 0.0
                 proj.weight[i, k] = 3.0
             ffn.down.weight[:, i] = 0.0  # what a planted neuron writes stays in dimension k
-            ffn.down.weight[k, i] = 0.05
+            ffn.down.weight[k, i] = 0.05 * (down_scale or {}).get(index, 1.0)
     model.save_pretrained(dst)
     processor.save_pretrained(dst)
 

@@ -140,6 +140,10 @@ def test_analyze_recipe_end_to_end(tmp_path):
     markdown = (out / "analysis.md").read_text(encoding="utf-8")
     assert "## Overlap across languages" in markdown and "## Shared core across languages" in markdown
     assert "| lang-en | lang-zh | 6 | 6 | 4 | 1.7 | 0.500 | 0.667 |" in markdown
+    # neurons per layer and set, in the set order of the table (selected, languages, modalities)
+    assert "| layer | selected | lang-en | lang-zh | lang-sw | modality-text | modality-typographic |" in markdown
+    assert "| 0 | 7 | 4 | 4 | 3 | 3 | 3 |" in markdown and "| 1 | 6 | 2 | 2 | 3 | 2 | 3 |" in markdown
+    assert "| selected | 13 | 54.167% | 2 of 2 | 0 |" in markdown
 
 
 def test_analyze_recipe_default_out_and_errors(tmp_path):

@@ -30,13 +30,101 @@ def test_zero3_two_ranks_generate_like_one_process(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("llava")
     run_python([EVALUATE, *_args(model, tmp_path / "one", "--ds-config", "none")], timeout=300)
     run_deepspeed(EVALUATE, _args(model, tmp_path / "two", "--ds", "bf16.enabled=false",
-                                  "--ds", "zero_optimization.stage3_param_persistence_threshold=0"),
+                                  "--ds", "zero_optimization.stage3_param_persistence_threshold=0",
+                                  "--compare", str(tmp_path / "one")),
                   num_ranks=2, timeout=600)
     one, two = _responses(tmp_path / "one"), _responses(tmp_path / "two")
     assert len(one) == 24 and one == two
     table = json.loads((tmp_path / "two" / "asr.json").read_text())
     assert set(table["languages"]) == {"en", "ar"}
     assert (tmp_path / "two" / "asr_heatmap.png").stat().st_size > 1000
+    # utility: the base on its own answers (one process) and on one's answers via --compare (two ranks)
+    base = json.loads((tmp_path / "one" / "asr.json").read_text())
+    util, base_util = table["utility"], base["utility"]
+    assert base_util["reference"] == "self" and base_util["answers"] == 12 and base_util["tokens"] > 12
+    assert util["reference"] == str((tmp_path / "one" / "generations.jsonl").resolve())
+    assert util["reference_config_hash"] == base["config_hash"] == table["config_hash"]
+    assert (util["answers"], util["tokens"]) == (base_util["answers"], base_util["tokens"])
+    assert util["benign_answer_nll"] == pytest.approx(base_util["benign_answer_nll"], rel=1e-5)
+    assert util["compare_benign_answer_nll"] == base_util["benign_answer_nll"]
+    assert util["nll_drift"] == pytest.approx(0.0, abs=1e-5)
+    assert "Δ NLL vs compared" in (tmp_path / "two" / "compare.md").read_text()
+    cached = [json.loads(line) for line in (tmp_path / "two" / "reference_answers.jsonl").read_text().splitlines()]
+    assert len(cached) == 12 and {r["id"]: r["response"] for r in cached}.items() <= one.items()
+    # a rerun of two with the same --compare reuses the cached answers, even after one's answers are gone
+    from shield_ds.evaluate.evaluator import EvalConfig, Evaluator
+    from shield_ds.evaluate.utility import UtilityProbe
+
+    cfg = EvalConfig(model=str(model), languages=["en", "ar"], per_group_limit=3, compare=str(tmp_path / "one"),
+                     out=str(tmp_path / "two"))
+    records = Evaluator(cfg)._records()
+    (tmp_path / "one" / "generations.jsonl").unlink()
+    probe = UtilityProbe(cfg, records, tmp_path / "two", table["config_hash"])
+    assert probe.reference.reused and len(probe.reference.rows) == 12
+
+
+def _direct_answer_nll(model_dir: Path, records: list, answers: dict[str, str]) -> tuple[float, int]:
+    """Mean NLL per answer token, one record at a time through the plain transformers model (float64 softmax)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from shield_ds.data.images import load_image
+    from shield_ds.models import get_adapter
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    adapter = get_adapter(model.config)
+    total, tokens = 0.0, 0
+    for r in records:
+        if not answers[r.id].strip():
+            continue
+        images = [load_image(r)] if r.has_image else None
+        prompt = adapter.processor_inputs(processor, [adapter.chat_prompt(processor, r.prompt, r.has_image)], images)
+        full = adapter.processor_inputs(processor, [adapter.chat_full(processor, r.prompt, r.has_image,
+                                                                      answers[r.id])], images)
+        start, ids = prompt["input_ids"].shape[1], full["input_ids"][0]
+        assert torch.equal(ids[:start], prompt["input_ids"][0][:start])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(**full).logits[0].double(), dim=-1)
+        total -= float(logp[start - 1:-1].gather(1, ids[start:, None]).sum())
+        tokens += len(ids) - start
+    return total / tokens, tokens
+
+
+def test_utility_nll_equals_a_direct_forward_and_reference_answers_are_checked(tiny_checkpoint, tmp_path):
+    from shield_ds.errors import ShieldError
+    from shield_ds.evaluate.evaluator import EvalConfig, Evaluator
+    from shield_ds.evaluate.utility import REFERENCE_FILE, UtilityProbe
+
+    model = tiny_checkpoint("llava")
+    cfg = EvalConfig(model=str(model), languages=["en"], modalities=["text", "typographic"], per_group_limit=2,
+                     batch_size=3, max_new_tokens=8, out=str(tmp_path / "base"), ds_config=None)
+    evaluator = Evaluator(cfg)
+    utility = evaluator.run()["utility"]
+    records = [r for r in evaluator._records() if r.label == "benign"]
+    answers = _responses(tmp_path / "base")
+    nll, tokens = _direct_answer_nll(model, records, answers)
+    assert {r.modality for r in records} == {"text", "typographic"} and utility["answers"] == 4
+    assert utility["tokens"] == tokens and utility["benign_answer_nll"] == pytest.approx(nll, rel=1e-5, abs=1e-5)
+    table = json.loads((tmp_path / "base" / "asr.json").read_text())
+    assert table["utility"] == utility and table["model"] == str(model)
+
+    assert (tmp_path / "base" / REFERENCE_FILE).is_file()
+    # explicit reference answers: the cache file itself (a generations file) is accepted
+    explicit = EvalConfig(**{**cfg.__dict__, "reference_answers": str(tmp_path / "base" / REFERENCE_FILE)})
+    probe = UtilityProbe(explicit, records, tmp_path / "other", table["config_hash"])
+    assert {str(r["id"]): r["response"] for r in probe.reference.rows} == {r.id: answers[r.id] for r in records}
+    # answers for another prompt under the same id, no matching id, a missing file: one-line errors, nothing written
+    rows = [json.loads(line) for line in (tmp_path / "base" / "generations.jsonl").read_text().splitlines()]
+    bad = tmp_path / "bad.jsonl"
+    for edit, needle in ((lambda r: {**r, "prompt": "something else"}, "another prompt"),
+                         (lambda r: {**r, "id": "x" + str(r["id"])}, "no answers")):
+        bad.write_text("".join(json.dumps(edit(r)) + "\n" for r in rows))
+        with pytest.raises(ShieldError, match=needle):
+            Evaluator(EvalConfig(**{**cfg.__dict__, "reference_answers": str(bad), "out": str(tmp_path / "x")})).run()
+    with pytest.raises(ShieldError, match="not found"):
+        Evaluator(EvalConfig(**{**cfg.__dict__, "reference_answers": str(tmp_path / "nope.jsonl"),
+                                "out": str(tmp_path / "x")})).run()
+    assert not (tmp_path / "x").exists()
 
 
 def test_ablation_zeroes_exactly_the_chosen_neurons(tiny_checkpoint):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import REPO, child_env, run_deepspeed, run_python
 from identify_helpers import MARKER, marker_datasets, plant_neurons, write_jsonl
 from shield_ds.neurons import NeuronSet
-from shield_ds.neurons.identify import IdentifyConfig, Identifier
+from shield_ds.neurons.identify import IdentifyConfig, Identifier, format_summary
 
 IDENTIFY = str(REPO / "recipes" / "identify.py")
 FP32_PARTITIONED = ["--ds", "bf16.enabled=false", "--ds", "zero_optimization.stage3_param_persistence_threshold=0"]
@@ -131,6 +131,37 @@ def test_planted_neurons_are_recovered(planted, score, tmp_path):
     precision = len(found & true) / max(len(found), 1)
     recall = len(found & true) / len(true)
     assert precision >= 0.95 and recall >= 0.95, (score, precision, recall)
+
+
+def test_cap_ranking_layer_normalized_keeps_every_layer(tiny_checkpoint, shared_data, tmp_path):
+    """Planted neurons whose saliency grows 10x per layer: the raw cap keeps only the deep layers."""
+    src = tiny_checkpoint("llava")
+    text = json.loads((src / "config.json").read_text())["text_config"]
+    layers, width = text["num_hidden_layers"], text["intermediate_size"]
+    per_layer = round(0.02 * width)
+    truth = {layer: list(range(7 * layer + 3, 7 * layer + 3 + per_layer)) for layer in range(layers)}
+    plant_neurons(src, tmp_path / "model", truth, down_scale={layer: 10.0 ** layer for layer in range(layers)})
+    with open(shared_data / "multiq_benign.csv", encoding="utf-8") as f:
+        prompts = [row["prompt"] for row in csv.DictReader(f) if row["language"] == "en"][:8]
+    harmful, benign = marker_datasets(tmp_path, prompts)
+    budget = 2 * layers  # neurons: fewer than the per-layer selection's layers x per_layer
+    kept = {}
+    for ranking in ("layer-normalized", "raw"):
+        cfg = IdentifyConfig(model=str(tmp_path / "model"), harmful=[str(harmful)], benign=[str(benign)],
+                             modalities=["text"], ratio=0.02, max_param_fraction=0.0, batch_size=8,
+                             out=str(tmp_path / ranking), ds_config=None, cap_ranking=ranking)
+        per_neuron = 3 * text["hidden_size"]
+        total = Identifier(cfg).run().meta["total_params"]  # uncapped: every planted neuron is a candidate
+        cfg.max_param_fraction = (budget * per_neuron + 0.5) / total
+        cfg.out, cfg.overwrite = str(tmp_path / f"{ranking}-capped"), True
+        kept[ranking] = Identifier(cfg).run()
+        assert kept[ranking].count == budget and kept[ranking].meta["cap_ranking"] == ranking
+    normalized, raw = kept["layer-normalized"].per_layer_counts(), kept["raw"].per_layer_counts()
+    assert normalized == [2] * layers, normalized  # every layer keeps its two best planted neurons
+    assert raw[0] == raw[1] == 0 and raw[-1] == per_layer, raw  # raw scores pile into the deepest layers
+    assert kept["layer-normalized"].as_pairs() <= {(layer, i) for layer, idx in truth.items() for i in idx}
+    assert "ranked layer-normalized" in format_summary(kept["layer-normalized"])
+    assert f"in {layers} of {layers} layers" in format_summary(kept["layer-normalized"])
 
 
 def test_param_fraction_counts_real_parameters_and_cap_holds(tiny_checkpoint, tmp_path):

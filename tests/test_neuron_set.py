@@ -9,7 +9,7 @@ import torch
 
 from shield_ds.errors import ShieldError
 from shield_ds.neurons import NeuronSet
-from shield_ds.neurons.selection import cap_by_param_fraction, select_per_layer, top_k
+from shield_ds.neurons.selection import cap_by_param_fraction, select_per_layer, top_k, within_layer_rank
 from shield_ds.neurons.statistics import ActivationStatistics
 
 META = {"num_layers": 3, "intermediate_size": 10, "hidden_size": 4, "config_hash": "a" * 64}
@@ -51,10 +51,47 @@ def test_selection_excludes_general_neurons_and_cap_keeps_best():
     selected = select_per_layer(harmful, benign, 0.6)
     assert selected[0].tolist() == [1, 2]  # neuron 0 is also a top benign neuron: general-purpose, excluded
     assert selected[1].tolist() == [2, 3]  # benign top: 4, 0, 1
-    capped = cap_by_param_fraction(selected, harmful, params_per_neuron=10, total_params=100, max_fraction=0.3)
+    capped = cap_by_param_fraction(selected, harmful, params_per_neuron=10, total_params=100, max_fraction=0.3,
+                                   ranking="raw")
     # budget 3 neurons: scores 8 (0,1), 7 (0,2), 7 (1,3) kept, 6 (1,2) dropped; ties go to the lower layer
     assert capped[0].tolist() == [1, 2] and capped[1].tolist() == [3]
+    # layer-normalized: within-layer ranks (0,1)=1, (0,2)=2, (1,3)=0, (1,2)=1; the rank-1 tie goes to the
+    # higher score relative to the layer's mean |score|: (0,1) 8/5 = 1.6 > (1,2) 6/3.8, both fit the budget
+    capped = cap_by_param_fraction(selected, harmful, params_per_neuron=10, total_params=100, max_fraction=0.3)
+    assert capped[0].tolist() == [1] and capped[1].tolist() == [2, 3]
+    capped = cap_by_param_fraction(selected, harmful, params_per_neuron=10, total_params=100, max_fraction=0.2)
+    assert capped[0].tolist() == [1] and capped[1].tolist() == [3]
     assert cap_by_param_fraction(selected, harmful, 10, 100, 0.0) is selected
+    with pytest.raises(ShieldError, match="cap-ranking"):
+        cap_by_param_fraction(selected, harmful, 10, 100, 0.3, ranking="global")
+
+
+def test_within_layer_rank_is_stable():
+    scores = torch.tensor([[3.0, 5.0, 5.0, -1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert within_layer_rank(scores).tolist() == [[2, 0, 1, 3], [0, 1, 2, 3]]
+
+
+def test_layer_normalized_cap_spreads_over_layers_when_scale_grows_with_depth():
+    """Scores whose scale grows 10x per layer: the raw ranking fills the budget from the deepest layers only."""
+    gen = torch.Generator().manual_seed(0)
+    layers, width, ratio = 6, 200, 0.05
+    base = torch.rand(layers, width, generator=gen, dtype=torch.float64)
+    depth = (10.0 ** torch.arange(layers, dtype=torch.float64)).unsqueeze(1)
+    harmful, benign = base * depth, torch.rand(layers, width, generator=gen, dtype=torch.float64) * depth
+    selected = select_per_layer(harmful, benign, ratio)
+    candidates = [layer for layer, idx in selected.items() if idx.numel()]
+    assert len(candidates) == layers
+    budget = 3 * layers  # neurons; params_per_neuron 1, total 1000
+    normalized = cap_by_param_fraction(selected, harmful, 1, 1000, budget / 1000)
+    raw = cap_by_param_fraction(selected, harmful, 1, 1000, budget / 1000, ranking="raw")
+    assert sum(v.numel() for v in normalized.values()) == sum(v.numel() for v in raw.values()) == budget
+    assert all(normalized[layer].numel() >= 1 for layer in candidates)
+    assert max(v.numel() for v in normalized.values()) - min(v.numel() for v in normalized.values()) <= 2
+    assert all(raw[layer].numel() == 0 for layer in range(layers - 2))  # early layers left empty
+    for layer, idx in normalized.items():  # survivors are each layer's best candidates
+        assert set(idx.tolist()) <= set(selected[layer].tolist())
+        best = sorted(selected[layer].tolist(), key=lambda i: -float(harmful[layer, i]))[:idx.numel()]
+        assert sorted(best) == idx.tolist()
 
 
 def test_statistics_count_only_masked_tokens():

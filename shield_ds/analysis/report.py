@@ -142,7 +142,8 @@ def analyze_identify_dir(identify_dir: str | Path, out_dir: str | Path | None = 
     first = next(iter(all_sets.values()))
     summary: dict[str, Any] = {
         "identify_dir": str(identify_dir), "num_layers": first.num_layers,
-        "intermediate_size": first.intermediate_size, "sets": sets_summary, "families": family_summary,
+        "intermediate_size": first.intermediate_size, "cap_ranking": first.meta.get("cap_ranking"),
+        "sets": sets_summary, "families": family_summary,
         "shared_core": core_summary, "pairs": pairs,
     }
     write_json(out_dir / "analysis.json", summary)
@@ -155,11 +156,13 @@ def analyze_identify_dir(identify_dir: str | Path, out_dir: str | Path | None = 
 def render_markdown(summary: dict[str, Any]) -> str:
     """The readable summary of `analyze_identify_dir`'s numbers."""
     n_layers, width = summary["num_layers"], summary["intermediate_size"]
+    ranking = f" Parameter cap ranked `{summary['cap_ranking']}`." if summary.get("cap_ranking") else ""
     out = [f"# Safety neuron analysis\n\nIdentify output: `{summary['identify_dir']}` "
-           f"({n_layers} layers x {width} FFN neurons).\n"]
+           f"({n_layers} layers x {width} FFN neurons).{ranking}\n"]
     out.append("\n## Sets\n\n")
-    out.append(markdown_table(["set", "neurons", "% of FFN neurons", "busiest layer"],
+    out.append(markdown_table(["set", "neurons", "% of FFN neurons", "layers with neurons", "busiest layer"],
                               [[name, str(s["size"]), f"{100 * s['fraction_of_ffn_neurons']:.3f}%",
+                                f"{sum(n > 0 for n in s['per_layer'])} of {len(s['per_layer'])}",
                                 str(max(range(len(s["per_layer"])), key=s["per_layer"].__getitem__))
                                 if s["size"] else "–"] for name, s in summary["sets"].items()]))
     for family, fam in summary["families"].items():
@@ -182,6 +185,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                    f"sizes would share {core['expected_size_random']:.2f} on average. The core is "
                    f"{100 * core['fraction_of_smallest_language_set']:.1f}% of the smallest language set; it is saved "
                    f"as a neuron set in `shared_core/`, per layer in `shared_core.csv`.\n")
-    out.append("\n## Per layer\n\nCounts per layer and set: `per_layer.csv`, `per_layer.png`, "
-               "`per_layer_heatmap.png`.\n")
+    out.append("\n## Per layer\n\nNeurons per decoder layer and set (also `per_layer.csv`, `per_layer.png`, "
+               "`per_layer_heatmap.png`).\n\n")
+    names = list(summary["sets"])
+    out.append(markdown_table(["layer", *names],
+                              [[str(layer), *(str(summary["sets"][n]["per_layer"][layer]) for n in names)]
+                               for layer in range(n_layers)]))
     return "".join(out)

@@ -32,6 +32,7 @@ class EvalConfig:
     refusal_phrases: str | None = None
     out: str = "runs/evaluate"
     compare: str | None = None
+    reference_answers: str | None = None  # generations.jsonl whose benign answers the utility NLL scores
     ablate: str | None = None  # a neuron set directory
     ablate_controls: int = 3  # random control sets (seeds)
     ds_config: str | None = "ds_configs/zero3_infer.json"
@@ -120,6 +121,10 @@ class Evaluator:
         overlap = trained_overlap(records, cfg.model)
         note = self._overlap_note(overlap)
         judge, matcher = self._judges()
+        from shield_ds.evaluate.utility import UtilityProbe
+        from shield_ds.models import config_hash
+
+        probe = UtilityProbe(cfg, records, self.out, config_hash(load_config(cfg.model)))
 
         ds_config = None
         if cfg.ds_config is not None:
@@ -149,6 +154,7 @@ class Evaluator:
 
         responses = generate("evaluate")
         summary: dict[str, Any] = {}
+        summary["utility"] = probe.measure(model, loaded.processor, adapter, responses, dtype=dtype, device=device)
         if dist.is_rank0():
             rows = judged(responses)
             write_generations(self.out / "generations.jsonl", rows)
@@ -162,6 +168,7 @@ class Evaluator:
                 title = f"**ASR base vs shielded {note}**\n\n" if note else ""
                 write_text(self.out / "compare.md", title + compare_markdown(cmp_rows) + "\n")
                 print(compare_markdown(cmp_rows), flush=True)
+            probe.write(summary["utility"])
         if ablate_set is not None:
             summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)
         if dist.is_rank0():

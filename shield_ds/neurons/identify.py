@@ -20,15 +20,15 @@ from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
 from shield_ds.neurons.neuron_set import META_FILE, SETS_DIR, STATS_FILE, NeuronSet
 from shield_ds.neurons.scores import SCORES, compute_scores
-from shield_ds.neurons.selection import cap_by_param_fraction, param_fraction, select_per_layer
+from shield_ds.neurons.selection import CAP_RANKINGS, cap_by_param_fraction, param_fraction, select_per_layer
 from shield_ds.neurons.statistics import ActivationStatistics
 
 log = dist.get_logger("identify")
 
 # Settings that must match for an existing output directory to be reused without --overwrite.
-SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "tokens", "languages", "modalities",
-                  "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens", "scope",
-                  "split", "test_fraction", "split_seed")
+SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
+                  "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
+                  "scope", "split", "test_fraction", "split_seed")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class IdentifyConfig:
     score: str = "saliency"
     ratio: float = 0.01
     max_param_fraction: float = 0.0003
+    cap_ranking: str = "layer-normalized"  # how the cap ranks candidates across layers (selection.py)
     tokens: str = "all"  # "all" prompt tokens, or the "last" one
     include_image_tokens: bool = False
     per_group_limit: int | None = None
@@ -118,6 +119,8 @@ class Identifier:
             raise ShieldError(f"--tokens must be 'all' or 'last', not {cfg.tokens!r}")
         if cfg.scope not in ("lm", "lm+vision"):
             raise ShieldError(f"--scope must be 'lm' or 'lm+vision', not {cfg.scope!r}")
+        if cfg.cap_ranking not in CAP_RANKINGS:
+            raise ShieldError(f"--cap-ranking must be one of {', '.join(CAP_RANKINGS)}, not {cfg.cap_ranking!r}")
         if not 0 < cfg.ratio <= 1:
             raise ShieldError(f"--ratio must be in (0, 1], not {cfg.ratio}")
         self.cfg = cfg
@@ -125,7 +128,7 @@ class Identifier:
     def signature(self, config_hash: str) -> dict[str, Any]:
         c = self.cfg
         return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
-                "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
+                "cap_ranking": c.cap_ranking, "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
                 "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope,
                 "split": c.split, "test_fraction": c.test_fraction, "split_seed": c.split_seed}
@@ -250,7 +253,7 @@ class Identifier:
         selected = select_per_layer(h_score, b_score, cfg.ratio)
         if cap:
             selected = cap_by_param_fraction(selected, h_score, meta["params_per_neuron"], meta["total_params"],
-                                             cfg.max_param_fraction)
+                                             cfg.max_param_fraction, ranking=cfg.cap_ranking)
         set_meta = dict(meta)
         set_meta["param_fraction"] = param_fraction(selected, meta["params_per_neuron"], meta["total_params"])
         set_meta["harmful_groups"], set_meta["benign_groups"] = harmful, benign
@@ -319,16 +322,18 @@ class VisionScope:
 
 
 def format_summary(neuron_set: NeuronSet) -> str:
-    """A per-layer table of selected neurons and the totals."""
+    """A per-layer table of selected neurons (how many per layer) and the totals."""
     meta = neuron_set.meta
     width = neuron_set.intermediate_size
+    counts = neuron_set.per_layer_counts()
+    ranking = f" ranked {meta['cap_ranking']}" if meta.get("cap_ranking") else ""
     lines = [f"safety neurons ({meta.get('score')} score, ratio {meta.get('ratio')}, "
-             f"cap {meta.get('max_param_fraction')}) in {meta.get('model')}",
+             f"cap {meta.get('max_param_fraction')}{ranking}) in {meta.get('model')}",
              f"{'layer':>5}  {'selected':>8}  {'of':>6}  share"]
-    for layer, n in enumerate(neuron_set.per_layer_counts()):
+    for layer, n in enumerate(counts):
         lines.append(f"{layer:>5}  {n:>8}  {width:>6}  {n / width:6.2%}")
     lines.append(f"total {neuron_set.count} neurons = {neuron_set.param_fraction:.6%} of "
-                 f"{meta.get('total_params')} parameters")
+                 f"{meta.get('total_params')} parameters, in {sum(n > 0 for n in counts)} of {len(counts)} layers")
     groups = meta.get("groups", {})
     if groups:
         lines.append("groups: " + ", ".join(f"{g}={v['records']}" for g, v in sorted(groups.items())))

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from shield_ds.errors import ShieldError
+
 
 def top_k(ratio: float, width: int) -> int:
     """How many neurons per layer a ratio keeps (at least one for a positive ratio)."""
@@ -31,19 +33,58 @@ def select_per_layer(harmful_score: torch.Tensor, benign_score: torch.Tensor, ra
     return selected
 
 
+CAP_RANKINGS = ("layer-normalized", "raw")
+
+
+def within_layer_rank(harmful_score: torch.Tensor) -> torch.Tensor:
+    """[layers, width] int64: each neuron's rank by harmful score among all neurons of its layer (0 = best).
+
+    Ties are broken by the lower index (the same stable order `select_per_layer` uses).
+    """
+    order = torch.argsort(-harmful_score, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(harmful_score.shape[1], dtype=order.dtype).expand_as(order).contiguous())
+    return ranks
+
+
 def cap_by_param_fraction(selected: dict[int, torch.Tensor], harmful_score: torch.Tensor, params_per_neuron: int,
-                          total_params: int, max_fraction: float) -> dict[int, torch.Tensor]:
-    """Keep the highest-scoring selected neurons (over all layers) within max_fraction of all parameters."""
+                          total_params: int, max_fraction: float,
+                          ranking: str = "layer-normalized") -> dict[int, torch.Tensor]:
+    """Keep the best selected neurons (over all layers) within max_fraction of all parameters.
+
+    `ranking` decides which candidates survive when the per-layer selection exceeds the budget:
+
+    - "layer-normalized" (default): a candidate's key is its rank by harmful score among *all* neurons of
+      its own layer (0 = the layer's best neuron). Raw scores are not comparable across layers (the
+      activation scale, and so saliency, grows with depth), and a layer-sum normalisation breaks on
+      signed scores (contrast and frequency can sum to ~0 or below); the within-layer rank is free of
+      scale and sign for every score. The budget then fills rank tier by rank tier: every layer's best
+      candidate, then every layer's second best, ... so it spreads over the layers the way the per-layer
+      top-rho selection intended. Candidates whose layer lost its top neurons to the benign top set
+      carry their true (worse) rank, so such layers get correspondingly fewer. Within a rank tier the
+      ties are broken by the score relative to the layer's mean |harmful score| (scale-free), then by
+      the lower layer and the lower index: the result is deterministic.
+    - "raw": the harmful score itself, over all layers (ties: lower layer, lower index); the
+      behaviour before `cap_ranking` existed, which piles the survivors into the deepest layers.
+    """
+    if ranking not in CAP_RANKINGS:
+        raise ShieldError(f"--cap-ranking must be one of {', '.join(CAP_RANKINGS)}, not {ranking!r}")
     if max_fraction <= 0:
         return selected
     budget = math.floor(max_fraction * total_params / params_per_neuron + 1e-9)
-    candidates = [(float(harmful_score[layer, i]), -layer, -int(i), layer, int(i))
-                  for layer, idx in selected.items() for i in idx.tolist()]
-    if len(candidates) <= budget:
+    pairs = [(layer, i) for layer, idx in selected.items() for i in idx.tolist()]
+    if len(pairs) <= budget:
         return selected
-    candidates.sort(reverse=True)
+    if ranking == "raw":
+        keys = [(-float(harmful_score[layer, i]), layer, i) for layer, i in pairs]
+    else:
+        ranks = within_layer_rank(harmful_score)
+        scale = harmful_score.abs().mean(dim=1).clamp_min(torch.finfo(harmful_score.dtype).tiny)
+        keys = [(int(ranks[layer, i]), -float(harmful_score[layer, i] / scale[layer]), layer, i) for layer, i in pairs]
+    order = sorted(range(len(pairs)), key=keys.__getitem__)
     kept: dict[int, list[int]] = {layer: [] for layer in selected}
-    for *_, layer, i in candidates[:budget]:
+    for n in order[:budget]:
+        layer, i = pairs[n]
         kept[layer].append(i)
     return {layer: torch.tensor(sorted(v), dtype=torch.int64) for layer, v in kept.items()}
 
