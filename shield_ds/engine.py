@@ -181,6 +181,34 @@ def gathered(params: torch.nn.Parameter | list[torch.nn.Parameter], modifier_ran
         yield
 
 
+def fits_replicated(checkpoint_dir: str | os.PathLike, dtype: torch.dtype, share: float = 0.4) -> bool:
+    """Whether a full copy of the checkpoint's weights in `dtype` fits in `share` of this rank's free
+    device memory (GPU: the rank's device; CPU: host memory split over the node's ranks).
+
+    Used to run generation on a plain replica instead of under ZeRO-3, where every new token gathers
+    every layer's parameters again. Unknown sizes (no local safetensors) count as not fitting.
+    """
+    files = list(Path(checkpoint_dir).glob("*.safetensors")) if Path(checkpoint_dir).is_dir() else []
+    if not files:
+        return False
+    from safetensors import safe_open
+
+    elements = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            elements += sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                            else int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
+    need = elements * torch.tensor([], dtype=dtype).element_size()
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(dist.device())[0]
+    else:
+        import psutil
+
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size() if dist.world_size() > 0 else 1))
+        free = psutil.virtual_memory().available // max(local_ranks, 1)
+    return need <= share * free
+
+
 # --- the engine --------------------------------------------------------------------------------
 class ShieldEngine:
     """Owns deepspeed.initialize for a model, plus save/load of complete-or-absent checkpoints."""

@@ -253,7 +253,7 @@ class ShieldTrainer:
         if cfg.benign_targets != "self":
             check_targets(records)
         self.records = records
-        self.self_targets: dict[str, int] = {}
+        self.self_targets: dict[str, int] | None = None  # set once the benign targets are in
 
     def _load_neuron_set(self):
         """The set this arm trains (or sizes LoRA from), checked against the model; random arms draw theirs."""
@@ -358,6 +358,7 @@ class ShieldTrainer:
         if zero_stage(self.ds_config) != 3:
             raise ShieldError(f"{cfg.ds_config}: masked training needs ZeRO stage 3")
         self.dtype = config_dtype(self.ds_config)
+        self._fill_self_targets(None)  # before the ZeRO-3 load, on a plain replica, when it fits
         loaded = load_model(cfg.model, ds_config=self.ds_config, dtype=self.dtype)
         self.processor, model = loaded.processor, loaded.model
         self.total_params = count_parameters(model)
@@ -480,14 +481,18 @@ class ShieldTrainer:
         return out[:count]
 
     # --- benign targets ------------------------------------------------------------------------
-    def _fill_self_targets(self, engine: ShieldEngine) -> None:
+    def _fill_self_targets(self, engine: ShieldEngine | None) -> None:
         """Generate missing benign answers with the (still untrained) model once; cache them in OUT.
+
+        Without `engine` (before the ZeRO-3 load): only when a full replica of the base fits on every
+        rank (`fits_replicated`); each rank then generates its shard on a plain copy, which avoids
+        ZeRO-3's per-token parameter gathers. Otherwise the partitioned engine generates, in lockstep.
 
         An answer that reached --max-new-tokens without ending is cut back to its last sentence end
         and trained without the end of turn (closing it would teach short answers); one without any
         sentence end is left out. Counts go to train.json (`self_targets`).
         """
-        if not self.needs_self_targets:
+        if not self.needs_self_targets or self.self_targets is not None:
             return
         from shield_ds.data.targets import cut_at_sentence_end, with_responses
 
@@ -500,15 +505,32 @@ class ShieldTrainer:
                         and isinstance(row.get("finished"), bool)):
                     responses[row["id"]] = (row["response"], row["finished"])
         todo = [r for r in self.needs_self_targets if r.id not in responses]
+        if todo and engine is None:
+            from shield_ds.engine import fits_replicated
+            from shield_ds.patch import resolve_checkpoint_dir
+
+            if not fits_replicated(resolve_checkpoint_dir(self.cfg.model), self.dtype):
+                return  # generated after the ZeRO-3 load
         if todo:
             from shield_ds.evaluate.generate import generate_responses
 
-            engine.module.eval()
-            new = generate_responses(engine.module, self.processor, self.adapter, todo,
+            if engine is None:
+                from shield_ds.models import load_model
+
+                log.info("generating %d benign targets on a replica of the base model per rank", len(todo))
+                replica = load_model(self.cfg.model, dtype=self.dtype)
+                model, processor, device, zero3 = replica.model.eval().to(dist.device()), replica.processor, \
+                    dist.device(), False
+            else:
+                model, processor, device, zero3 = engine.module.eval(), self.processor, engine.device, True
+            new = generate_responses(model, processor, self.adapter, todo,
                                      batch_size=self.cfg.micro_batch_size, max_new_tokens=self.cfg.max_new_tokens,
-                                     dtype=self.dtype, zero3=True, device=engine.device, desc="benign targets",
+                                     dtype=self.dtype, zero3=zero3, device=device, desc="benign targets",
                                      return_finished=True)
-            engine.module.train()
+            if engine is None:
+                del model, replica
+            else:
+                engine.module.train()
             responses.update(new)
             if dist.is_rank0():
                 write_text(cache, "".join(json.dumps({"id": k, "response": v, "finished": done,
