@@ -220,8 +220,8 @@ class Experiment:
         if stage.recipe == "evaluate.py" and self.cfg.eval_launcher:
             launcher = self.cfg.eval_launcher
         cmd = [*shlex.split(launcher), str(REPO / "recipes" / stage.recipe), *stage.args]
-        if cmd[0] in ("python", "python3"):  # the interpreter running this (its environment has torch)
-            cmd[0] = sys.executable
+        # "python" (also after `env VAR=...`) is the interpreter running this: its environment has torch.
+        cmd = [sys.executable if c in ("python", "python3") else c for c in cmd]
         print("==", " ".join(shlex.quote(c) for c in cmd), flush=True)
         start = time.perf_counter()
         if subprocess.run(cmd, cwd=REPO).returncode != 0:
