@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as torch_dist
 
 from shield_ds import dist
 from shield_ds.neurons.neuron_set import NeuronSet
@@ -204,23 +203,11 @@ class PeakMemory:
 
 def reduce_max(values: list[float]) -> list[float]:
     """Element-wise max over ranks (float64)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.world_size() > 1:
-        from deepspeed.accelerator import get_accelerator
-
-        t = t.to(get_accelerator().current_device_name())
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+    return dist.all_reduce(torch.tensor(values, dtype=torch.float64), op="max").tolist()
 
 
 def reduce_sum(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized() and dist.world_size() > 1:
-        from deepspeed.accelerator import get_accelerator
-
-        t = t.to(get_accelerator().current_device_name())
-        torch_dist.all_reduce(t)
-    return float(t.cpu()[0])
+    return float(dist.all_reduce(torch.tensor([value], dtype=torch.float64))[0])
 
 
 def optimizer_state_bytes(ds_engine) -> int:

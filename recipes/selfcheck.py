@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # Import inside main so `--help` is instant and the launcher's environment is in place first.
     import torch.distributed as torch_dist
 
+    from shield_ds import dist
     from shield_ds.dist import device
     from shield_ds.engine import init_distributed
     from shield_ds.launch.env import export_distributed_env
@@ -68,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     # Each rank contributes its rank everywhere: the sum is 0 + 1 + ... + (world - 1) in every element.
     values = torch.full((args.size,), float(rank), dtype=torch.float32, device=on)
     started = time.perf_counter()
-    torch_dist.all_reduce(values)
+    dist.all_reduce(values)
     seconds = time.perf_counter() - started
     expected = world * (world - 1) / 2
     ok = bool(torch.all(values == expected).item())
-    hosts = [None] * world
-    torch_dist.all_gather_object(hosts, host)
+    hosts = dist.all_gather_object(host)
     fault = os.environ.get("SHIELD_DS_FAULT_EXIT")
     if fault:
         fault_rank, seconds_stuck = fault.split(":")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 preemption.request_stop()  # stop everywhere, and report it as a timeout below
         # Ranks may stop for different reasons: a real signal on any rank means preempted.
         signalled = torch.tensor([int(preemption.stop_requested_locally() and not timed_out)], device=on)
-        torch_dist.all_reduce(signalled, op=torch_dist.ReduceOp.MAX)
+        dist.all_reduce(signalled, op="max")
         outcome = "preempted" if signalled.item() else "timeout"
 
     summary = {
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(os.path.join(args.out, "selfcheck.json"), summary)
         if ok and outcome == "preempted":
             mark_for_requeue()
-    torch_dist.barrier()
+    dist.barrier()
     torch_dist.destroy_process_group()
     preemption.uninstall()
     if not ok:

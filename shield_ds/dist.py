@@ -1,7 +1,13 @@
-"""Process-group facts and rank-0 helpers: logging, progress bars, tensorboard.
+"""Process-group facts, the collectives, and rank-0 helpers: logging, progress bars, tensorboard.
 
-The one place that answers "which rank am I" and "should this rank print or write".
-Works before, during and without torch.distributed (one process).
+The one place that answers "which rank am I" and "should this rank print or write", and the only
+module that calls torch.distributed collectives (tests/test_dist.py checks that). Works before,
+during and without torch.distributed (one process).
+
+Collectives put their tensor on the backend's device (NCCL: this rank's current CUDA device;
+gloo and others: the CPU) and hand the result back on the caller's device, so code written and
+tested over gloo on CPU runs unchanged over NCCL. With a process group they always communicate,
+also at world size 1, so a one-GPU run takes the same path as a cluster.
 """
 
 from __future__ import annotations
@@ -53,6 +59,41 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
+
+
+def collective_device(backend: str | None = None, cuda_index: int | None = None) -> torch.device:
+    """Where tensors must live for a collective of `backend` (default: the current group's)."""
+    backend = backend or (torch_dist.get_backend() if is_initialized() else "gloo")
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device() if cuda_index is None else cuda_index)
+    return torch.device("cpu")
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce `tensor` over the ranks of `group` in place (op: sum, max, min); returns it.
+
+    Identity without a process group. The tensor travels to the backend's device and back.
+    """
+    if not is_initialized():
+        return tensor
+    on = collective_device(torch_dist.get_backend(group))
+    work = tensor if tensor.device == on else tensor.to(on)
+    torch_dist.all_reduce(work, op=getattr(torch_dist.ReduceOp, _OPS[op]), group=group)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
+    if not is_initialized():
+        return [obj]
+    parts: list = [None] * world_size()
+    torch_dist.all_gather_object(parts, obj)
+    return parts
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

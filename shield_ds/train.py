@@ -142,32 +142,26 @@ def _fault_injection(step: int, boundary_next: bool) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator a step can draw from: Python, NumPy, torch's CPU and this rank's CUDA device."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's (each rank checkpoints its own)
+    return state
+
+
+def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """This rank's generators from a checkpoint's per-rank list (rank 0's when the world size changed)."""
+    if isinstance(saved, dict):  # written before per-rank states
+        return saved
+    return saved[dist.rank()] if len(saved) == dist.world_size() else saved[0]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-@dataclass(frozen=True)
-class RandomSpec:
-    """A parsed `random:SEED[:LIKE_DIR]` neuron spec."""
-
-    seed: int
-    like: str | None
-
-
-def parse_random_spec(spec: str) -> RandomSpec:
-    """`random:7` / `random:7:runs/identify` -> RandomSpec; a bad seed is a ShieldError."""
-    _, _, rest = spec.partition(":")
-    seed_text, sep, like = rest.partition(":")
-    if not seed_text.strip().isdigit() or int(seed_text) >= 2 ** 63:
-        raise ShieldError(f"--neurons {spec!r}: expected random:SEED[:LIKE_DIR] with SEED a non-negative integer")
-    if sep and not like:
-        raise ShieldError(f"--neurons {spec!r}: empty LIKE_DIR after the seed")
-    return RandomSpec(int(seed_text), like or None)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class ShieldTrainer:
@@ -394,7 +388,7 @@ class ShieldTrainer:
             client = engine.load_checkpoint(self.out / "checkpoints")
             if client is not None:
                 state = {"step": client["step"], "micro": client["micro"], "seconds": client.get("seconds", 0.0)}
-                set_rng_state(client["rng"])
+                set_rng_state(rank_rng_state(client["rng"]))
         writer = dist.Rank0Writer(self.out / "tb")
         writer.scalar("train/trainable_fraction", trainable / self.total_params, 0)
         if self.neuron_set is not None:
@@ -435,7 +429,7 @@ class ShieldTrainer:
             stop = preemption.should_stop()
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or stop:
                 engine.save_checkpoint(self.out / "checkpoints", state["step"],
-                                       {**state, "rng": rng_state(), "config": asdict(cfg)}, keep_last=cfg.keep_last)
+                                       {**state, "rng": dist.all_gather_object(rng_state()), "config": asdict(cfg)}, keep_last=cfg.keep_last)
             if stop:
                 log.warning("stopping at step %d for requeue", state["step"])
                 writer.close()
@@ -562,8 +556,7 @@ class ShieldTrainer:
     def _log(self, writer, step: int, window: dict, masker, engine: ShieldEngine, bar) -> None:
         sums = torch.tensor([window["harmful"][0], window["harmful"][1], window["benign"][0], window["benign"][1],
                              window["tokens"]], dtype=torch.float64)
-        if dist.is_initialized() and dist.world_size() > 1:
-            torch_dist.all_reduce(sums)
+        dist.all_reduce(sums)
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
         if sums[1] > 0:
             writer.scalar("train/loss_harmful", float(sums[0] / sums[1]), step)

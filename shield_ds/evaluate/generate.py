@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as torch_dist
 
 from shield_ds import dist
 
@@ -49,11 +48,7 @@ def generate_responses(model: torch.nn.Module, processor, adapter, records: Sequ
             mine.update({r.id: (t, bool(e)) for r, t, e in zip(batch_records, texts, ended.tolist())})
         elif weight > 0:
             mine.update({r.id: t for r, t in zip(batch_records, texts)})
-    if dist.is_initialized() and dist.world_size() > 1:
-        parts: list[dict[str, str] | None] = [None] * dist.world_size()
-        torch_dist.all_gather_object(parts, mine)
-        merged: dict = {}
-        for part in parts:
-            merged.update(part or {})
-        return merged
-    return mine
+    merged: dict = {}
+    for part in dist.all_gather_object(mine):
+        merged.update(part or {})
+    return merged

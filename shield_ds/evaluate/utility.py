@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
@@ -231,7 +230,6 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
         nll, counts = response_nll(logits, batch.labels[:, -keep:])
         if weight > 0:
             totals += torch.stack([nll.double().sum(), counts.double().sum(), (counts > 0).double().sum()])
-    if dist.is_initialized() and dist.world_size() > 1:
-        torch_dist.all_reduce(totals)
+    dist.all_reduce(totals)
     total, tokens, answers = totals.tolist()
     return total, int(tokens), int(answers)

@@ -38,8 +38,8 @@ from pathlib import Path
 from types import FrameType
 
 import torch
-import torch.distributed as torch_dist
 
+from shield_ds import dist
 from shield_ds.dist import get_logger
 
 REQUEUE_EXIT_CODE = 3
@@ -118,14 +118,10 @@ class PreemptionHandler:
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal (a collective: call it on all ranks each step)."""
         local = self.received is not None
-        if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        if not dist.is_initialized():
             return local
-        device = torch.device("cpu")
-        if torch_dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        return bool(dist.all_reduce(flag, op="max").item())
 
 
 def mark_for_requeue(reason: str = "preempted") -> bool:

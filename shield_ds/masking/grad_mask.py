@@ -38,10 +38,10 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
+from shield_ds import dist
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 from shield_ds.masking.partition import param_partition
@@ -165,8 +165,7 @@ class GradientMasker:
             # Only the masked entries can be non-zero: the norm needs them alone (no host sync per tensor).
             inside = grad.view(-1).index_select(0, mask.local.to(grad.device))
             squares += inside.double().pow(2).sum().to(device)
-        if torch_dist.is_initialized():
-            torch_dist.all_reduce(squares, group=self.group)
+        dist.all_reduce(squares, group=self.group)
         squares = squares.cpu()
         loss_scale = float(getattr(self.zero, "loss_scale", 1.0) or 1.0)
         self.last_norm = math.sqrt(float(squares)) / loss_scale

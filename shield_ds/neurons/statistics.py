@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as torch_dist
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
@@ -122,8 +121,7 @@ class ActivationStatistics:
     # --- reduction and access ----------------------------------------------------------------
     def all_reduce(self) -> None:
         """Sum the accumulators over all ranks in one collective call."""
-        if dist.is_initialized() and dist.world_size() > 1:
-            torch_dist.all_reduce(self.acc, op=torch_dist.ReduceOp.SUM)
+        dist.all_reduce(self.acc)
 
     def get(self, group: str, stat: str) -> torch.Tensor:
         return self.acc[self.group_index[group], STATS.index(stat)]
