@@ -92,6 +92,15 @@ def test_results_refuse_overlap_unless_allowed(tmp_path):
     assert "overlap the trained prompts" in text.splitlines()[0]
     assert "lang-sw" in text and (tmp_path / "results.png").stat().st_size > 0
     assert (tmp_path / "results.csv").read_text().startswith("arm,kind,budget")
+    # the committed page: header, the table, the same prompts for every arm, stage times
+    from shield_ds.experiment.publish import publish
+
+    write_json(tmp_path / "experiment.json", {"config": {"model": "m", "launcher": "python"}})
+    write_json(tmp_path / "eval-base" / "stage.json", {"seconds": 30.0})
+    page = publish(tmp_path, tmp_path / "published").read_text()
+    assert "| safety |" in page and "Wall time of the stages: 0.5 min" in page
+    assert page.count("**harmful, en:**") == 1 and page.count("| base | attack succeeded |") >= 1
+    assert (tmp_path / "published" / "results.png").exists()
 
 
 def test_plan_reruns_a_stage_when_its_input_ran_again(tmp_path):

@@ -1,0 +1,128 @@
+"""Publish an experiment run as a committed, self-contained results page.
+
+    python -m shield_ds.experiment.publish --run runs/real/smollm2-135m --out experiments/smollm2-135m
+
+Writes OUT/RESULTS.md (how it was run: command, machine, wall time per stage; the arms table and
+transfer from results.md; sample generations of every arm on the same prompts), copies
+results.csv and results.png, and leaves weights and generations files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.io import read_json, write_text
+
+SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
+
+
+def _stage_seconds(run: Path) -> list[tuple[str, float]]:
+    rows = []
+    for marker in sorted(run.rglob("stage.json")):
+        data = read_json(marker)
+        rows.append((marker.parent.relative_to(run).as_posix(), float(data.get("seconds", 0.0))))
+    return rows
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, torch "
+            f"{torch.__version__}")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sample_prompts(base_rows: list[dict], per_label: int = 5) -> list[dict]:
+    """Prompts to show: per label, one per language of SAMPLE_LANGUAGES present (by a fixed hash order)."""
+    chosen = []
+    for label in ("harmful", "benign"):
+        rows = sorted((r for r in base_rows if r["label"] == label),
+                      key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())
+        langs = [lang for lang in SAMPLE_LANGUAGES if any(r["language"] == lang for r in rows)]
+        for lang in langs[:per_label]:
+            chosen.append(next(r for r in rows if r["language"] == lang))
+    return chosen
+
+
+def samples_markdown(run: Path, arms: list[str]) -> str:
+    """Each sample prompt with every arm's answer and verdict."""
+    from shield_ds.evaluate.asr import read_generations
+
+    evals = {"base": run / "eval-base", **{arm: run / "arms" / arm / "eval" for arm in arms}}
+    rows = {name: {str(r["id"]): r for r in read_generations(d / "generations.jsonl")}
+            for name, d in evals.items() if (d / "generations.jsonl").is_file()}
+    out = []
+    for prompt in sample_prompts(list(rows["base"].values())):
+        out.append(f"**{prompt['label']}, {prompt['language']}:** {_short(prompt['prompt'], 240)}\n\n"
+                   "| arm | verdict | answer (greedy, cut to the evaluation's --max-new-tokens) |\n| --- | --- | --- |\n")
+        for name, by_id in rows.items():
+            r = by_id.get(str(prompt["id"]))
+            if r is None:
+                continue
+            verdict = ("refused" if r["refused"] else "answered") if prompt["label"] == "benign" else \
+                ("attack succeeded" if r["attack_success"] else "refused")
+            out.append(f"| {name} | {verdict} | {_short(r['response'])} |\n")
+        out.append("\n")
+    return "".join(out)
+
+
+def publish(run: Path, out: Path, notes: str | None = None) -> Path:
+    """Write OUT/RESULTS.md (+ results.csv, results.png) from a finished experiment run."""
+    if not (run / "results.md").is_file():
+        raise ShieldError(f"{run}: no results.md (run recipes/experiment.py there first)")
+    config = read_json(run / "experiment.json")["config"]
+    arms = sorted(p.name for p in (run / "arms").iterdir() if (p / "eval" / "generations.jsonl").is_file()) \
+        if (run / "arms").is_dir() else []
+    stages = _stage_seconds(run)
+    total = sum(s for _, s in stages)
+    results = (run / "results.md").read_text(encoding="utf-8").split("\n", 1)[1]
+    parts = [f"# Experiment: {Path(config['model']).name}\n\n",
+             f"Command: `python recipes/experiment.py --config CONFIG` with the config recorded below; run dir "
+             f"`{run}`.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min "
+             f"(launcher `{config['launcher']}`, evaluations `{config.get('eval_launcher') or config['launcher']}`).\n\n"]
+    if notes:
+        parts.append(Path(notes).read_text(encoding="utf-8").strip() + "\n\n")
+    parts.append("## Arms on held-out test prompts\n" + results + "\n")
+    parts.append("## Sample generations (the same prompts for every arm)\n\n" + samples_markdown(run, arms))
+    parts.append("## Stages\n\n| stage | seconds |\n| --- | --- |\n"
+                 + "".join(f"| {name} | {sec:.0f} |\n" for name, sec in stages))
+    parts.append("\n## Config\n\n```json\n" + json.dumps(config, indent=2) + "\n```\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.csv", "results.png"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out / name)
+    write_text(out / "RESULTS.md", "".join(parts))
+    return out / "RESULTS.md"
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m shield_ds.experiment.publish", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="an experiment --out directory")
+    p.add_argument("--out", required=True, type=Path, help="where RESULTS.md goes (e.g. experiments/NAME)")
+    p.add_argument("--notes", default=None, help="markdown file inserted after the header (findings)")
+    args = p.parse_args(argv)
+    print(f"wrote {publish(args.run, args.out, args.notes)}")
+
+
+if __name__ == "__main__":
+    main()
