@@ -164,6 +164,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass(frozen=True)
+class RandomSpec:
+    """A parsed `random:SEED[:LIKE_DIR]` neuron spec."""
+
+    seed: int
+    like: str | None
+
+
+def parse_random_spec(spec: str) -> RandomSpec:
+    """`random:7` / `random:7:runs/identify` -> RandomSpec; a bad seed is a ShieldError."""
+    _, _, rest = spec.partition(":")
+    seed_text, sep, like = rest.partition(":")
+    if not seed_text.strip().isdigit() or int(seed_text) >= 2 ** 63:
+        raise ShieldError(f"--neurons {spec!r}: expected random:SEED[:LIKE_DIR] with SEED a non-negative integer")
+    if sep and not like:
+        raise ShieldError(f"--neurons {spec!r}: empty LIKE_DIR after the seed")
+    return RandomSpec(int(seed_text), like or None)
+
+
 class ShieldTrainer:
     """Validates everything, loads the model partitioned, trains the chosen arm, exports."""
 
@@ -483,8 +502,8 @@ class ShieldTrainer:
         ZeRO-3's per-token parameter gathers. Otherwise the partitioned engine generates, in lockstep.
 
         An answer that reached --max-new-tokens without ending is cut back to its last sentence end
-        and trained without the end of turn (closing it would teach short answers); one without any
-        sentence end is left out. Counts go to train.json (`self_targets`).
+        (kept whole when it has none) and trained without the end of turn: closing it would teach
+        short answers. Counts go to train.json (`self_targets`).
         """
         if not self.needs_self_targets or self.self_targets is not None:
             return
@@ -532,7 +551,7 @@ class ShieldTrainer:
                                                       "model_hash": self.config_hash}, ensure_ascii=False) + "\n"
                                           for k, (v, done) in sorted(responses.items())))
         targets: dict[str, str] = {}
-        cut, dropped = set(), set()
+        cut, unended = set(), set()
         for key in wanted & responses.keys():
             text, finished = responses[key]
             if finished:
@@ -541,16 +560,18 @@ class ShieldTrainer:
             elif (short := cut_at_sentence_end(text)) is not None:
                 targets[key] = short
                 cut.add(key)
-            else:
-                dropped.add(key)
-        records = with_responses([r for r in self.records if r.id not in dropped], targets)
-        self.records = [replace(r, response_open=True) if r.id in cut else r for r in records]
-        self.self_targets = {"generated": len(wanted), "cut": len(cut), "dropped": len(dropped),
+            else:  # no sentence end at all: kept whole, as an open answer (it teaches no length)
+                targets[key] = text or " "
+                unended.add(key)
+        records = with_responses(self.records, targets)
+        self.records = [replace(r, response_open=True) if r.id in cut | unended else r for r in records]
+        self.self_targets = {"generated": len(wanted), "cut": len(cut), "open_without_sentence_end": len(unended),
                              "max_new_tokens": self.cfg.max_new_tokens}
-        if cut or dropped:
+        if cut or unended:
             log.warning("self-generated benign answers: %d of %d reached --max-new-tokens %d; %d cut back to their "
-                        "last sentence end (trained without end of turn), %d without a sentence end left out",
-                        len(cut) + len(dropped), len(wanted), self.cfg.max_new_tokens, len(cut), len(dropped))
+                        "last sentence end, %d without a sentence end kept whole; both are trained without the end "
+                        "of turn",
+                        len(cut) + len(unended), len(wanted), self.cfg.max_new_tokens, len(cut), len(unended))
 
     # --- logging -------------------------------------------------------------------------------
     def _log(self, writer, step: int, window: dict, masker, engine: ShieldEngine, bar) -> None:

@@ -362,7 +362,7 @@ def test_llama_trains_and_evaluates_on_two_ranks(tiny_dir, tmp_path):
     neurons = tmp_path / "identify"
     ns = Identifier(IdentifyConfig(model=str(model), languages=["en"], modalities=["text"], per_group_limit=6,
                                    ratio=0.05, max_param_fraction=0.0, out=str(neurons), ds_config=None)).run()
-    assert ns.count >= 8
+    assert ns.count >= 4
     benign = write_jsonl(tmp_path / "benign.jsonl", [
         {"id": f"b{i}", "prompt": q, "language": "en", "label": "benign", "response": a}
         for i, (q, a) in enumerate([("What is 2+2?", "4."), ("Name a primary colour.", "Red.")])])

@@ -102,7 +102,7 @@ class UtilityProbe:
                 raise ShieldError(error)
             self.reference = reference
 
-    def _resolve(self) -> Reference:
+    def _resolve(self) -> Reference | None:
         cfg = self.cfg
         if not cfg.reference_answers and not cfg.compare:  # this run's own answers (the cache only records them)
             return Reference(SELF, None, str(cfg.model), self.config_hash)
@@ -120,11 +120,16 @@ class UtilityProbe:
                                   "(pass --reference-answers FILE)")
             raise ShieldError(f"{path}: reference answers file not found")
         rows = _benign_rows(path)
+        if not cfg.reference_answers and not self._check_rows(rows, str(path), required=False):
+            log.warning("no utility drift: %s holds no answers for this run's benign prompts (another split or "
+                        "language set; pass --reference-answers to choose answers)", path)
+            return None
         self._check_rows(rows, str(path))
         return Reference(source, rows, model, chash)
 
-    def _check_rows(self, rows: list[dict], where: str) -> None:
-        """The answers must be for this run's benign prompts (by id and prompt), at least one of them."""
+    def _check_rows(self, rows: list[dict], where: str, required: bool = True) -> int:
+        """How many answers are for this run's benign prompts (by id and prompt); none is an error when
+        `required`, and an answer for another prompt under a matching id always is."""
         from shield_ds.evaluate.evaluator import generation_rows
 
         expected = {row["id"]: row["prompt"] for row in generation_rows(self.benign, {r.id: "" for r in self.benign})}
@@ -136,8 +141,9 @@ class UtilityProbe:
                     raise ShieldError(f"{where}: the answer for id {key} was made for another prompt "
                                       f"({row['prompt'][:40]!r}, here {expected[key][:40]!r})")
                 matched += 1
-        if not matched:
+        if not matched and required:
             raise ShieldError(f"{where}: holds no answers for this run's {len(self.benign)} benign prompts")
+        return matched
 
     def measure(self, model: torch.nn.Module, processor, adapter, responses: dict[str, str], *,
                 dtype: torch.dtype, device: torch.device) -> dict[str, Any] | None:
