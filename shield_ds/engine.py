@@ -144,6 +144,11 @@ def resolve_ds_config(config: str | os.PathLike | dict, *, micro_batch_size: int
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
     for key, value in items:
         _set_dotted(cfg, key, value)
+    optimizer = cfg.get("optimizer")
+    if isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower().startswith("adam") \
+            and not torch.cuda.is_available():
+        # DeepSpeed's fused Adam needs CUDA: on a CPU-only machine torch's Adam, unless the config chose.
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
     auto = _find_auto(cfg)
     if auto:
         raise ShieldError(f"{source}: '{auto}' is \"auto\"; shield-ds computes batch sizes itself, "

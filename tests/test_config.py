@@ -97,3 +97,21 @@ def test_split_flags_defaults_per_recipe_and_validation(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(_parser(), ["--split", "validation"])
     assert exc.value.code == 2 and "validation" in capsys.readouterr().err
+
+
+def test_adam_implementation_follows_the_machine(tmp_path):
+    """Shipped configs leave the Adam kernel open: torch's on a CPU-only machine, DeepSpeed's fused one on
+    GPUs; a config (or --ds override) that chooses keeps its choice."""
+    import json
+
+    import torch
+
+    from conftest import REPO
+
+    shipped = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())
+    assert "torch_adam" not in shipped["optimizer"]["params"]
+    resolved = resolve_ds_config(REPO / "ds_configs" / "zero3_bf16.json", micro_batch_size=1)
+    assert resolved["optimizer"]["params"].get("torch_adam") is (True if not torch.cuda.is_available() else None)
+    chosen = resolve_ds_config(REPO / "ds_configs" / "zero3_bf16.json", micro_batch_size=1,
+                               overrides=["optimizer.params.torch_adam=false"])
+    assert chosen["optimizer"]["params"]["torch_adam"] is False
