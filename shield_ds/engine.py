@@ -10,6 +10,7 @@ import contextlib
 import copy
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -201,8 +202,7 @@ def fits_replicated(checkpoint_dir: str | os.PathLike, dtype: torch.dtype, share
     elements = 0
     for file in files:
         with safe_open(str(file), "pt") as f:
-            elements += sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                            else int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
+            elements += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     need = elements * torch.tensor([], dtype=dtype).element_size()
     if torch.cuda.is_available():
         free = torch.cuda.mem_get_info(dist.device())[0]

@@ -115,3 +115,14 @@ def test_adam_implementation_follows_the_machine(tmp_path):
     chosen = resolve_ds_config(REPO / "ds_configs" / "zero3_bf16.json", micro_batch_size=1,
                                overrides=["optimizer.params.torch_adam=false"])
     assert chosen["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_fits_replicated_counts_the_checkpoint(tiny_checkpoint, tmp_path):
+    import torch
+
+    from shield_ds.engine import fits_replicated
+
+    model = tiny_checkpoint("llava")
+    assert fits_replicated(model, torch.float32)
+    assert not fits_replicated(model, torch.float32, share=1e-15)  # a few hundred kB do not fit in ~0 bytes
+    assert not fits_replicated(tmp_path, torch.float32)  # no safetensors: unknown size counts as not fitting
