@@ -72,9 +72,10 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
     out = [f"# Precise Shield demo report\n\nRun directory: `{run}`. Model: `{meta['model']}` "
            f"({meta['model_type']}, {meta['total_params']:,} parameters, {meta['num_layers']} layers x "
            f"{meta['intermediate_size']} FFN neurons). Identification ran on {meta['world_size']} ranks.\n\n"
-           "The demo model is a tiny random checkpoint: it cannot learn to refuse (its byte-level outputs are "
-           "near uniform), so no arm moves its ASR. The numbers show that every stage runs end to end and "
-           "what it reports, not the safety of a real model: see `experiments/` for real models.\n"]
+           "The demo model is a tiny random checkpoint (a byte-level model that cannot tell harmful from benign "
+           "prompts): an arm that moves at all learns to emit the refusal template for everything, so a lower "
+           "ASR comes with over-refusal near 100%. The numbers show that every stage runs end to end and what "
+           "it reports, not the safety of a real model: see `experiments/` for real models.\n"]
 
     out.append("\n## 1. Safety neurons (all ten languages, text and typographic, train split)\n\n")
     ranking = f" (ranked {meta['cap_ranking']})" if meta.get("cap_ranking") else ""
