@@ -209,7 +209,7 @@ def fits_replicated(checkpoint_dir: str | os.PathLike, dtype: torch.dtype, share
     else:
         import psutil
 
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size() if dist.world_size() > 0 else 1))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
         free = psutil.virtual_memory().available // max(local_ranks, 1)
     return need <= share * free
 

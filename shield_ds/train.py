@@ -379,10 +379,10 @@ class ShieldTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._setup_trainable(model)
 
-        self.total_steps = self._total_steps()
-        # The schedule reads self.total_steps when called: dropped self-generated targets may shorten an epoch.
-        engine = ShieldEngine(model, self.ds_config, training=True, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_lambda(cfg.schedule, cfg.warmup_steps, self.total_steps)(step)))
+        self.total_steps = self._total_steps()  # self-generated targets fill records in, never remove them
+        schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, self.total_steps)
+        engine = ShieldEngine(model, self.ds_config, training=True,
+                              lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.engine = engine
         if cfg.update == "mask":
             masker = GradientMasker(engine.ds, build_masks(engine.module, self.adapter, self.neuron_set))
@@ -399,7 +399,6 @@ class ShieldTrainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         self._fill_self_targets(engine)
-        self.total_steps = self._total_steps()
         total_steps = self.total_steps
 
         state = {"step": 0, "micro": 0, "seconds": 0.0}
