@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shield_ds import dist
+from shield_ds.defaults import REPO_ROOT as REPO
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, write_json, write_text
 
 log = dist.get_logger("experiment")
 
-REPO = Path(__file__).resolve().parents[2]
 ARMS = ("safety", "random", "lora", "full-ffn")
 STAGE_FILE = "stage.json"
 
