@@ -6,6 +6,7 @@ arithmetic, dtype choice, ZeRO-3 parameter gathering and checkpoint layout live 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import glob
@@ -57,10 +58,26 @@ def init_distributed(timeout_minutes: int = 60) -> None:
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    atexit.register(_destroy_process_group)
     _unlink_shm_buffers()
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
     dist.setup_logging()
+
+
+def _destroy_process_group() -> None:
+    """Tear the process group down while the interpreter is still whole (registered at exit).
+
+    Left to interpreter finalization, gloo's worker threads can still hold work objects whose
+    tensors need the GIL, and the rank aborts with "terminate called without an active exception"
+    (seen in about one 2-rank run in ten here). Local only: no collective, so it cannot hang when
+    another rank has already failed.
+    """
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        with contextlib.suppress(Exception):
+            torch_dist.destroy_process_group()
 
 
 def _unlink_shm_buffers() -> None:
@@ -222,7 +239,6 @@ class ShieldEngine:
                  optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None):
         import deepspeed
 
-        self.ds_config = ds_config
         self.training = training
         params = [p for p in model.parameters() if p.requires_grad] if training else None
         if training and not params:
@@ -230,6 +246,9 @@ class ShieldEngine:
         if not training:
             for p in model.parameters():
                 p.requires_grad_(False)
+            # A training ds_config reused for inference: no optimizer (it would be built over frozen weights).
+            ds_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        self.ds_config = ds_config
         self.ds, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
             config=ds_config, dist_init_required=False)
