@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.config import csv_list, parse_args  # noqa: E402
+from shield_ds.config import csv_ints, csv_list, parse_args  # noqa: E402
 from shield_ds.errors import exit_on_error  # noqa: E402
 
 
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="safety,random,lora,full-ffn", help="comma-separated: safety,random,lora,full-ffn")
     p.add_argument("--random-seeds", type=int, default=3, help="random-neuron arms (one per seed)")
     p.add_argument("--budgets", default=None, help="extra parameter budgets to sweep, e.g. 0.001,0.003,0.01")
+    p.add_argument("--curve-steps", default=None,
+                   help="optimizer steps before --max-steps at which every main arm is also exported and evaluated "
+                        "(ASR vs over-refusal curves), e.g. 10,20")
     p.add_argument("--data-args", default="", help="flags for every stage (sources, --test-fraction, --split-seed)")
     p.add_argument("--identify-args", default="", help="extra flags for identify.py")
     p.add_argument("--train-args", default="", help="extra flags for train.py (every arm)")
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         train_languages=csv_list(args.train_languages) or [], train_modalities=csv_list(args.train_modalities) or [],
         eval_languages=csv_list(args.eval_languages), eval_modalities=csv_list(args.eval_modalities) or ["text"],
         arms=csv_list(args.arms) or [], random_seeds=args.random_seeds,
-        budgets=[float(b) for b in csv_list(args.budgets) or []], data_args=args.data_args,
+        budgets=[float(b) for b in csv_list(args.budgets) or []], curve_steps=csv_ints(args.curve_steps, "--curve-steps"),
+        data_args=args.data_args,
         identify_args=args.identify_args, train_args=args.train_args, evaluate_args=args.evaluate_args,
         base_evaluate_args=args.base_evaluate_args,
         lora_args=args.lora_args, allow_overlap=args.allow_overlap, force=args.force,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.config import add_data_args, add_engine_args, csv_list, data_kwargs, parse_args  # noqa: E402
+from shield_ds.config import add_data_args, add_engine_args, csv_ints, csv_list, data_kwargs, parse_args  # noqa: E402
 from shield_ds.errors import exit_on_error  # noqa: E402
 
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p, ds_config="ds_configs/zero3_bf16.json", allow_none=False)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (large models)")
     p.add_argument("--no-export", action="store_true", help="skip writing model/ and the patch")
+    p.add_argument("--export-steps", default=None,
+                   help="comma-separated optimizer steps before the last at which to also export OUT/snapshots/step-N/ "
+                        "(evaluate them for an ASR vs over-refusal curve along training)")
     return p
 
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         schedule=args.schedule, warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size,
         grad_accum=args.grad_accum, save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
         out=args.out, ds_config=args.ds_config, ds_overrides=args.ds, export=not args.no_export,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, export_steps=csv_ints(args.export_steps, "--export-steps"),
     )
     ShieldTrainer(cfg).run()
 

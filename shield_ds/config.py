@@ -65,6 +65,17 @@ def csv_list(text: str | Sequence[str] | None) -> list[str] | None:
     return items or None
 
 
+def csv_ints(text: str | Sequence[int] | None, flag: str) -> list[int]:
+    """'10,20' or [10, 20] -> [10, 20]; None/'' -> []; anything else names `flag`."""
+    if text is None or isinstance(text, int):
+        return [] if text is None else [text]
+    items = csv_list(text if isinstance(text, str) else [str(t) for t in text]) or []
+    try:
+        return [int(t) for t in items]
+    except ValueError:
+        raise ShieldError(f"{flag} {','.join(items)!r}: expected comma-separated integers") from None
+
+
 class SourcesAction(argparse.Action):
     """`--harmful A B --harmful C` -> [A, B, C]; the first use replaces a default (e.g. from --config)."""
 

@@ -15,15 +15,20 @@ class ShieldError(Exception):
 
 
 def exit_on_error(fn: F) -> F:
-    """Decorate a recipe's main(): a ShieldError becomes `error: ...` on stderr and exit code 2."""
+    """Decorate a recipe's main(): a ShieldError becomes `error: ...` on stderr and exit code 2; a
+    distributed recipe that returns ends its ranks together (`shield_ds.engine.exit_distributed`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except ShieldError as exc:
             logging.getLogger("shield_ds").debug("user error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
+        from shield_ds.engine import exit_distributed
+
+        exit_distributed(0)  # a distributed recipe's ranks end together here (no-op otherwise)
+        return result
 
     return wrapper  # type: ignore[return-value]

@@ -46,6 +46,12 @@ log = dist.get_logger("train")
 
 BENIGN_TARGETS_FILE = "benign_targets.jsonl"
 PATCH_FILE = "shield_patch.safetensors"
+SNAPSHOT_DIR = "snapshots"
+
+
+def snapshot_dir(out: str | os.PathLike, step: int) -> Path:
+    """Where `--export-steps` puts the export of optimizer step `step` (patch and/or model/)."""
+    return Path(out) / SNAPSHOT_DIR / f"step-{step}"
 DEFAULT_NEURONS = "runs/identify"
 UPDATES = ("mask", "delta", "lora", "full-ffn")
 # Leaf names of the decoder-layer projections LoRA adapts by default (attention and MLP).
@@ -90,6 +96,8 @@ class TrainConfig:
     ds_overrides: list[str] = field(default_factory=list)
     data_dir: str | None = None
     export: bool = True
+    # Optimizer steps (before the last) at which to export a snapshot to OUT/snapshots/step-N/ (trade-off curves).
+    export_steps: list[int] = field(default_factory=list)
     gradient_checkpointing: bool = False
     split: str = "train"  # prompts of the train split (shield_ds.data.splits), "test" or "all"
     test_fraction: float = 0.3
@@ -207,6 +215,12 @@ class ShieldTrainer:
     def _check_arm_flags(self) -> None:
         """Flags that belong to another arm are refused (one line, before anything is read or written)."""
         cfg = self.cfg
+        bad = [s for s in cfg.export_steps if s < 1]
+        if bad:
+            raise ShieldError(f"--export-steps: step {bad[0]} is not a positive optimizer step")
+        if cfg.export_steps and (cfg.update == "delta" or not cfg.export):
+            raise ShieldError("--export-steps needs the export of --update mask, lora or full-ffn "
+                              "(delta merges its slices into the weights when it exports)")
         lora_flags = {"--lora-rank": cfg.lora_rank, "--lora-budget": cfg.lora_budget,
                       "--lora-targets": cfg.lora_targets, "--lora-alpha": cfg.lora_alpha}
         if cfg.update != "lora":
@@ -444,6 +458,8 @@ class ShieldTrainer:
             state["step"] += 1
             state["seconds"] = time.perf_counter() - started
             self._log(writer, state["step"], window, masker, engine, bar)
+            if state["step"] in cfg.export_steps and state["step"] < total_steps:
+                self.export(engine, masker, dest=snapshot_dir(self.out, state["step"]), final=False)
             stop = preemption.should_stop()
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or stop:
                 engine.save_checkpoint(self.out / "checkpoints", state["step"],
@@ -598,20 +614,25 @@ class ShieldTrainer:
         window.update({"harmful": [0.0, 0], "benign": [0.0, 0], "tokens": 0, "t0": time.perf_counter()})
 
     # --- export --------------------------------------------------------------------------------
-    def export(self, engine: ShieldEngine, masker) -> str | None:
+    def export(self, engine: ShieldEngine, masker, dest: Path | None = None, final: bool = True) -> str | None:
         """Neuron arms: shield_patch.safetensors (the changed slices) and model/ (= patch applied to the base).
-        LoRA / full-ffn: model/ only (changed tensors over a copy of the base). Returns the patch file name or None."""
+        LoRA / full-ffn: model/ only (changed tensors over a copy of the base). Returns the patch file name or None.
+
+        Collective. `dest` (default --out) and `final=False` export a snapshot mid-run: the masks stay on.
+        """
+        dest = dest or self.out
         if masker is None:
-            self._export_merged(engine)
+            self._export_merged(engine, dest)
             return None
         from shield_ds.masking import merge_deltas
         from shield_ds.masking.partition_mask import neuron_params
         from shield_ds.patch import PatchEntry, apply_patch, resolve_checkpoint_dir, take, write_patch
 
-        masker.remove()
         model = engine.module
-        if self.cfg.update == "delta":
-            merge_deltas(model)
+        if final:
+            masker.remove()
+            if self.cfg.update == "delta":
+                merge_deltas(model)
         entries = []
         for name, param, kind, indices in neuron_params(model, self.adapter, self.neuron_set):
             with gathered(param):
@@ -619,7 +640,8 @@ class ShieldTrainer:
                     entries.append(PatchEntry(name, kind, indices.clone(), take(param.detach().float().cpu(), kind, indices)))
         if dist.is_rank0():
             base_dir = resolve_checkpoint_dir(self.cfg.model)
-            patch = self.out / PATCH_FILE
+            patch = dest / PATCH_FILE
+            dest.mkdir(parents=True, exist_ok=True)
             extra = {"base_model": str(self.cfg.model), "neurons": str(self.cfg.neurons or DEFAULT_NEURONS),
                      "update": self.cfg.update, "neuron_count": self.neuron_set.count, "arm": self.arm,
                      "package_version": shield_ds.__version__}
@@ -627,8 +649,8 @@ class ShieldTrainer:
                 extra["random"] = self.neuron_set.meta["random"]
             extra["provenance"] = self._provenance()
             write_patch(patch, entries, base_dir=base_dir, config_hash=self.config_hash, extra_meta=extra)
-            apply_patch(base_dir, patch, self.out / "model")
-            log.info("exported %s and %s", patch, self.out / "model")
+            apply_patch(base_dir, patch, dest / "model")
+            log.info("exported %s and %s", patch, dest / "model")
         dist.barrier()
         return PATCH_FILE
 
@@ -640,7 +662,7 @@ class ShieldTrainer:
                                split_seed=self.cfg.split_seed, languages=self.cfg.languages,
                                modalities=self.cfg.modalities)
 
-    def _export_merged(self, engine: ShieldEngine) -> None:
+    def _export_merged(self, engine: ShieldEngine, dest: Path) -> None:
         """model/ = the base checkpoint's files with the trained tensors (LoRA merged) written over them.
 
         Collective: parameters are gathered one weight file at a time; rank 0 writes. Tensors that did not
@@ -678,13 +700,13 @@ class ShieldTrainer:
                     yield filename, lambda base, values=values: values
 
         if dist.is_rank0():
-            rewrite_checkpoint(base_dir, self.out / "model", updates(), provenance=self._provenance())
-            stale = self.out / PATCH_FILE
+            rewrite_checkpoint(base_dir, dest / "model", updates(), provenance=self._provenance())
+            stale = dest / PATCH_FILE
             if stale.exists():
                 stale.unlink()
                 log.warning("removed %s of an earlier run: a %s run writes no patch", stale, self.arm)
             log.info("exported %s (%s: %d tensors changed; no patch file, model/ is the full checkpoint)",
-                     self.out / "model", self.arm, len(items))
+                     dest / "model", self.arm, len(items))
         else:
             for _ in updates():
                 pass

@@ -134,6 +134,24 @@ def test_bad_config_is_refused():
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))
     with pytest.raises(ShieldError, match="budget 2.0"):
         Experiment(ExperimentConfig(model="m", budgets=[2.0]))
+    with pytest.raises(ShieldError, match="--curve-steps needs --max-steps"):
+        Experiment(ExperimentConfig(model="m", curve_steps=[5]))
+    with pytest.raises(ShieldError, match="step 40 is not between 0 and --max-steps 40"):
+        Experiment(ExperimentConfig(model="m", curve_steps=[10, 40], train_args="--lr 1e-3 --max-steps 40"))
+
+
+def test_curve_steps_plan_snapshot_evaluations(tmp_path):
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "lora"], budgets=[0.01], curve_steps=[5, 10],
+                           train_args="--max-steps=20")
+    stages = Experiment(cfg).plan()
+    safety = next(s for s in stages if s.out == tmp_path / "arms" / "safety" / "train")
+    assert safety.args[-2:] == ["--export-steps", "5,10"]
+    swept = next(s for s in stages if s.out == tmp_path / "budgets" / "0.01" / "safety" / "train")
+    assert "--export-steps" not in swept.args  # the sweep's arms have no curve
+    evals = [s for s in stages if s.out.name.startswith("eval-step-")]
+    assert [s.out.relative_to(tmp_path).as_posix() for s in evals] == [
+        "arms/safety/eval-step-5", "arms/safety/eval-step-10", "arms/lora/eval-step-5", "arms/lora/eval-step-10"]
+    assert str(tmp_path / "arms" / "lora" / "train" / "snapshots" / "step-10" / "model") in evals[-1].args
 
 
 @pytest.mark.distributed
@@ -150,7 +168,7 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
             "--identify-args", "--per-group-limit 3 --ratio 0.1 --max-param-fraction 0.05 --ds-config none",
             "--evaluate-args", "--per-group-limit 2 --max-new-tokens 6 --ds-config none",
             "--train-args", "--per-group-limit 3 --benign-targets self --max-new-tokens 6 --max-steps 2 "
-                            "--ds-config ds_configs/zero3_fp32.json"]
+                            "--ds-config ds_configs/zero3_fp32.json", "--curve-steps", "1"]
     proc = run_python(args, timeout=900)
     rows = {r.split(",")[0]: r for r in (out / "results.csv").read_text().splitlines()[1:]}
     assert set(rows) == {"base", "safety", "lora"}
@@ -159,6 +177,13 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     assert "lang-sw" in text and "modality-typographic" in text and "lang-en" not in text
     for arm in ("safety", "lora"):
         assert (out / "arms" / arm / "train" / "model" / "model.safetensors").exists()
+    # the curve: every arm exported at step 1 (mask: patch + model; LoRA: merged model) and was evaluated there
+    assert (out / "arms" / "safety" / "train" / "snapshots" / "step-1" / "shield_patch.safetensors").exists()
+    assert (out / "arms" / "lora" / "train" / "snapshots" / "step-1" / "model" / "model.safetensors").exists()
+    curve = [r.split(",") for r in (out / "curves.csv").read_text().splitlines()]
+    step = curve[0].index("step")
+    assert sorted((r[0], r[step]) for r in curve[1:]) == [(a, s) for a in ("lora", "safety") for s in ("0", "1", "2")]
+    assert "ASR against over-refusal along training" in text and (out / "curves.png").exists()
     # the base model's benign answers were generated once (by the first arm) and shared by every arm
     caches = {(out / "arms" / arm / "train" / "benign_targets.jsonl").read_text() for arm in rows if arm != "base"}
     assert len(caches) == 1
@@ -188,5 +213,5 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     asr_path.write_text(clean)
     # a second run with nothing changed launches nothing and writes the same table
     again = run_python(args, timeout=300)
-    assert again.stdout.count("== done already") == 6
+    assert again.stdout.count("== done already") == 8
     assert (out / "results.md").read_text() == text

@@ -50,7 +50,7 @@ def _args(s: dict, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def mask_run(setup) -> Path:
     out = setup["tmp"] / "mask"
-    run_deepspeed(TRAIN, _args(setup, out), num_ranks=2, timeout=600)
+    run_deepspeed(TRAIN, _args(setup, out, "--export-steps", "2"), num_ranks=2, timeout=600)
     return out
 
 
@@ -171,6 +171,20 @@ def test_delta_mode_is_bit_identical_to_mask_mode_with_sgd(setup):
     patches = [load_file(str(outs[m] / "shield_patch.safetensors")) for m in ("mask", "delta")]
     assert patches[0].keys() == patches[1].keys()
     assert all(torch.equal(patches[0][k], patches[1][k]) for k in patches[0])
+
+
+def test_snapshot_is_what_a_shorter_run_exports(setup, mask_run):
+    """--export-steps 2 of the 4-step run writes the patch and model a 2-step run exports, byte for byte,
+    and the run goes on to its own final export."""
+    out = setup["tmp"] / "two-steps"
+    run_deepspeed(TRAIN, _args(setup, out, "--max-steps", "2"), num_ranks=2, timeout=600)
+    snapshot = mask_run / "snapshots" / "step-2"
+    a, b = load_file(str(snapshot / "shield_patch.safetensors")), load_file(str(out / "shield_patch.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b, final = _weights(snapshot / "model"), _weights(out / "model"), _weights(mask_run / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], final[k]) for k in a)
+    assert sorted(p.name for p in (mask_run / "snapshots").iterdir()) == ["step-2"]
 
 
 def test_kill_minus_9_then_resume_is_bit_identical(setup, mask_run):
@@ -327,6 +341,8 @@ def test_arm_flags_bad_input(setup, tmp_path):
         (dict(neurons=f"random:1:{tmp_path / 'none'}"), "not found"),
         (dict(neurons=f"random:1:{foreign}"), "another model"),
         (dict(neurons="random:1", like_neurons=str(foreign)), "another model"),
+        (dict(neurons=neurons, update="delta", export_steps=[1]), "--export-steps needs the export of --update mask"),
+        (dict(neurons=neurons, export_steps=[0]), "--export-steps: step 0"),
     ]
     for kwargs, needle in cases:
         cfg = TrainConfig(model=str(setup["model"]), benign=[str(setup["benign"])], languages=["en"], out=str(out), **kwargs)

@@ -194,3 +194,39 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
         ax2.legend(fontsize=7)
     save_figure(fig, path)
     return path
+
+
+def curve_markdown(rows: list[dict]) -> str:
+    """The trade-off along training: per arm and optimizer step, trained-language ASR, held-out ASR and
+    over-refusal (95% Wilson intervals); step 0 is the base model."""
+    present = [s for s in ("trained", "held_out_languages") if any(r.get(f"{s}_n") for r in rows)]
+    header = ["arm", "step", *(SLICE_TITLES[s] + " %" for s in present), "over-refusal %", "NLL drift"]
+    body = [[r["arm"], str(r["step"]), *(_with_ci(r, s) for s in present), _with_ci(r, "over_refusal"),
+             "–" if r.get("nll_drift") is None else f"{r['nll_drift']:+.3f}"] for r in rows]
+    return ("## ASR against over-refusal along training\n\nEvery main arm exported at the curve steps and "
+            "was evaluated on the same test prompts; an arm whose curve lies below and left of another's "
+            "buys the same ASR with less over-refusal.\n\n" + markdown_table(header, body) + "\n")
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path | None:
+    """Trained-language ASR against over-refusal, one line per arm through its steps (from the base)."""
+    from shield_ds.analysis.plots import plt, save_figure
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows if r.get("trained") is not None))
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 4.6))
+    for arm in arms:
+        points = sorted((r for r in rows if r["arm"] == arm and r.get("trained") is not None), key=lambda r: r["step"])
+        ax.plot([r["over_refusal"] for r in points], [r["trained"] for r in points], marker="o", label=arm)
+        last = points[-1]
+        ax.annotate(str(last["step"]), (last["over_refusal"], last["trained"]), fontsize=6,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("over-refusal (benign test prompts)")
+    ax.set_ylabel("ASR trained languages (harmful test prompts)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("along training steps (first point: base model)", fontsize=9)
+    save_figure(fig, path)
+    return path

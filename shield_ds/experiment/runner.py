@@ -53,6 +53,9 @@ class ExperimentConfig:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     random_seeds: int = 3
     budgets: list[float] = field(default_factory=list)
+    # Optimizer steps before the last at which every main arm also exports and is evaluated: the ASR vs
+    # over-refusal curve along training (the final step is the arm's main evaluation).
+    curve_steps: list[int] = field(default_factory=list)
     data_args: str = ""  # flags for every stage (sources, --test-fraction, --split-seed, ...)
     identify_args: str = ""
     train_args: str = ""
@@ -73,6 +76,13 @@ class ExperimentConfig:
         for b in self.budgets:
             if not 0 < b < 1:
                 raise ShieldError(f"budget {b}: a parameter fraction must be in (0, 1)")
+        if self.curve_steps:
+            steps = _flag_value(self.train_args, "--max-steps")
+            if steps is None:
+                raise ShieldError("--curve-steps needs --max-steps in --train-args (the curve's last point)")
+            late = [c for c in self.curve_steps if not 0 < c < int(steps)]
+            if late:
+                raise ShieldError(f"--curve-steps: step {late[0]} is not between 0 and --max-steps {steps}")
 
 
 @dataclass
@@ -109,6 +119,17 @@ class Stage:
 
 def _csv(values: Sequence[str]) -> str:
     return ",".join(values)
+
+
+def _flag_value(args: str, flag: str) -> str | None:
+    """The value of `flag` in a shell-quoted argument string (the last one wins), or None."""
+    words, value = shlex.split(args), None
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            value = words[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
 
 
 class Experiment:
@@ -165,8 +186,17 @@ class Experiment:
         return arms
 
     def train_args(self, arm: Arm) -> list[str]:
+        curve = (["--export-steps", ",".join(map(str, self.cfg.curve_steps))]
+                 if self.cfg.curve_steps and arm.budget is None else [])
         return [*self._common(), *self._train_selection(), *arm.flags, "--out", str(arm.train_dir),
-                *shlex.split(self.cfg.train_args)]
+                *shlex.split(self.cfg.train_args), *curve]
+
+    def curve_points(self) -> list[tuple[Arm, int, Path, Path]]:
+        """(arm, step, snapshot model dir, its evaluation dir) for every main arm and curve step."""
+        from shield_ds.train import snapshot_dir
+
+        return [(arm, step, snapshot_dir(arm.train_dir, step) / "model", arm.root / f"eval-step-{step}")
+                for arm in self.arms() if arm.budget is None for step in self.cfg.curve_steps]
 
     def evaluate_args(self, model: str, out: Path) -> list[str]:
         return ["--model", model, *shlex.split(self.cfg.data_args), *self._eval_selection(), "--out", str(out),
@@ -189,6 +219,9 @@ class Experiment:
             stages.append(train)
             stages.append(Stage("evaluate.py", self.evaluate_args(str(arm.train_dir / "model"), arm.eval_dir),
                                 arm.eval_dir, "asr.json", [train.out, base.out]))
+        for arm, _, model, out in self.curve_points():
+            stages.append(Stage("evaluate.py", self.evaluate_args(str(model), out), out, "asr.json",
+                                [arm.train_dir, base.out]))
         return stages
 
     # --- running -------------------------------------------------------------------------------
@@ -260,8 +293,8 @@ class Experiment:
     # --- results -------------------------------------------------------------------------------
     def write_results(self) -> list[dict[str, Any]]:
         from shield_ds.data.splits import overlap_note
-        from shield_ds.experiment.results import (arm_row, held_out_groups, plot_results, results_markdown,
-                                                  transfer_section)
+        from shield_ds.experiment.results import (arm_row, curve_markdown, held_out_groups, plot_curves,
+                                                  plot_results, results_markdown, transfer_section)
         from shield_ds.evaluate.asr import rows_to_csv
 
         base_dir = self.out / "eval-base"
@@ -281,7 +314,30 @@ class Experiment:
         plot = plot_results(rows, self.out / "results.png")
         if plot is not None:
             text += f"\n![ASR per arm]({plot.name})\n"
+        if self.cfg.curve_steps:
+            curve = self.curve_rows(rows, base_dir, trained)
+            text += "\n" + curve_markdown(curve)
+            figure = plot_curves(curve, self.out / "curves.png")
+            if figure is not None:
+                text += f"\n![ASR against over-refusal along training]({figure.name})\n"
+            write_text(self.out / "curves.csv", rows_to_csv(curve))
         write_text(self.out / "results.md", text)
         write_text(self.out / "results.csv", rows_to_csv(rows))
         print(text, flush=True)
         return rows
+
+    def curve_rows(self, rows: list[dict[str, Any]], base_dir: Path,
+                   trained: tuple[set[str], set[str]]) -> list[dict[str, Any]]:
+        """One row per main arm and step: the snapshots' evaluations, then the final one (and the base at 0)."""
+        from shield_ds.experiment.results import arm_row
+
+        final = {r["arm"]: r for r in rows}
+        steps = int(_flag_value(self.cfg.train_args, "--max-steps"))
+        out = []
+        for arm in (a for a in self.arms() if a.budget is None):
+            points = [(0, final["base"])]
+            points += [(step, arm_row(arm.name, arm.kind, None, d, arm.train_dir, base_dir, trained))
+                       for a, step, _, d in self.curve_points() if a is arm]
+            points.append((steps, final[arm.name]))
+            out += [{**row, "arm": arm.name, "kind": arm.kind, "step": step} for step, row in points]
+        return out
