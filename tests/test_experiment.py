@@ -215,3 +215,25 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     again = run_python(args, timeout=300)
     assert again.stdout.count("== done already") == 8
     assert (out / "results.md").read_text() == text
+
+
+def test_curve_rows_from_snapshot_evaluations(tmp_path):
+    """results.md gets the trade-off table: base at step 0, each snapshot, the final evaluation last."""
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety"], train_languages=["en", "zh"],
+                           curve_steps=[10], train_args="--max-steps 20")
+    _eval_dir(tmp_path / "eval-base", _rows({("en", "text"): 9, ("sw", "text"): 8}), nll=1.0)
+    _eval_dir(tmp_path / "arms" / "safety" / "eval-step-10", _rows({("en", "text"): 6, ("sw", "text"): 8},
+                                                                  benign_refused=1), nll=1.1)
+    _eval_dir(tmp_path / "arms" / "safety" / "eval", _rows({("en", "text"): 2, ("sw", "text"): 7},
+                                                          benign_refused=3), nll=1.3)
+    (tmp_path / "arms" / "safety" / "train").mkdir(parents=True)
+    write_json(tmp_path / "arms" / "safety" / "train" / "train.json", {"trainable_params": 3, "total_params": 1000})
+    Experiment(cfg).write_results()
+    lines = (tmp_path / "curves.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    got = [(r[header.index("step")], r[header.index("trained")], r[header.index("over_refusal")])
+           for r in (line.split(",") for line in lines[1:])]
+    assert got == [("0", "0.9", "0.0"), ("10", "0.6", "0.1"), ("20", "0.2", "0.3")]
+    text = (tmp_path / "results.md").read_text()
+    assert "ASR against over-refusal along training" in text and "| safety | 10 | 60.0 [" in text
+    assert (tmp_path / "curves.png").exists()

@@ -213,15 +213,16 @@ class Experiment:
             root = self.out / "budgets" / f"{budget:g}" / "identify"
             identify[budget] = Stage("identify.py", self.identify_args(root, budget), root, "neurons.json")
         stages = [base, *identify.values()]
+        curves = self.curve_points()
         for arm in self.arms():
             train = Stage("train.py", self.train_args(arm), arm.train_dir, "train.json",
                           [identify[arm.budget].out] if arm.kind != "full-ffn" else [])
             stages.append(train)
             stages.append(Stage("evaluate.py", self.evaluate_args(str(arm.train_dir / "model"), arm.eval_dir),
                                 arm.eval_dir, "asr.json", [train.out, base.out]))
-        for arm, _, model, out in self.curve_points():
-            stages.append(Stage("evaluate.py", self.evaluate_args(str(model), out), out, "asr.json",
-                                [arm.train_dir, base.out]))
+            # each arm's curve right after it, so an interrupted run has whole arms to tabulate
+            stages += [Stage("evaluate.py", self.evaluate_args(str(model), out), out, "asr.json", [train.out, base.out])
+                       for a, _, model, out in curves if a.name == arm.name]
         return stages
 
     # --- running -------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class Experiment:
         for arm in (a for a in self.arms() if a.budget is None):
             points = [(0, final["base"])]
             points += [(step, arm_row(arm.name, arm.kind, None, d, arm.train_dir, base_dir, trained))
-                       for a, step, _, d in self.curve_points() if a is arm]
+                       for a, step, _, d in self.curve_points() if a.name == arm.name]
             points.append((steps, final[arm.name]))
             out += [{**row, "arm": arm.name, "kind": arm.kind, "step": step} for step, row in points]
         return out
