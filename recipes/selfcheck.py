@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as torch_dist
 
     from shield_ds import dist
-    from shield_ds.dist import device
     from shield_ds.engine import init_distributed
     from shield_ds.launch.env import export_distributed_env
     from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue, restart_count
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     host = socket.gethostname()
     backend = torch_dist.get_backend()
-    on = device() if backend == "nccl" else torch.device("cpu")
+    on = dist.collective_device(backend)
     print(f"selfcheck rank {rank}/{world} local_rank {local_rank} host {host} pid {os.getpid()} "
           f"device {on} env_from_scheduler {sorted(added) or 'none'}", flush=True)
 

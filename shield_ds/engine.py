@@ -112,8 +112,10 @@ def _unlink_shm_buffers() -> None:
     barrier every rank has mapped its peers' buffers, so the names can go now; the memory is freed
     when the last process exits, however it exits (kill -9 included).
     """
-    if torch.cuda.is_available() or not dist.is_initialized():
-        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or not dist.is_initialized():
+        return  # only DeepSpeed's CPU accelerator creates these buffers (never a CUDA/NCCL run)
     dist.barrier()
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{dist.rank()}"):

@@ -637,7 +637,9 @@ class ShieldTrainer:
         for name, param, kind, indices in neuron_params(model, self.adapter, self.neuron_set):
             with gathered(param):
                 if dist.is_rank0():
-                    entries.append(PatchEntry(name, kind, indices.clone(), take(param.detach().float().cpu(), kind, indices)))
+                    # Slice on the parameter's device, then copy only the slice to the host.
+                    values = take(param.detach(), kind, indices.to(param.device)).float().cpu()
+                    entries.append(PatchEntry(name, kind, indices.clone(), values))
         if dist.is_rank0():
             base_dir = resolve_checkpoint_dir(self.cfg.model)
             patch = dest / PATCH_FILE
@@ -693,7 +695,9 @@ class ShieldTrainer:
                     else:
                         with gathered(item):
                             if dist.is_rank0():
-                                values[key] = item.detach().cpu().clone()
+                                # Whole tensors: model/ is written from the host. One copy (the gathered
+                                # storage is freed when the context ends, so a CPU run needs one too).
+                                values[key] = item.detach().to("cpu", copy=True)
                 if self.cfg.update == "lora":
                     yield filename, lambda base, values=values: {k: base[k].float() + d for k, d in values.items()}
                 else:

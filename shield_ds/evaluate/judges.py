@@ -21,7 +21,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
-from shield_ds.dist import get_logger
+from shield_ds.dist import device as rank_device, get_logger
 from shield_ds.errors import ShieldError
 
 log = get_logger("evaluate.judges")
@@ -236,7 +236,7 @@ def _resolve_device(device: str | None):
 
     if device is not None:
         return torch.device(device)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return rank_device()  # this rank's GPU (not cuda:0 for every rank), else the CPU
 
 
 class ModelJudge:

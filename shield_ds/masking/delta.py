@@ -85,8 +85,8 @@ def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
         with gathered(params):
             for attr in (SLICE, SLICE_BIAS):
                 if hasattr(module, attr):
-                    state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
-        state[f"{name}.{NEURONS}"] = getattr(module, NEURONS).cpu().clone()
+                    state[f"{name}.{attr}"] = getattr(module, attr).detach().to("cpu", copy=True)
+        state[f"{name}.{NEURONS}"] = getattr(module, NEURONS).to("cpu", copy=True)
     return state
 
 

@@ -182,6 +182,7 @@ class Identifier:
             self._forward_all(model, device, dtype, collator, stats, steps, writer, vision)
             stats.detach()
             stats.all_reduce()
+            stats.to_cpu()  # the accumulators live on the GPU under NCCL; the norms below are on the CPU
             col_norms = down_column_norms(model, adapter)
             total_params = count_parameters(model)
             per_neuron = adapter.param_count_per_neuron(config)
@@ -305,6 +306,7 @@ class VisionScope:
     def finish(self, identifier: "Identifier", lm_meta: dict) -> NeuronSet:
         self.stats.detach()
         self.stats.all_reduce()
+        self.stats.to_cpu()
         norms = []
         for _, ffn in self.mlps:
             with gathered(ffn.down.weight):

@@ -123,6 +123,11 @@ class ActivationStatistics:
         """Sum the accumulators over all ranks in one collective call."""
         dist.all_reduce(self.acc)
 
+    def to_cpu(self) -> None:
+        """Move the accumulators to the CPU (after the all-reduce): scoring, selection and writing are
+        CPU work, next to the down-column norms, which are gathered to the CPU one layer at a time."""
+        self.acc = self.acc.cpu()
+
     def get(self, group: str, stat: str) -> torch.Tensor:
         return self.acc[self.group_index[group], STATS.index(stat)]
 
