@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only on preemption)")
     p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --out (refused when that run's settings "
+                        "differ in anything that changes the result)")
+    p.add_argument("--resume-force", action="store_true",
+                   help="with --resume: continue even when the settings differ (a warning names them); the "
+                        "checkpoint gives the optimizer state and the schedule's position, this run the rest")
     p.add_argument("--out", default="runs/train")
     add_engine_args(p, ds_config="ds_configs/zero3_bf16.json", allow_none=False)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (large models)")
@@ -83,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
         schedule=args.schedule, warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size,
         grad_accum=args.grad_accum, save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
-        out=args.out, ds_config=args.ds_config, ds_overrides=args.ds, export=not args.no_export,
-        gradient_checkpointing=args.gradient_checkpointing, export_steps=csv_ints(args.export_steps, "--export-steps"),
+        resume_force=args.resume_force, out=args.out, ds_config=args.ds_config, ds_overrides=args.ds,
+        export=not args.no_export, gradient_checkpointing=args.gradient_checkpointing,
+        export_steps=csv_ints(args.export_steps, "--export-steps"),
     )
     ShieldTrainer(cfg).run()
 

@@ -24,10 +24,12 @@ import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
+from shield_ds.io import read_json, write_json
 
 log = dist.get_logger("engine")
 
 COMPLETE_MARKER = "COMPLETE"
+RUN_INFO_FILE = "run_info.json"  # beside a checkpoint: what the run that wrote it was (see save_checkpoint)
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
@@ -300,8 +302,12 @@ class ShieldEngine:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
-                        keep_last: int | None = None) -> Path:
-        """Save tag `step-N`; a checkpoint counts only once its COMPLETE marker exists."""
+                        keep_last: int | None = None, run_info: dict[str, Any] | None = None) -> Path:
+        """Save tag `step-N`; a checkpoint counts only once its COMPLETE marker exists.
+
+        `run_info` (JSON) is written beside it before the marker, so a resume can read it without
+        loading the checkpoint (`read_run_info`).
+        """
         ckpt_dir = Path(ckpt_dir)
         tag = f"step-{step:08d}"
         if dist.is_rank0():
@@ -310,6 +316,8 @@ class ShieldEngine:
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()
         if dist.is_rank0():
+            if run_info is not None:
+                write_json(ckpt_dir / tag / RUN_INFO_FILE, run_info)
             (ckpt_dir / tag / COMPLETE_MARKER).write_text(f"{step}\n")
             if keep_last:
                 for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
@@ -329,6 +337,12 @@ class ShieldEngine:
             raise ShieldError(f"{tag_dir}: checkpoint could not be loaded")
         log.info("resumed from %s", tag_dir)
         return client_state
+
+
+def read_run_info(tag_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The `run_info` saved with a checkpoint, or None (written without one)."""
+    path = Path(tag_dir) / RUN_INFO_FILE
+    return read_json(path) if path.is_file() else None
 
 
 def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:

@@ -21,6 +21,7 @@ other tensor bit-identical; there is no patch file for them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.engine import ShieldEngine, config_dtype, gathered, resolve_ds_config, zero_stage
+from shield_ds.engine import (ShieldEngine, complete_checkpoints, config_dtype, gathered, read_run_info,
+                              resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_jsonl, write_json, write_text
 
@@ -90,6 +92,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     resume: bool = False
+    resume_force: bool = False  # resume even when the checkpoint's run settings differ (a warning names them)
     seed: int = 0
     out: str = "runs/train"
     ds_config: str = "ds_configs/zero3_bf16.json"
@@ -102,6 +105,114 @@ class TrainConfig:
     split: str = "train"  # prompts of the train split (shield_ds.data.splits), "test" or "all"
     test_fraction: float = 0.3
     split_seed: int = 0
+
+
+# --- resume safety -------------------------------------------------------------------------------
+# TrainConfig fields a resumed run may change: where and how often it writes, and how it computes the same
+# numbers. The batch plan, lr and ds_config enter run_fingerprint in a world-size-independent form instead.
+RESUME_FREE_FIELDS = ("out", "save_every", "keep_last", "resume", "resume_force", "export", "export_steps",
+                      "gradient_checkpointing",
+                      "micro_batch_size", "grad_accum", "lr", "ds_config", "ds_overrides")
+# Entries of the resolved ds_config (dotted prefixes) that leave the result alone: batch sizes (in
+# global_batch_size), the lr (in lr), the ZeRO layout, checkpoint I/O, logging, and torch vs fused Adam
+# (the same update).
+DS_RESULT_FREE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "zero_optimization", "checkpoint", "steps_per_print", "wall_clock_breakdown", "optimizer.params.lr",
+                  "optimizer.params.torch_adam")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def run_fingerprint(cfg: TrainConfig, ds_config: dict[str, Any], world_size: int, *,
+                    model_config_hash: str | None = None, neuron_set_digest: str | None = None,
+                    data_digest: str | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint to compute the same result
+    (flat, JSON-ready): every TrainConfig field but RESUME_FREE_FIELDS; the global batch size (so another
+    world size with the same global batch may resume); the effective lr; the rest of the resolved
+    ds_config but DS_RESULT_FREE; the model's config hash and content digests of the neuron set and data."""
+    flat = _flatten(ds_config)
+    ds = {key: value for key, value in flat.items()
+          if not any(key == free or key.startswith(free + ".") for free in DS_RESULT_FREE)}
+    fingerprint = {key: value for key, value in asdict(cfg).items() if key not in RESUME_FREE_FIELDS}
+    fingerprint.update({"lr": flat.get("optimizer.params.lr", cfg.lr),
+                        "global_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+                        "model_config_hash": model_config_hash, "neuron_set_digest": neuron_set_digest,
+                        "data_digest": data_digest})
+    fingerprint.update({f"ds_config.{key}": value for key, value in ds.items()})
+    return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint's JSON
+
+
+def fingerprint_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'name (saved -> now)' for each entry that differs, in a stable order."""
+
+    def show(value: Any) -> str:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = list(now) + [key for key in saved if key not in now]
+    return [f"{key} ({show(saved.get(key))} -> {show(now.get(key))})" for key in keys if saved.get(key) != now.get(key)]
+
+
+def check_resume(tag_dir: Path, fingerprint: dict[str, Any], force: bool, *, world_size: int,
+                 universal: bool = False) -> None:
+    """Refuse to resume from `tag_dir` when its run's settings differ in anything that changes the result
+    (a ShieldError naming them), unless `force` (then a warning names them). Another world size passes
+    that check, but DeepSpeed loads ZeRO-3 optimizer state only at the saved world size unless the
+    ds_config loads a universal checkpoint (`universal`): refused in one line rather than its traceback."""
+    info = read_run_info(tag_dir)
+    info = info if isinstance(info, dict) else {}
+    saved = info.get("fingerprint")
+    differences = fingerprint_differences(saved, fingerprint) if isinstance(saved, dict) else []
+    if not isinstance(saved, dict) or differences:
+        what = (f"was written with other settings: {'; '.join(differences)}" if differences
+                else "has no record of its run's settings (written by an older shield-ds)")
+        if not force:
+            raise ShieldError(f"--resume: checkpoint {tag_dir} {what}; resume with the same settings, "
+                              f"or add --resume-force")
+        log.warning("--resume-force: resuming although checkpoint %s %s", tag_dir, what)
+    saved_world = info.get("world_size")
+    if saved_world is not None and saved_world != world_size and not universal:
+        raise ShieldError(f"--resume: checkpoint {tag_dir} was saved by {saved_world} ranks and this run has "
+                          f"{world_size}: DeepSpeed loads ZeRO-3 optimizer state only at the same world size (or "
+                          f"from a universal checkpoint, ds_config checkpoint.load_universal)")
+
+
+def apply_optimizer_settings(engine: ShieldEngine, params: dict[str, Any]) -> None:
+    """Put the ds_config's optimizer settings (`params`: lr, weight_decay, betas, ...) in place of those a
+    loaded checkpoint restored; the optimizer's moments and the schedule's position stay the checkpoint's.
+    For --resume-force, whose point is to continue with this run's settings."""
+    scheduler = engine.lr_scheduler  # the LambdaLR of run(): lr = base lr x schedule(step)
+    for index, group in enumerate(engine.optimizer.param_groups):
+        for key, value in params.items():
+            if key in group and key not in ("params", "lr"):
+                group[key] = tuple(value) if isinstance(value, list) else value
+        if "lr" in params:
+            group["initial_lr"] = scheduler.base_lrs[index] = float(params["lr"])
+            group["lr"] = float(params["lr"]) * scheduler.lr_lambdas[index](scheduler.last_epoch)
+
+
+def neuron_set_digest(neuron_set) -> str:
+    """sha256 of a neuron set's content (each layer's sorted indices)."""
+    text = "".join(f"{layer}:{','.join(map(str, neuron_set.indices(layer).tolist()))}\n"
+                   for layer in sorted(neuron_set.layers))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def records_digest(records: list) -> str:
+    """sha256 of what training reads from each record (ids, labels, prompts, images, responses), in order."""
+    fields = ("prompt_key", "id", "label", "language", "modality", "prompt", "image", "image_text", "response")
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update((json.dumps([getattr(record, f) for f in fields], ensure_ascii=False) + "\n").encode("utf-8"))
+    return digest.hexdigest()
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -199,6 +310,8 @@ class ShieldTrainer:
             raise ShieldError(f"--update must be one of {', '.join(UPDATES)}, not {cfg.update!r}")
         if cfg.benign_targets not in ("none", "self"):
             raise ShieldError(f"--benign-targets must be 'none' or 'self', not {cfg.benign_targets!r}")
+        if cfg.resume_force and not cfg.resume:
+            raise ShieldError("--resume-force is only for --resume")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.random = parse_random_spec(cfg.neurons) if (cfg.neurons or "").startswith(RANDOM_PREFIX) else None
@@ -281,6 +394,18 @@ class ShieldTrainer:
             check_targets(records)
         self.records = records
         self.self_targets: dict[str, int] | None = None  # set once the benign targets are in
+        self.ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.micro_batch_size,
+                                           grad_accum=cfg.grad_accum, lr=cfg.lr, overrides=cfg.ds_overrides)
+        if zero_stage(self.ds_config) != 3:
+            raise ShieldError(f"{cfg.ds_config}: masked training needs ZeRO stage 3")
+        self.dtype = config_dtype(self.ds_config)
+        self.fingerprint = run_fingerprint(
+            cfg, self.ds_config, dist.world_size(), model_config_hash=self.config_hash,
+            neuron_set_digest=neuron_set_digest(self.neuron_set) if self.neuron_set is not None else None,
+            data_digest=records_digest(records))
+        if cfg.resume and (found := complete_checkpoints(self.out / "checkpoints")):
+            check_resume(found[-1], self.fingerprint, cfg.resume_force, world_size=dist.world_size(),
+                         universal=bool(self.ds_config.get("checkpoint", {}).get("load_universal")))
 
     def _load_neuron_set(self):
         """The set this arm trains (or sizes LoRA from), checked against the model; random arms draw theirs."""
@@ -380,11 +505,6 @@ class ShieldTrainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.micro_batch_size,
-                                           grad_accum=cfg.grad_accum, lr=cfg.lr, overrides=cfg.ds_overrides)
-        if zero_stage(self.ds_config) != 3:
-            raise ShieldError(f"{cfg.ds_config}: masked training needs ZeRO stage 3")
-        self.dtype = config_dtype(self.ds_config)
         self._fill_self_targets(None)  # before the ZeRO-3 load, on a plain replica, when it fits
         loaded = load_model(cfg.model, ds_config=self.ds_config, dtype=self.dtype)
         self.processor, model = loaded.processor, loaded.model
@@ -418,9 +538,12 @@ class ShieldTrainer:
         state = {"step": 0, "micro": 0, "seconds": 0.0}
         if cfg.resume:
             client = engine.load_checkpoint(self.out / "checkpoints")
-            if client is not None:
-                state = {"step": client["step"], "micro": client["micro"], "seconds": client.get("seconds", 0.0)}
+            if client is not None:  # saved at an optimizer step: its micro-batch index follows from this run's plan
+                state = {"step": client["step"], "micro": client["step"] * cfg.grad_accum,
+                         "seconds": client.get("seconds", 0.0)}
                 set_rng_state(rank_rng_state(client["rng"]))
+                if cfg.resume_force:
+                    apply_optimizer_settings(engine, self.ds_config.get("optimizer", {}).get("params", {}))
         writer = dist.Rank0Writer(self.out / "tb")
         writer.scalar("train/trainable_fraction", trainable / self.total_params, 0)
         if self.neuron_set is not None:
@@ -463,7 +586,9 @@ class ShieldTrainer:
             stop = preemption.should_stop()
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or stop:
                 engine.save_checkpoint(self.out / "checkpoints", state["step"],
-                                       {**state, "rng": dist.all_gather_object(rng_state()), "config": asdict(cfg)}, keep_last=cfg.keep_last)
+                                       {**state, "rng": dist.all_gather_object(rng_state()), "config": asdict(cfg)},
+                                       keep_last=cfg.keep_last,
+                                       run_info={"fingerprint": self.fingerprint, "world_size": dist.world_size()})
             if stop:
                 log.warning("stopping at step %d for requeue", state["step"])
                 writer.close()

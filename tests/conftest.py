@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,17 +46,47 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_cmd(cmd: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None,
+              stderr_to_stdout: bool = False) -> subprocess.Popen:
+    """Start a command in its own session (process group), so `stop_group` reaches everything it starts."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_to_stdout else subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGKILL the process group of `proc` (the launcher and every rank it started); its output so far."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # a process outside the group still holds the pipes
+        proc.kill()
+        out, err = "", ""
+    return out or "", err or ""
+
+
+def finish_cmd(proc: subprocess.Popen, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a `start_cmd` process; on timeout, or when the test is interrupted (a pytest-timeout,
+    Ctrl-C), kill its whole process group first (no orphaned ranks). A timeout fails the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = stop_group(proc)
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-6000:]}\n"
+                    f"--- stderr\n{err[-6000:]}")
+    except BaseException:
+        stop_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out or "", err or "")
+
+
 def run_cmd(cmd: list[str], *, timeout: float = 600, check: bool = True, cwd: Path = REPO,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a command with a timeout (a hang fails the test); on failure show its output."""
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env or child_env(), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"")[-6000:] if isinstance(exc.stdout, bytes) else (exc.stdout or "")[-6000:]
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}")
+    """Run a command with a timeout (a hang fails the test, and kills all it started); on failure show its output."""
+    proc = finish_cmd(start_cmd(cmd, cwd=cwd, env=env), cmd, timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}\n"
+        pytest.fail(f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n--- stdout\n{proc.stdout[-6000:]}\n"
                     f"--- stderr\n{proc.stderr[-8000:]}")
     return proc
 
@@ -70,6 +102,39 @@ def run_python(args: list[str], *, timeout: float = 600, check: bool = True,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python ARGS` in one process (no launcher)."""
     return run_cmd([PYTHON, *args], timeout=timeout, check=check, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """A user error as the recipes report it: exit code 2, exactly one `error: ...` line on stderr (the
+    last; log lines may come before it), no traceback, and the line names each of `names`. Returns it."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" not in proc.stderr, proc.stderr[-3000:]
+    for name in names:
+        assert name in errors[0], f"{name!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def require_or_skip(condition: bool, reason: str) -> None:
+    """Skip the test unless `condition`; under CI=true a missing requirement fails it instead (the Slurm and
+    MPI tests may not silently skip in CI)."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: this test may not skip)")
+    pytest.skip(reason)
+
+
+# Room for a test's own work (tiny builds, in-process stages) on top of its subprocess timeouts.
+TIMEOUT_MARGIN = 300
+
+
+def timeout_above(*inner: float) -> pytest.MarkDecorator:
+    """A pytest-timeout mark above the sum of a test's inner subprocess timeouts (fixtures it may build
+    included), so the inner timeout fires first and reports the command's output."""
+    return pytest.mark.timeout(sum(inner) + TIMEOUT_MARGIN)
 
 
 @pytest.fixture(scope="session")

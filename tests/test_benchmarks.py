@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import REPO, child_env, run_python
+from conftest import REPO, child_env, run_python, timeout_above
 
 pytestmark = pytest.mark.distributed
 
@@ -38,6 +38,7 @@ def _check_results(out: str, results: dict) -> None:
     assert train["delta"]["trainable_params"] == train["delta"]["neurons"] * 3 * 64  # k * (2 rows + 1 col) * hidden
 
 
+@timeout_above(1200)
 def test_cpu_benchmark_tiny(tmp_path):
     out_json = tmp_path / "results.json"
     proc = run_python([str(REPO / "benchmarks" / "run.py"), "--size", "tiny", "--steps", "2", "--warmup", "1",

@@ -5,12 +5,14 @@ Hugging Face checkpoint with the same weights, tokenizer and logits; bad input i
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_one_line_error
 from shield_ds.errors import ShieldError
 from shield_ds.models import load_model
 from shield_ds.models.convert import convert_gguf, main
@@ -92,14 +94,6 @@ def tiny_gguf(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     return src, path
 
 
-def _one_line_error(stderr: str, *needles: str) -> str:
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), stderr[-3000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
-
-
 def test_gguf_converts_to_an_equal_checkpoint(tiny_gguf, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,8 +151,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_gguf, tmp_path, capsys):
     text.write_text("not a model\n")
     with pytest.raises(SystemExit) as exited:
         main(["--gguf", str(text), "--out", str(out)])
-    assert exited.value.code == 2
-    _one_line_error(capsys.readouterr().err, "notes.gguf", "not a GGUF file")
+    ran = subprocess.CompletedProcess(["convert"], exited.value.code, "", capsys.readouterr().err)
+    assert_one_line_error(ran, "notes.gguf", "not a GGUF file")
 
     refused(tmp_path / "missing.gguf", "missing.gguf")
     truncated = tmp_path / "truncated.gguf"

@@ -43,7 +43,7 @@ def small_image(path: Path, color=(200, 30, 30)) -> Path:
     return path
 
 
-def assert_one_line_error(exc: pytest.ExceptionInfo, *needles: str) -> None:
+def assert_one_line_message(exc: pytest.ExceptionInfo, *needles: str) -> None:
     message = str(exc.value)
     assert "\n" not in message, message
     for needle in needles:
@@ -77,7 +77,7 @@ def test_default_data_dir_env(shared_data, monkeypatch, tmp_path):
     monkeypatch.setenv("SHIELD_DS_DATA", str(tmp_path))
     with pytest.raises(ShieldError) as exc:
         load_source("multijail")
-    assert_one_line_error(exc, str(tmp_path / "multijail.csv"))
+    assert_one_line_message(exc, str(tmp_path / "multijail.csv"))
 
 
 # ---------------------------------------------------------------- generic files and published layouts
@@ -148,7 +148,7 @@ def test_mm_safetybench_layout(tmp_path):
     assert sd[0].prompt == questions["0"]["Rephrased Question(SD)"] and "/SD/0.jpg" in sd[0].image
     with pytest.raises(ShieldError) as exc:
         load_source(str(data), mmsafety_variant="TYPO")
-    assert_one_line_error(exc, f"{scenario}.json", "question '0'", "TYPO/0.jpg")
+    assert_one_line_message(exc, f"{scenario}.json", "question '0'", "TYPO/0.jpg")
 
 
 def test_vlguard_layout(tmp_path):
@@ -261,22 +261,22 @@ def test_bad_inputs_name_file_and_row(tmp_path):
     for path, row, detail in cases:
         with pytest.raises(ShieldError) as exc:
             load_source(str(path))
-        assert_one_line_error(exc, str(path), row, detail)
+        assert_one_line_message(exc, str(path), row, detail)
 
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"this is not parquet")
     with pytest.raises(ShieldError) as exc:
         load_source(str(garbage))
-    assert_one_line_error(exc, str(garbage))
+    assert_one_line_message(exc, str(garbage))
     with pytest.raises(ShieldError) as exc:
         load_source(str(tmp_path / "absent.jsonl"))
-    assert_one_line_error(exc, "absent.jsonl")
+    assert_one_line_message(exc, "absent.jsonl")
 
     record = SafetyRecord(id="r7", prompt="look", language="en", label="benign", modality="image",
                           image=str(tmp_path / "gone.png"))
     with pytest.raises(ShieldError) as exc:
         load_image(record)
-    assert_one_line_error(exc, "gone.png", "r7")
+    assert_one_line_message(exc, "gone.png", "r7")
 
 
 # ---------------------------------------------------------------- selection and modality views
@@ -291,10 +291,10 @@ def test_select_records(shared_data):
     assert picked != select_records(records, languages=["en", "th"], per_group_limit=7, seed=4)
     with pytest.raises(ShieldError) as exc:
         select_records(records, languages=["en", "qq"])
-    assert_one_line_error(exc, "'qq'")
+    assert_one_line_message(exc, "'qq'")
     with pytest.raises(ShieldError) as exc:
         select_records(records, languages=["fr"])
-    assert_one_line_error(exc, "fr", "not in the data")
+    assert_one_line_message(exc, "fr", "not in the data")
 
 
 def test_with_modalities(tmp_path):
@@ -312,7 +312,7 @@ def test_with_modalities(tmp_path):
         with_modalities([text], ["image"])
     with pytest.raises(ShieldError) as exc:
         with_modalities([text], ["image"], image=tmp_path / "nope.png")
-    assert_one_line_error(exc, "nope.png")
+    assert_one_line_message(exc, "nope.png")
 
 
 # ---------------------------------------------------------------- typographic images
@@ -471,7 +471,7 @@ def test_collator_train_labels(tiny_llava):
     assert kept and len(kept) < len(answer) and answer.startswith(kept)
     with pytest.raises(ShieldError) as exc:
         SafetyCollator(processor, adapter, train=True, max_length=10)(records)
-    assert_one_line_error(exc, "record a", "max_length 10")
+    assert_one_line_message(exc, "record a", "max_length 10")
     with pytest.raises(ShieldError) as exc:
         SafetyCollator(processor, adapter, train=True)([records[0], replace(records[1], response=None)])
-    assert_one_line_error(exc, "record b")
+    assert_one_line_message(exc, "record b")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import child_env, run_python
+from conftest import assert_one_line_error, child_env, run_python
 
 from shield_ds.errors import ShieldError
 from shield_ds.plan import (GIB, PlanSettings, ZeroSettings, count_model, format_plan, inventory, main,
@@ -150,17 +150,13 @@ def test_unknown_model_is_a_shield_error(tmp_path):
 def test_cli_missing_config_one_line_exit_2(tmp_path):
     missing = tmp_path / "nope" / "config.json"
     proc = run_python(["-m", "shield_ds.plan", "--model", str(missing)], check=False, timeout=180)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0]
+    assert_one_line_error(proc, str(missing))
 
 
 def test_cli_unreachable_hub_name_exit_2():
     proc = run_python(["-m", "shield_ds.plan", "--model", "no-such-org/no-such-vlm"], check=False, timeout=180,
                       env=child_env(HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no-such-org/no-such-vlm" in lines[0]
+    assert_one_line_error(proc, "no-such-org/no-such-vlm")
 
 
 def test_cli_preset_end_to_end():

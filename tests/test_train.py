@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, child_env, run_deepspeed, run_python
+from conftest import REPO, assert_one_line_error, child_env, run_deepspeed, run_python, timeout_above
 from identify_helpers import write_jsonl
 from shield_ds.neurons import NeuronSet
 from shield_ds.neurons.identify import IdentifyConfig, Identifier
@@ -18,6 +18,7 @@ from shield_ds.neurons.identify import IdentifyConfig, Identifier
 TRAIN = str(REPO / "recipes" / "train.py")
 EVALUATE = str(REPO / "recipes" / "evaluate.py")
 pytestmark = pytest.mark.distributed
+MASK_RUN = 600  # timeout of the mask_run fixture's launch (in the marks of the tests that may build it)
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +51,7 @@ def _args(s: dict, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def mask_run(setup) -> Path:
     out = setup["tmp"] / "mask"
-    run_deepspeed(TRAIN, _args(setup, out, "--export-steps", "2"), num_ranks=2, timeout=600)
+    run_deepspeed(TRAIN, _args(setup, out, "--export-steps", "2"), num_ranks=2, timeout=MASK_RUN)
     return out
 
 
@@ -93,6 +94,7 @@ def test_only_selected_slices_change(setup, mask_run):
     assert summary["trainable_fraction"] == summary["trainable_params"] / summary["total_params"]
 
 
+@timeout_above(MASK_RUN, 300, 300, 300)
 def test_patch_reproduces_export_and_refuses_other_base(setup, mask_run, tiny_checkpoint, tmp_path):
     out = tmp_path / "applied"
     run_python(["-m", "shield_ds.patch", "apply", "--base", str(setup["model"]), "--patch",
@@ -107,10 +109,11 @@ def test_patch_reproduces_export_and_refuses_other_base(setup, mask_run, tiny_ch
         proc = run_python(["-m", "shield_ds.patch", "apply", "--base", str(base), "--patch",
                            str(mask_run / "shield_patch.safetensors"), "--out", str(tmp_path / "bad")],
                           check=False, timeout=300)
-        assert proc.returncode == 2 and "another base model" in proc.stderr.strip().splitlines()[-1]
+        assert_one_line_error(proc, "another base model")
         assert not (tmp_path / "bad").exists()
 
 
+@timeout_above(MASK_RUN, 300, 300, 300)
 def test_trained_prompts_are_recorded_and_evaluating_them_is_refused(setup, mask_run, tmp_path):
     from shield_ds.data.splits import OVERLAP_NOTE, PROVENANCE_FILE, keys_digest, read_provenance
 
@@ -132,7 +135,7 @@ def test_trained_prompts_are_recorded_and_evaluating_them_is_refused(setup, mask
     assert (asr["split"], asr["trained_overlap"]) == ("test", 0) and asr["prompt_keys"] > 0
     compare = ["--split", "train", "--out", str(tmp_path / "train"), "--compare", str(tmp_path / "test")]
     proc = run_python([*ev, *compare], check=False, timeout=300)
-    _one_line_error(proc, f"trained on {len(trained_harmful)} of the evaluated prompts")
+    assert_one_line_error(proc, f"trained on {len(trained_harmful)} of the evaluated prompts")
     assert not (tmp_path / "train").exists()
     run_python([*ev, *compare, "--allow-overlap"], timeout=300)
     asr = json.loads((tmp_path / "train" / "asr.json").read_text())
@@ -140,6 +143,7 @@ def test_trained_prompts_are_recorded_and_evaluating_them_is_refused(setup, mask
     assert OVERLAP_NOTE in (tmp_path / "train" / "compare.md").read_text()
 
 
+@timeout_above(MASK_RUN, 600)
 def test_delta_mode_equals_mask_mode(setup, mask_run):
     out = setup["tmp"] / "delta"
     run_deepspeed(TRAIN, _args(setup, out, "--update", "delta"), num_ranks=2, timeout=600)
@@ -148,6 +152,7 @@ def test_delta_mode_equals_mask_mode(setup, mask_run):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+@timeout_above(600, 600)
 def test_delta_mode_is_bit_identical_to_mask_mode_with_sgd(setup):
     """A user's own ds_config (SGD with momentum and L2 decay, no clipping): both modes export the same bytes
     (delta mode with activation checkpointing: the recomputed forward is the same arithmetic)."""
@@ -173,6 +178,7 @@ def test_delta_mode_is_bit_identical_to_mask_mode_with_sgd(setup):
     assert all(torch.equal(patches[0][k], patches[1][k]) for k in patches[0])
 
 
+@timeout_above(MASK_RUN, 600)
 def test_snapshot_is_what_a_shorter_run_exports(setup, mask_run):
     """--export-steps 2 of the 4-step run writes the patch and model a 2-step run exports, byte for byte,
     and the run goes on to its own final export."""
@@ -187,6 +193,7 @@ def test_snapshot_is_what_a_shorter_run_exports(setup, mask_run):
     assert sorted(p.name for p in (mask_run / "snapshots").iterdir()) == ["step-2"]
 
 
+@timeout_above(MASK_RUN, 600, 600)
 def test_kill_minus_9_then_resume_is_bit_identical(setup, mask_run):
     out = setup["tmp"] / "killed"
     proc = run_deepspeed(TRAIN, _args(setup, out), num_ranks=2, timeout=600, check=False,
@@ -201,12 +208,78 @@ def test_kill_minus_9_then_resume_is_bit_identical(setup, mask_run):
         assert torch.equal(a[key], b[key]), key
 
 
-def _one_line_error(proc, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last, last
+@timeout_above(MASK_RUN, 300, 600)
+def test_resume_refuses_other_settings_unless_forced(setup, mask_run, tmp_path):
+    """A resume with another lr from a 2-rank run's checkpoint is refused in one line that names lr (from one
+    process with the same global batch, which alone would be allowed); --resume-force continues with it."""
+    out = tmp_path / "run"
+    shutil.copytree(mask_run / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # resume from step 3: one step left
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    # one rank with grad-accum 4: the global batch of the saved run (2 x 2 ranks x 2)
+    proc = run_python([TRAIN, *_args(setup, out, "--resume", "--grad-accum", "4", "--lr", "2e-3")], check=False,
+                      timeout=300)
+    line = assert_one_line_error(proc, "step-00000003", "lr (0.001 -> 0.002)", "--resume-force")
+    assert "global_batch_size" not in line and line.count(" -> ") == 1, line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    proc = run_deepspeed(TRAIN, _args(setup, out, "--resume", "--resume-force", "--lr", "2e-3"), num_ranks=2,
+                         timeout=600)
+    text = proc.stdout + proc.stderr
+    assert "--resume-force: resuming although checkpoint" in text and "lr (0.001 -> 0.002)" in text, text[-3000:]
+    assert json.loads((out / "train.json").read_text())["steps"] == 4
+    base, forced, plain = _weights(setup["model"]), _weights(out / "model"), _weights(mask_run / "model")
+    _assert_only_slices_changed(base, forced, NeuronSet.load(setup["neurons"]))
+    assert any(not torch.equal(forced[key], plain[key]) for key in plain)  # step 4 took the new lr
 
 
+def test_resume_fingerprint_names_what_changes_the_result(tmp_path):
+    from shield_ds.engine import resolve_ds_config
+    from shield_ds.errors import ShieldError
+    from shield_ds.train import TrainConfig, check_resume, fingerprint_differences, run_fingerprint
+
+    adamw = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
+             "zero_optimization": {"stage": 3}}
+
+    def fingerprint(world: int = 2, micro: int = 2, accum: int = 2, ds: dict = adamw, neurons: str = "n",
+                    **fields) -> dict:
+        cfg = TrainConfig(model="m", micro_batch_size=micro, grad_accum=accum, **fields)
+        resolved = resolve_ds_config(ds, micro_batch_size=micro, grad_accum=accum, world_size=world, lr=cfg.lr)
+        return run_fingerprint(cfg, resolved, world, model_config_hash="c", neuron_set_digest=neurons,
+                               data_digest="d")
+
+    saved = fingerprint()
+    offload = {**adamw, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    same = [fingerprint(world=1, accum=4), fingerprint(world=4, micro=1, accum=2), fingerprint(lr=1e-3),
+            fingerprint(out="elsewhere", save_every=5, keep_last=1, export=False, gradient_checkpointing=True,
+                        resume=True, resume_force=True, ds_config="other.json", ds_overrides=["a=1"]),
+            fingerprint(ds=offload)]
+    for now in same:
+        assert fingerprint_differences(saved, now) == []
+    changed = [(fingerprint(lr=2e-3), "lr (0.001 -> 0.002)"), (fingerprint(world=1), "global_batch_size (8 -> 4)"),
+               (fingerprint(languages=["en"]), "languages (null -> [\"en\"])"),
+               (fingerprint(neurons="other"), "neuron_set_digest"), (fingerprint(max_steps=9), "max_steps"),
+               (fingerprint(update="delta"), "update"), (fingerprint(split_seed=1), "split_seed"),
+               (fingerprint(ds={**adamw, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}),
+                "ds_config.optimizer.params.weight_decay (0.1 -> null)")]
+    for now, name in changed:
+        differences = fingerprint_differences(saved, now)
+        assert len(differences) == 1 and differences[0].startswith(name), differences
+    # a checkpoint without recorded settings: refused unless forced
+    with pytest.raises(ShieldError, match="no record of its run's settings"):
+        check_resume(tmp_path, saved, False, world_size=2)
+    check_resume(tmp_path, saved, True, world_size=2)
+    # the same settings at another world size: DeepSpeed's limit, one line (also when forced), unless universal
+    from shield_ds.engine import RUN_INFO_FILE
+
+    (tmp_path / RUN_INFO_FILE).write_text(json.dumps({"fingerprint": saved, "world_size": 2}))
+    check_resume(tmp_path, fingerprint(world=1, accum=4), False, world_size=1, universal=True)
+    for force in (False, True):
+        with pytest.raises(ShieldError, match="saved by 2 ranks and this run has 1") as exc:
+            check_resume(tmp_path, fingerprint(world=1, accum=4), force, world_size=1)
+        assert "\n" not in str(exc.value)
+
+
+@timeout_above(MASK_RUN, 300, 300, 300)
 def test_bad_input_one_line_error_and_outputs_untouched(setup, mask_run, tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(mask_run, out, ignore=shutil.ignore_patterns("checkpoints"))
@@ -215,16 +288,16 @@ def test_bad_input_one_line_error_and_outputs_untouched(setup, mask_run, tiny_ch
     # 1. a neuron set identified on another model
     proc = run_python([TRAIN, "--model", str(tiny_checkpoint("gemma3")), "--neurons", str(setup["neurons"]), *base],
                       check=False, timeout=300)
-    _one_line_error(proc, "neuron set")
+    assert_one_line_error(proc, "neuron set")
     # 2. an empty training set
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     proc = run_python([TRAIN, "--model", str(setup["model"]), "--neurons", str(setup["neurons"]),
                        "--harmful", str(empty), "--benign", str(empty), *base], check=False, timeout=300)
-    _one_line_error(proc, "empty")
+    assert_one_line_error(proc, "empty")
     # 3. benign records without responses and no --benign-targets
     proc = run_python([TRAIN, "--model", str(setup["model"]), "--neurons", str(setup["neurons"]),
                        "--languages", "en", "--per-group-limit", "2", *base], check=False, timeout=300)
-    _one_line_error(proc, "--benign-targets self")
+    assert_one_line_error(proc, "--benign-targets self")
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
 
@@ -351,7 +424,7 @@ def test_arm_flags_bad_input(setup, tmp_path):
         assert needle in str(exc.value) and "\n" not in str(exc.value), (kwargs, str(exc.value))
     proc = run_python([TRAIN, *_arm_args(setup, out, "--update", "lora", "--lora-rank", "2", "--neurons", "random:1")],
                       check=False, timeout=300)
-    _one_line_error(proc, "neuron arms")
+    assert_one_line_error(proc, "neuron arms")
     assert not out.exists()
 
 
