@@ -91,7 +91,10 @@ def run_recipe(recipe: str, args: list[str]) -> int:
     saved_argv = sys.argv
     sys.argv = [str(path), *args]
     try:
-        runpy.run_path(str(path), run_name="__main__")
+        from shield_ds.engine import hosted_recipe
+
+        with hosted_recipe():
+            runpy.run_path(str(path), run_name="__main__")
         return 0
     except SystemExit as exc:
         if exc.code is None:
