@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 recipes/evaluate.py --model runs/train/model --out runs/eval-shielded \
         --compare runs/eval-base
     deepspeed --num_gpus 2 recipes/evaluate.py --model BASE --ablate runs/identify --out runs/ablation
+    deepspeed --num_gpus 8 recipes/evaluate.py --model BIG --zero on   # force ZeRO-3 (default: auto)
 """
 
 from __future__ import annotations

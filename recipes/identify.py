@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 recipes/identify.py            # embedded default (tiny llava, shared data)
     python recipes/identify.py --model DIR --out runs/x   # one process, no launcher
     deepspeed recipes/identify.py --config configs/identify.yaml --ratio 0.02
+    deepspeed --num_gpus 8 recipes/identify.py --model BIG --zero on   # force ZeRO-3 (default: auto)
 """
 
 from __future__ import annotations
