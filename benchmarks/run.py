@@ -1,13 +1,16 @@
-"""The shield-ds CPU benchmark (issue #7): every ratio from one command, on 2 ranks.
+"""The shield-ds CPU benchmark (issues #7, #14): every ratio from one command, on 2 ranks.
 
     python benchmarks/run.py                          # tiny and large, 5 measured steps per mode
     python benchmarks/run.py --size tiny --steps 2    # the smoke-test size
     python benchmarks/run.py --size large --rounds 2  # repeat the train modes (alternating order)
+    python benchmarks/run.py --parts train --modes delta,lora --rounds 3   # a subset
 
 For each size it builds (once, cached under --work-dir) a random checkpoint, then starts
 `deepspeed --num_gpus RANKS benchmarks/worker.py` once per mode: identify (plain and hooked
-forwards on one engine), then the train modes ffn, mask, delta, full, lora. It prints a markdown
-ratio table per size and writes all measurements to benchmarks/results-<date>.json (--json).
+forwards on one engine), then the train modes ffn, mask, delta, full, lora; then the evaluation
+engines (`evaluate_bench.py`): ZeRO-3 and a replica per rank through the launcher, plain
+`transformers` generate in one process. It prints a markdown ratio table per size and writes all
+measurements to benchmarks/results-<date>.json (--json).
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
 # Per size: micro-batch per rank, max tokens per sequence, records (cycled through by the steps).
+# Evaluation: records, records per generate call, new tokens per answer, timed passes.
 SIZES = {
-    "tiny": dict(batch_size=2, max_length=128, records=16),
-    "large": dict(batch_size=2, max_length=96, records=8),
+    "tiny": dict(batch_size=2, max_length=128, records=16,
+                 eval_records=32, eval_batch_size=8, eval_new_tokens=32, eval_passes=3),
+    "large": dict(batch_size=2, max_length=96, records=8,
+                  eval_records=16, eval_batch_size=4, eval_new_tokens=16, eval_passes=2),
 }
+PARTS = ("identify", "train", "evaluate")
 BUILT_MARKER = "BENCH_BUILT"
 
 
@@ -110,6 +117,39 @@ def remove_shm_buffers(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def launch_evaluate(engine: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    """One evaluation engine (evaluate_bench.py): through the launcher on RANKS ranks, or plain in one process."""
+    out = out_dir / f"evaluate-{engine}.json"
+    settings = SIZES[size]
+    script = [str(BENCH_DIR / "evaluate_bench.py"), "--model", str(model), "--engine", engine,
+              "--records", str(settings["eval_records"]), "--batch-size", str(settings["eval_batch_size"]),
+              "--max-new-tokens", str(settings["eval_new_tokens"]), "--max-prompt-bytes", str(settings["max_length"] // 2),
+              "--passes", str(settings["eval_passes"]), "--out", str(out)]
+    port = free_port()
+    if engine == "plain":
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(args.ranks), "--master_port",
+               str(port), *script]
+    start = time.perf_counter()
+    try:
+        run_logged(cmd, out_dir / f"evaluate-{engine}.log", args.timeout)
+    finally:
+        remove_shm_buffers(port)
+    print(f"  {size} evaluate {engine}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def run_evaluate(model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    """The three evaluation engines; `identical` says whether their answers are the same."""
+    import shield_bench
+
+    runs = {engine: launch_evaluate(engine, model, size, args, out_dir) for engine in shield_bench.EVAL_ENGINES}
+    answers = [r.pop("answers") for r in runs.values()]
+    runs["identical"] = all(a == answers[0] for a in answers[1:])
+    return runs
+
+
 def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     out = out_dir / f"{mode}.json"
@@ -151,13 +191,17 @@ def run_size(size: str, args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     results = {"size": size, "model": str(model), "settings": SIZES[size], "steps": args.steps,
                "warmup": args.warmup, "ranks": args.ranks, "rounds": args.rounds}
-    results["identify"] = launch("identify", model, size, args, out_dir)
-    per_mode: dict[str, list[dict]] = {m: [] for m in shield_bench.TRAIN_MODES}
-    for round_index in range(args.rounds):
-        order = shield_bench.TRAIN_MODES if round_index % 2 == 0 else tuple(reversed(shield_bench.TRAIN_MODES))
-        for mode in order:
-            per_mode[mode].append(launch(mode, model, size, args, out_dir))
-    results["train"] = {m: merge_rounds(runs) for m, runs in per_mode.items()}
+    if "identify" in args.parts:
+        results["identify"] = launch("identify", model, size, args, out_dir)
+    if "train" in args.parts:
+        per_mode: dict[str, list[dict]] = {m: [] for m in args.modes}
+        for round_index in range(args.rounds):
+            order = args.modes if round_index % 2 == 0 else tuple(reversed(args.modes))
+            for mode in order:
+                per_mode[mode].append(launch(mode, model, size, args, out_dir))
+        results["train"] = {m: merge_rounds(runs) for m, runs in per_mode.items()}
+    if "evaluate" in args.parts:
+        results["evaluate"] = run_evaluate(model, size, args, out_dir)
     results["load_average_before"], results["load_average_after"] = load_before, os.getloadavg()
     results["ratios"] = shield_bench.ratio_rows(results)
     return results
@@ -185,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="run the train modes this many times (order alternates)")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--modes", default=None, help="comma-separated train modes (default: all, "
+                                                  "ffn,mask,delta,full,lora)")
     p.add_argument("--work-dir", default=os.environ.get("SHIELD_DS_BENCH_DIR", "/tmp/shield-ds-bench"),
                    help="checkpoints (cached), per-mode logs and JSON")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results-<date>.json)")
@@ -196,6 +243,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     import shield_bench
 
+    args.parts = [part for part in args.parts.split(",") if part]
+    args.modes = tuple(m for m in (args.modes or ",".join(shield_bench.TRAIN_MODES)).split(",") if m)
+    unknown = sorted(set(args.parts) - set(PARTS)) + sorted(set(args.modes) - set(shield_bench.TRAIN_MODES))
+    if unknown:
+        p.error(f"unknown part or mode: {', '.join(unknown)}")
     sizes = list(SIZES) if args.size == "all" else [args.size]
     date = time.strftime("%Y-%m-%d")
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python", *sys.argv]),
@@ -211,9 +263,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.ranks} ranks (gloo), {args.steps} measured steps after {args.warmup} warm-up, "
           f"{args.rounds} round(s); wall {report['wall_s']:.0f}s; results in {json_path}")
     for size, res in report["sizes"].items():
-        train = res["train"]["mask"]
-        print(f"\n## {size}: {train['total_params']:,} parameters, {train['neurons']} neurons "
-              f"({train['neuron_param_fraction']:.4%} of parameters), load average "
+        train = next(iter(res.get("train", {}).values()), None)
+        what = (f"{train['total_params']:,} parameters, {train['neurons']} neurons "
+                f"({train['neuron_param_fraction']:.4%} of parameters), " if train else "")
+        print(f"\n## {size}: {what}load average "
               f"{res['load_average_before'][0]:.1f} -> {res['load_average_after'][0]:.1f}\n")
         print(shield_bench.format_ratio_table(res["ratios"]))
         print()

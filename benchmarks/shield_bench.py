@@ -32,6 +32,8 @@ from shield_ds.neurons.neuron_set import NeuronSet
 log = dist.get_logger("bench")
 
 TRAIN_MODES = ("ffn", "mask", "delta", "full", "lora")
+# Evaluation engines (evaluate_bench.py): ZeRO-3, a replica per rank, plain transformers in one process.
+EVAL_ENGINES = ("zero-on", "zero-off", "plain")
 # Budget of the benchmark neuron set: identify's default --max-param-fraction.
 PARAM_FRACTION = 0.0003
 LORA_RANK = 8
@@ -407,9 +409,17 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
     ("train peak memory: delta / full", "delta", "full", "peak_net_bytes", 0.75),
     ("train step time: lora / full", "lora", "full", "median_s", None),
     ("train peak memory: lora / full", "lora", "full", "peak_net_bytes", None),
+    ("train step time: delta / lora", "delta", "lora", "median_s", 1.0),
+    ("train peak memory: delta / lora", "delta", "lora", "peak_net_bytes", 1.0),
     ("optimizer state: delta / mask", "delta", "mask", "optimizer_state_bytes", 0.001),
     ("optimizer state: lora / mask", "lora", "mask", "optimizer_state_bytes", None),
 ]
+
+
+def _has(results: dict[str, Any], key: str) -> bool:
+    if key.startswith("identify."):
+        return "identify" in results
+    return key in results.get("train", {})
 
 
 def _metric(results: dict[str, Any], key: str, metric: str) -> float:
@@ -421,10 +431,36 @@ def _metric(results: dict[str, Any], key: str, metric: str) -> float:
     return float(entry[metric])
 
 
+# (label, engine, baseline engine, target or None): tokens/s ratios, higher is better.
+EVAL_RATIOS: list[tuple[str, str, str, float | None]] = [
+    ("evaluate tokens/s: replica (--zero off) / ZeRO-3 (--zero on)", "zero-off", "zero-on", 5.0),
+    ("evaluate tokens/s: replica (--zero off) / plain transformers, 1 process", "zero-off", "plain", None),
+    ("evaluate tokens/s: ZeRO-3 (--zero on) / plain transformers, 1 process", "zero-on", "plain", None),
+]
+
+
+def evaluate_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tokens/s ratios of the evaluation engines (target: at least)."""
+    runs = results.get("evaluate")
+    if not runs:
+        return []
+    rows = []
+    for label, engine, base, target in EVAL_RATIOS:
+        value, baseline = runs[engine]["tokens_per_s"], runs[base]["tokens_per_s"]
+        ratio = value / baseline if baseline else float("nan")
+        rows.append({"label": label, "metric": "tokens_per_s", "value": value, "baseline": baseline, "ratio": ratio,
+                     "ratio_min": runs[engine]["tokens_per_s_best"] / runs[base]["tokens_per_s_best"],
+                     "target": target, "at_least": True, "met": None if target is None else ratio >= target})
+    return rows
+
+
 def ratio_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per RATIOS entry: value, baseline value, ratio (median) and ratio of the minima."""
+    """One row per RATIOS entry whose modes were run: value, baseline value, ratio (median) and ratio of the minima;
+    then the evaluation rows."""
     rows = []
     for label, mode, base, metric, target in RATIOS:
+        if not (_has(results, mode) and _has(results, base)):
+            continue
         value, baseline = _metric(results, mode, metric), _metric(results, base, metric)
         ratio = value / baseline if baseline else float("nan")
         row = {"label": label, "metric": metric, "value": value, "baseline": baseline, "ratio": ratio,
@@ -432,10 +468,12 @@ def ratio_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if metric == "median_s":
             row["ratio_min"] = _metric(results, mode, "min_s") / _metric(results, base, "min_s")
         rows.append(row)
-    return rows
+    return rows + evaluate_rows(results)
 
 
 def _fmt(metric: str, value: float) -> str:
+    if metric == "tokens_per_s":
+        return f"{value:.0f} tok/s"
     if metric.endswith("_s"):
         return f"{value * 1000:.1f} ms"
     if value >= 2**30:
@@ -451,7 +489,7 @@ def format_ratio_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio_min = f"{r['ratio_min']:.3f}" if "ratio_min" in r else ""
         ratio = f"{r['ratio']:.4g}" if r["metric"] == "optimizer_state_bytes" else f"{r['ratio']:.3f}"
-        target = "" if r["target"] is None else f"<= {r['target']:g}"
+        target = "" if r["target"] is None else f"{'>=' if r.get('at_least') else '<='} {r['target']:g}"
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(f"| {r['label']} | {_fmt(r['metric'], r['value'])} | {_fmt(r['metric'], r['baseline'])} | "
                      f"{ratio} | {ratio_min} | {target} | {met} |")
@@ -472,6 +510,17 @@ def format_mode_table(results: dict[str, Any]) -> str:
         lines.append(f"| {mode} | {e['trainable_params']:,} | {_fmt('s_s', e['median_s'])} | {_fmt('s_s', e['min_s'])} | "
                      f"{e['tokens_per_s']:.0f} | {_fmt('b', e['peak_bytes'])} | "
                      f"{_fmt('b', e['peak_bytes'] - e['baseline_bytes'])} | {_fmt('b', e['optimizer_state_bytes'])} |")
+    runs = results.get("evaluate")
+    if runs:
+        for engine in EVAL_ENGINES:
+            e = runs[engine]
+            name = f"evaluate {engine} ({e['world_size']} rank{'s' if e['world_size'] > 1 else ''})"
+            lines.append(f"| {name} | - | pass {_fmt('s_s', e['pass_s'])} | pass {_fmt('s_s', e['min_s'])} | "
+                         f"{e['tokens_per_s']:.0f} | "
+                         f"{_fmt('b', e['peak_bytes'])} | {_fmt('b', e['peak_bytes'] - e['baseline_bytes'])} | |")
+        lines.append(f"\nevaluate: {runs['zero-on']['records']} records x up to {runs['zero-on']['max_new_tokens']} "
+                     f"new tokens, {runs['zero-on']['tokens']} answer tokens, batch {runs['zero-on']['batch_size']}; "
+                     f"answers identical in all three engines: {'yes' if runs['identical'] else '**no**'}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 recipes/evaluate.py --model runs/train/model --out runs/eval-shielded \
         --compare runs/eval-base
     deepspeed --num_gpus 2 recipes/evaluate.py --model BASE --ablate runs/identify --out runs/ablation
+    deepspeed --num_gpus 8 recipes/evaluate.py --model BIG --zero on   # force ZeRO-3 (default: auto)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --compare's generations, else this run's own)")
     p.add_argument("--ablate", default=None, help="identify output: zero these neurons (plus random controls)")
     p.add_argument("--ablate-controls", type=int, default=3, help="random control sets for --ablate")
-    add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
+    add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True, inference=True)
     return p
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens, judge=args.judge, refusal_phrases=args.refusal_phrases, out=args.out,
         compare=args.compare, allow_overlap=args.allow_overlap, reference_answers=args.reference_answers,
         ablate=args.ablate, ablate_controls=args.ablate_controls,
-        ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds,
+        ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds, zero=args.zero,
     )
     Evaluator(cfg).run()
 

@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 recipes/identify.py            # embedded default (tiny llava, shared data)
     python recipes/identify.py --model DIR --out runs/x   # one process, no launcher
     deepspeed recipes/identify.py --config configs/identify.yaml --ratio 0.02
+    deepspeed --num_gpus 8 recipes/identify.py --model BIG --zero on   # force ZeRO-3 (default: auto)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-image-tokens", action="store_true", help="also count image-placeholder tokens")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass per rank")
     p.add_argument("--out", default="runs/identify")
-    add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True)
+    add_engine_args(p, ds_config="ds_configs/zero3_infer.json", allow_none=True, inference=True)
     p.add_argument("--offload-params", action="store_true", help="ZeRO-3 parameter offload to CPU")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory from another model/configuration")
     return p
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         score=args.score, ratio=args.ratio, max_param_fraction=args.max_param_fraction,
         cap_ranking=args.cap_ranking, tokens=args.tokens,
         include_image_tokens=args.include_image_tokens, batch_size=args.batch_size, out=args.out,
-        ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds, offload_params=args.offload_params,
+        ds_config=ds_config_arg(args.ds_config), ds_overrides=args.ds, zero=args.zero, offload_params=args.offload_params,
         overwrite=args.overwrite, scope=args.scope,
     )
     Identifier(cfg).run()

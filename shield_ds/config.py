@@ -114,12 +114,19 @@ def data_kwargs(args: argparse.Namespace) -> dict:
             "split_seed": args.split_seed}
 
 
-def add_engine_args(parser: argparse.ArgumentParser, *, ds_config: str, allow_none: bool) -> None:
-    """--ds-config, --ds KEY=VALUE overrides, and the deepspeed launcher's --local_rank."""
-    extra = ", or 'none' for plain PyTorch in one process" if allow_none else ""
+def add_engine_args(parser: argparse.ArgumentParser, *, ds_config: str, allow_none: bool,
+                    inference: bool = False) -> None:
+    """--ds-config, --ds KEY=VALUE overrides, the deepspeed launcher's --local_rank, and for
+    inference recipes (`inference`) --zero auto|on|off (see `shield_ds.engine.choose_zero`)."""
+    extra = ", or 'none' for plain PyTorch (a replica per rank, as --zero off)" if allow_none else ""
     parser.add_argument("--ds-config", default=ds_config, help=f"DeepSpeed JSON (default {ds_config}){extra}")
     parser.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ds_config entry, e.g. --ds zero_optimization.offload_param.device=cpu")
+    if inference:
+        parser.add_argument("--zero", choices=("auto", "on", "off"), default="auto",
+                            help="on: ZeRO-3 partitioned model (the ds_config's engine); off: a plain replica of the "
+                                 "model on every rank, prompts sharded, results gathered; auto (default): off when "
+                                 "the model fits in one device's memory, else on")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 

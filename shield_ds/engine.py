@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import glob
 import json
 import math
@@ -275,6 +276,88 @@ def fits_replicated(checkpoint_dir: str | os.PathLike, dtype: torch.dtype, share
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
         free = psutil.virtual_memory().available // max(local_ranks, 1)
     return need <= share * free
+
+
+# --- inference: ZeRO-3 or a replica per rank --------------------------------------------------
+ZERO_MODES = ("auto", "on", "off")
+
+
+def offloads_params(ds_config: dict | None) -> bool:
+    """Whether the ds_config offloads ZeRO-3 parameters (to CPU or NVMe)."""
+    offload = (ds_config or {}).get("zero_optimization", {}).get("offload_param") or {}
+    return str(offload.get("device", "none")).lower() not in ("none", "")
+
+
+def choose_zero(zero: str, ds_config: dict | None, model: str | os.PathLike, dtype: torch.dtype) -> str:
+    """Resolve an inference recipe's `--zero auto|on|off` to "on" or "off"; the same on every rank.
+
+    "on": the ds_config's DeepSpeed engine (ZeRO-3 partitioned: every forward gathers every layer);
+    "off": a plain replica of the model on every rank, no DeepSpeed engine. `ds_config` None
+    (`--ds-config none`) means off. "auto" is off when the whole model fits in one device's memory
+    (`fits_replicated`, all ranks agreeing) and the ds_config offloads no parameters, else on.
+    """
+    if zero not in ZERO_MODES:
+        raise ShieldError(f"--zero must be one of {', '.join(ZERO_MODES)}, not {zero!r}")
+    if ds_config is None:
+        if zero == "on":
+            raise ShieldError("--zero on needs a DeepSpeed config (--ds-config none runs a plain replica)")
+        return "off"
+    if zero == "off" and offloads_params(ds_config):
+        raise ShieldError("--zero off keeps a full replica on every device; it cannot offload parameters "
+                          "(drop --offload-params / offload_param, or use --zero on)")
+    if zero != "auto":
+        return zero
+    if offloads_params(ds_config):
+        return "on"
+    from shield_ds.patch import resolve_checkpoint_dir
+
+    try:
+        fits = fits_replicated(resolve_checkpoint_dir(model), dtype)
+    except ShieldError:
+        fits = False  # a hub name outside the local cache: size unknown
+    # Free memory differs between ranks: all of them must take the same path (collectives follow).
+    fits = bool(dist.all_reduce(torch.tensor([int(fits)]), op="min")[0])
+    mode = "off" if fits else "on"
+    log.info("--zero auto: %s (%s)", mode, "a replica fits on every rank" if fits else "the model needs ZeRO-3")
+    return mode
+
+
+@dataclasses.dataclass
+class InferenceModel:
+    """A model ready for inference (eval mode, no gradients) under the chosen `zero` mode."""
+
+    model: torch.nn.Module  # the module to call (the engine's module under ZeRO-3)
+    device: torch.device
+    dtype: torch.dtype
+    zero: str  # "on" | "off"
+    loaded: Any  # shield_ds.models.LoadedModel (processor, adapter, config; keeps HfDeepSpeedConfig alive)
+    engine: "ShieldEngine | None" = None
+
+    @property
+    def zero3(self) -> bool:
+        """Whether the parameters are ZeRO-3 partitioned (generation must then run with synced_gpus)."""
+        return self.engine is not None and zero_stage(self.engine.ds_config) == 3
+
+
+def load_inference_model(model: str | os.PathLike, ds_config: dict | None, zero: str = "auto") -> InferenceModel:
+    """Load `model` for inference: a DeepSpeed engine ("on") or a plain replica on this rank's device ("off").
+
+    Both give results identical to one process (prompts are sharded across ranks either way and
+    statistics / generations are gathered by the caller).
+    """
+    from shield_ds.models import load_model
+
+    dtype = config_dtype(ds_config) if ds_config else torch.float32
+    mode = choose_zero(zero, ds_config, model, dtype)
+    if mode == "off":
+        loaded = load_model(model, dtype=dtype)
+        module = loaded.model.eval().to(dist.device())
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return InferenceModel(module, dist.device(), dtype, mode, loaded)
+    loaded = load_model(model, ds_config=ds_config if zero_stage(ds_config) == 3 else None, dtype=dtype)
+    engine = ShieldEngine(loaded.model, ds_config, training=False)
+    return InferenceModel(engine.module, engine.device, dtype, mode, loaded, engine)
 
 
 # --- the engine --------------------------------------------------------------------------------

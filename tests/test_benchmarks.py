@@ -18,15 +18,21 @@ pytestmark = pytest.mark.distributed
 RATIO_LABELS = [
     "identify forward: hooks / plain", "train step time: mask / ffn", "train peak memory: mask / ffn",
     "train step time: delta / full", "train peak memory: delta / full", "train step time: lora / full",
-    "train peak memory: lora / full", "optimizer state: delta / mask", "optimizer state: lora / mask",
+    "train peak memory: lora / full", "train step time: delta / lora", "train peak memory: delta / lora",
+    "optimizer state: delta / mask", "optimizer state: lora / mask",
+]
+EVAL_LABELS = [
+    "evaluate tokens/s: replica (--zero off) / ZeRO-3 (--zero on)",
+    "evaluate tokens/s: replica (--zero off) / plain transformers, 1 process",
+    "evaluate tokens/s: ZeRO-3 (--zero on) / plain transformers, 1 process",
 ]
 
 
-def _check_results(out: str, results: dict) -> None:
-    for label in RATIO_LABELS:
+def _check_results(out: str, results: dict, labels: list[str] = RATIO_LABELS) -> None:
+    for label in labels:
         assert f"| {label} |" in out, f"row {label!r} missing from the printed table"
     rows = {r["label"]: r for r in results["ratios"]}
-    assert set(rows) == set(RATIO_LABELS)
+    assert set(rows) == set(labels)
     for row in rows.values():
         assert row["value"] > 0 and row["baseline"] > 0
     train = results["train"]
@@ -49,7 +55,13 @@ def test_cpu_benchmark_tiny(tmp_path):
     results = report["sizes"]["tiny"]
     assert results["identify"]["world_size"] == 2
     assert len(results["identify"]["plain"]["step_times_s"]) == 2
-    _check_results(proc.stdout, results)
+    _check_results(proc.stdout, results, RATIO_LABELS + EVAL_LABELS)
+    evaluate = results["evaluate"]
+    # The three evaluation engines give the same answers; the replica and ZeRO-3 ran on 2 ranks.
+    assert evaluate["identical"] and "answers identical in all three engines: yes" in proc.stdout
+    assert evaluate["zero-on"]["zero"] == "on" and evaluate["zero-off"]["zero"] == "off"
+    assert evaluate["zero-on"]["world_size"] == evaluate["zero-off"]["world_size"] == 2
+    assert evaluate["plain"]["world_size"] == 1 and evaluate["plain"]["tokens"] == evaluate["zero-on"]["tokens"] > 0
 
 
 def _bench_extensions_dir() -> str:

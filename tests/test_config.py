@@ -127,3 +127,28 @@ def test_fits_replicated_counts_the_checkpoint(tiny_checkpoint, tmp_path):
     assert fits_replicated(model, torch.float32)
     assert not fits_replicated(model, torch.float32, share=1e-15)  # a few hundred kB do not fit in ~0 bytes
     assert not fits_replicated(tmp_path, torch.float32)  # no safetensors: unknown size counts as not fitting
+
+
+def test_choose_zero_resolves_auto_on_off(tiny_checkpoint, tmp_path):
+    import torch
+
+    from shield_ds.engine import choose_zero
+
+    model, f32 = tiny_checkpoint("llava"), torch.float32
+    zero3 = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
+    offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert choose_zero("auto", zero3, model, f32) == "off"  # 310k parameters fit anywhere
+    assert choose_zero("on", zero3, model, f32) == "on" and choose_zero("off", zero3, model, f32) == "off"
+    assert choose_zero("auto", None, model, f32) == "off"  # --ds-config none: plain PyTorch
+    assert choose_zero("auto", offload, model, f32) == "on"  # offloading asks for ZeRO-3
+    assert choose_zero("auto", zero3, tmp_path, f32) == "on"  # size unknown (no safetensors)
+    assert choose_zero("auto", zero3, "no-such-org/no-such-model", f32) == "on"
+    for zero, config, needle in (("on", None, "--zero on needs a DeepSpeed config"),
+                                 ("off", offload, "cannot offload"), ("sometimes", zero3, "--zero must be")):
+        with pytest.raises(ShieldError, match=needle):
+            choose_zero(zero, config, model, f32)
+    inference, training = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_engine_args(inference, ds_config="x.json", allow_none=True, inference=True)
+    add_engine_args(training, ds_config="x.json", allow_none=False)
+    assert inference.parse_args([]).zero == "auto" and inference.parse_args(["--zero", "off"]).zero == "off"
+    assert not hasattr(training.parse_args([]), "zero")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,18 +26,28 @@ def _responses(out: Path) -> dict[str, str]:
     return {r["id"]: r["response"] for r in rows}
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The reference: plain PyTorch in one process (--ds-config none)."""
+    out = tmp_path_factory.mktemp("eval") / "one"
+    run_python([EVALUATE, *_args(tiny_checkpoint("llava"), out, "--ds-config", "none")], timeout=300)
+    return out
+
+
 @pytest.mark.distributed
 @timeout_above(300, 600)
-def test_zero3_two_ranks_generate_like_one_process(tiny_checkpoint, tmp_path):
+def test_zero3_two_ranks_generate_like_one_process(tiny_checkpoint, one_process, tmp_path):
     model = tiny_checkpoint("llava")
-    run_python([EVALUATE, *_args(model, tmp_path / "one", "--ds-config", "none")], timeout=300)
+    shutil.copytree(one_process, tmp_path / "one")  # this test removes one's answers further down
     run_deepspeed(EVALUATE, _args(model, tmp_path / "two", "--ds", "bf16.enabled=false",
-                                  "--ds", "zero_optimization.stage3_param_persistence_threshold=0",
+                                  "--ds", "zero_optimization.stage3_param_persistence_threshold=0", "--zero", "on",
                                   "--compare", str(tmp_path / "one")),
                   num_ranks=2, timeout=600)
     one, two = _responses(tmp_path / "one"), _responses(tmp_path / "two")
     assert len(one) == 24 and one == two
     table = json.loads((tmp_path / "two" / "asr.json").read_text())
+    assert table["zero"] == "on" and table["world_size"] == 2
+    assert json.loads((tmp_path / "one" / "asr.json").read_text())["zero"] == "off"  # --ds-config none
     assert set(table["languages"]) == {"en", "ar"}
     assert (tmp_path / "two" / "asr_heatmap.png").stat().st_size > 1000
     # utility: the base on its own answers (one process) and on one's answers via --compare (two ranks)
@@ -62,6 +73,24 @@ def test_zero3_two_ranks_generate_like_one_process(tiny_checkpoint, tmp_path):
     (tmp_path / "one" / "generations.jsonl").unlink()
     probe = UtilityProbe(cfg, records, tmp_path / "two", table["config_hash"])
     assert probe.reference.reused and len(probe.reference.rows) == 12
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["off", "auto"])
+def test_replica_per_rank_generates_like_one_process(zero, tiny_checkpoint, one_process, tmp_path):
+    """--zero off (and auto, which picks off for a model this small): a plain replica on each of 2 ranks,
+    prompts sharded, no synced_gpus, answers gathered; the same answers and utility as one process."""
+    out = tmp_path / "two"
+    flags = ["--ds", "bf16.enabled=false"] + (["--zero", zero] if zero != "auto" else [])
+    run_deepspeed(EVALUATE, _args(tiny_checkpoint("llava"), out, *flags), num_ranks=2, timeout=600)
+    one, two = _responses(one_process), _responses(out)
+    assert len(one) == 24 and one == two
+    table, base = json.loads((out / "asr.json").read_text()), json.loads((one_process / "asr.json").read_text())
+    assert table["zero"] == "off" and table["world_size"] == 2
+    assert json.loads((out / "evaluate.json").read_text())["zero"] == "off"
+    assert table["cells"] == base["cells"]
+    assert table["utility"]["tokens"] == base["utility"]["tokens"]
+    assert table["utility"]["benign_answer_nll"] == pytest.approx(base["utility"]["benign_answer_nll"], rel=1e-5)
 
 
 def _direct_answer_nll(model_dir: Path, records: list, answers: dict[str, str]) -> tuple[float, int]:

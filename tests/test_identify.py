@@ -16,7 +16,8 @@ from shield_ds.neurons import NeuronSet
 from shield_ds.neurons.identify import IdentifyConfig, Identifier, format_summary
 
 IDENTIFY = str(REPO / "recipes" / "identify.py")
-FP32_PARTITIONED = ["--ds", "bf16.enabled=false", "--ds", "zero_optimization.stage3_param_persistence_threshold=0"]
+FP32_PARTITIONED = ["--ds", "bf16.enabled=false", "--ds", "zero_optimization.stage3_param_persistence_threshold=0",
+                    "--zero", "on"]
 
 
 def _common(model: Path, out: Path, *extra: str) -> list[str]:
@@ -53,9 +54,23 @@ def test_zero3_matches_one_plain_process(ranks, tiny_checkpoint, plain_reference
     out = tmp_path / "identify"
     run_deepspeed(IDENTIFY, _common(tiny_checkpoint("llava"), out, *FP32_PARTITIONED), num_ranks=ranks, timeout=600)
     meta = json.loads((out / "neurons.json").read_text())
-    assert meta["world_size"] == ranks
+    assert meta["world_size"] == ranks and meta["zero"] == "on"
     total_records = sum(g["records"] for g in meta["groups"].values())
     assert total_records == 40 and (ranks != 3 or total_records % 3 != 0)
+    _assert_same_result(plain_reference, out)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["off", "auto"])
+def test_replica_per_rank_matches_one_plain_process(zero, tiny_checkpoint, plain_reference, tmp_path):
+    """--zero off (and auto, which picks off for a model this small): a plain replica on each of 2 ranks,
+    prompts sharded, statistics all-reduced; the result equals one process."""
+    out = tmp_path / "identify"
+    flags = ["--ds", "bf16.enabled=false"] + (["--zero", zero] if zero != "auto" else [])
+    run_deepspeed(IDENTIFY, _common(tiny_checkpoint("llava"), out, *flags), num_ranks=2, timeout=600)
+    meta = json.loads((out / "neurons.json").read_text())
+    assert meta["world_size"] == 2 and meta["zero"] == "off"
+    assert json.loads((plain_reference / "neurons.json").read_text())["zero"] == "off"  # --ds-config none
     _assert_same_result(plain_reference, out)
 
 

@@ -6,10 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from shield_ds import dist
-from shield_ds.engine import ShieldEngine, config_dtype, resolve_ds_config, zero_stage
+from shield_ds.engine import load_inference_model, resolve_ds_config
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
 
@@ -35,8 +33,9 @@ class EvalConfig:
     reference_answers: str | None = None  # generations.jsonl whose benign answers the utility NLL scores
     ablate: str | None = None  # a neuron set directory
     ablate_controls: int = 3  # random control sets (seeds)
-    ds_config: str | None = "ds_configs/zero3_infer.json"
+    ds_config: str | None = "ds_configs/zero3_infer.json"  # None: plain PyTorch (as zero "off")
     ds_overrides: list[str] = field(default_factory=list)
+    zero: str = "auto"  # "on": ZeRO-3 engine; "off": a replica per rank; "auto": off when it fits (engine.choose_zero)
     data_dir: str | None = None
     split: str = "test"  # prompts of the test split (shield_ds.data.splits), "train" or "all"
     test_fraction: float = 0.3
@@ -55,7 +54,8 @@ def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, 
 
 
 class Evaluator:
-    """Runs generation on every rank in lockstep, judges on rank 0, writes the ASR tables."""
+    """Generates on every rank (its shard of the prompts; in lockstep under ZeRO-3), judges on rank 0,
+    writes the ASR tables."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
@@ -108,7 +108,7 @@ class Evaluator:
         from shield_ds.evaluate.generate import generate_responses
         from shield_ds.data.splits import split_provenance, trained_overlap
         from shield_ds.evaluate.judges import annotate
-        from shield_ds.models import get_adapter, load_config, load_model
+        from shield_ds.models import get_adapter, load_config
         from shield_ds.neurons import NeuronSet
 
         cfg = self.cfg
@@ -129,20 +129,15 @@ class Evaluator:
         ds_config = None
         if cfg.ds_config is not None:
             ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, overrides=cfg.ds_overrides)
-        dtype = config_dtype(ds_config) if ds_config else torch.float32
-        zero3 = bool(ds_config) and zero_stage(ds_config) == 3
-        loaded = load_model(cfg.model, ds_config=ds_config if zero3 else None, dtype=dtype)
+        inference = load_inference_model(cfg.model, ds_config, cfg.zero)
+        loaded, model, device, dtype = inference.loaded, inference.model, inference.device, inference.dtype
+        zero3 = inference.zero3
         if ablate_set is not None:
             from shield_ds.models import config_hash
 
             ablate_set.check_matches(config_hash(loaded.config), adapter.num_layers(loaded.config),
                                      adapter.intermediate_size(loaded.config), adapter.hidden_size(loaded.config),
                                      where=f"neuron set {cfg.ablate}", model=str(cfg.model))
-        if ds_config is not None:
-            engine = ShieldEngine(loaded.model, ds_config, training=False)
-            model, device = engine.module, engine.device
-        else:
-            model, device = loaded.model.eval().to(dist.device()), dist.device()
 
         def generate(desc: str) -> dict[str, str]:
             return generate_responses(model, loaded.processor, adapter, records, batch_size=cfg.batch_size,
@@ -160,7 +155,8 @@ class Evaluator:
             write_generations(self.out / "generations.jsonl", rows)
             table = asr_table(rows)
             write_asr_reports(table, self.out, meta={
-                **split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed), "trained_overlap": overlap})
+                **split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed), "trained_overlap": overlap,
+                "zero": inference.zero, "world_size": dist.world_size()})
             summary["asr"] = overall(rows)
             print(table_text(table), flush=True)
             if cfg.compare:
@@ -172,7 +168,8 @@ class Evaluator:
         if ablate_set is not None:
             summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)
         if dist.is_rank0():
-            write_json(self.out / "evaluate.json", {"config": cfg.__dict__, "world_size": dist.world_size(), **summary})
+            write_json(self.out / "evaluate.json", {"config": cfg.__dict__, "world_size": dist.world_size(),
+                                                    "zero": inference.zero, **summary})
         dist.barrier()
         return summary
 

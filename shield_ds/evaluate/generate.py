@@ -2,8 +2,10 @@
 
 Every rank generates for its shard of batches (`shard_batches`, so all ranks run the same number
 of `generate` calls on the same kind of input); with ZeRO-3 and more than one rank `synced_gpus`
-keeps the ranks stepping together until all of them are done. Results do not depend on the
-world size: the batch plan does not, and greedy decoding of a batch does not see other batches.
+keeps the ranks stepping together until all of them are done. A replica per rank (`zero3` False)
+needs no lockstep: each rank runs its real batches only (skipping `shard_batches`' zero-weight
+fillers) with the KV cache. Results do not depend on the world size: the batch plan does not, and
+greedy decoding of a batch does not see other batches.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def generate_responses(model: torch.nn.Module, processor, adapter, records: Sequ
     eos_ids = torch.tensor(sorted({*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id} - {None}),
                            dtype=torch.long)
     mine: dict = {}
+    if not synced:
+        steps = [step for step in steps if step[1] > 0]
     for batch_records, weight in dist.progress(steps, desc=desc, unit="batch"):
         batch = collator(batch_records).to(device, float_dtype=dtype)
         out = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

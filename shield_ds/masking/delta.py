@@ -4,9 +4,11 @@ All base weights are frozen. Every projection of a layer with selected neurons b
 projection (`neuron_linear`) and gets
 - `shield_slice` (parameter): [k, in] for a row projection (gate_proj, up_proj), [out, k] for down_proj;
 - `shield_slice_bias` (parameter, [k]) for a row projection with a bias.
-They start as copies of the selected rows/columns and replace them in forward. They are registered ON
-the projection module, so ZeRO-3 partitions them and gathers them together with the module's weight,
-and the optimizer (and its state) only ever sees them: about 0.03% of the model, not whole FFN matrices.
+They start as copies of the selected rows/columns. In forward the frozen projection runs as it is and
+only the selected output channels (rows) or the selected input channels' contribution (columns) come
+from the slices; no copy of the base weight is made (see `neuron_linear`). They are registered ON the
+projection module, so ZeRO-3 partitions them and gathers them together with the module's weight, and
+the optimizer (and its state) only ever sees them: about 0.03% of the model, not whole FFN matrices.
 
 They hold the selected values themselves, not a difference to the base: with the same arithmetic as
 mask mode (see `neuron_linear`), SGD steps are then bit-identical to mask mode, and weight decay of

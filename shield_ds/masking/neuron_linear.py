@@ -6,22 +6,30 @@ A projection that holds selected neurons gets
   1 for down_proj (neuron i is column i; its bias belongs to no neuron);
 - a forward that runs `NeuronLinear`, in place of `F.linear`.
 
-Both training modes go through the same function, so they do the same arithmetic:
-- forward: F.linear(x, W, b) on the full weight. Mask mode passes the parameter itself; delta mode
-  writes its slice parameters into a temporary copy of the frozen base weight (index_copy, exact),
-  so the weight the matmul sees is bit-identical to mask mode's;
-- input gradient: grad_out @ W, the full product (needed by the layers below either way);
+Both training modes go through the same function, so they do the same arithmetic. The projection
+runs on the weight as it is (in delta mode the frozen base, under ZeRO-3 the weight DeepSpeed's
+hooks gathered) and only the selected slices are corrected; no copy of a weight matrix is made:
+- rows (dim 0): y = F.linear(x, W, b), then y[..., S] = F.linear(x, slice, slice_bias);
+- columns (dim 1): y = F.linear(x', W, b) + x[..., S] @ slice^T, where x' is x with the selected
+  input channels set to zero, so the stored W[:, S] contributes exact zeros;
+- input gradient: rows: g' @ W + g[..., S] @ slice (g' = g with the selected channels zeroed);
+  columns: g @ W with columns S replaced by g @ slice;
 - weight gradient: only the selected slice, from one small product (rows: g[:, S].T @ x, columns:
   g.T @ x[:, S]). Mask mode scatters it into a zero full-size gradient (everything else would be
   masked anyway), delta mode takes it as the slice parameter's gradient.
 
-So no weight-gradient product is spent on the frozen rest of the matrix (about a third of a
-full FFN backward), and with an elementwise optimizer (SGD, Adam without clipping) delta mode stays
-bit-identical to mask mode step after step: the slice parameters hold the selected rows/columns
-themselves, not a difference, because W + (D1 + D2) is not (W + D1) + D2 in floating point.
+`slice` is delta mode's slice parameter, and in mask mode the selected rows/columns of the weight
+itself (a [k, in] / [out, k] index_select of the gathered weight). What W holds at the selected
+positions never reaches a result (overwritten, or multiplied by exact zeros), so mask and delta mode
+compute bit-identical outputs and gradients whenever their selected values are equal: with an
+elementwise optimizer (SGD, Adam without clipping) delta mode stays bit-identical to mask mode step
+after step. That is why the slice parameters hold the selected rows/columns themselves, not a
+difference (W + (D1 + D2) is not (W + D1) + D2 in floating point).
 
-The delta-mode copy is transient (one projection's weight at a time, freed after the matmul;
-recomputed in backward instead of kept alive by autograd for every layer).
+Cost against a stock linear: the small slice products, plus one transient copy of an activation
+(x' in a down projection's forward, g' in a row projection's backward: tokens x intermediate) where
+the previous version copied the whole weight in forward and again in backward. A down projection
+keeps only x[..., S] for its backward, not x.
 """
 
 from __future__ import annotations
@@ -37,14 +45,20 @@ SLICE_BIAS = "shield_slice_bias"
 _ORIGINAL_FORWARD = "_shield_original_forward"
 
 
-def _effective(weight: torch.Tensor, bias: torch.Tensor | None, neurons: torch.Tensor, dim: int,
-               slice_w: torch.Tensor | None, slice_b: torch.Tensor | None):
-    """The weight and bias the projection computes with (the base with the slices written in)."""
-    if slice_w is not None:
-        weight = weight.index_copy(dim, neurons, slice_w.to(weight.dtype))
-    if slice_b is not None:
-        bias = bias.index_copy(0, neurons, slice_b.to(bias.dtype))
-    return weight, bias
+def _selected(weight: torch.Tensor, bias: torch.Tensor | None, neurons: torch.Tensor, dim: int,
+              slice_w: torch.Tensor | None, slice_b: torch.Tensor | None):
+    """The selected slice and row bias the projection computes with, in the weight's dtype.
+
+    Delta mode: its slice parameters; mask mode (slice_w None): the weight's own selected
+    rows/columns (a small copy; the weight is gathered while the module runs under ZeRO-3).
+    """
+    if slice_w is None:
+        piece = weight.index_select(dim, neurons)
+        piece_b = bias.index_select(0, neurons) if dim == 0 and bias is not None else None
+        return piece, piece_b
+    piece = slice_w.to(weight.dtype)
+    piece_b = slice_b.to(bias.dtype) if slice_b is not None else None
+    return piece, piece_b
 
 
 class NeuronLinear(torch.autograd.Function):
@@ -57,27 +71,41 @@ class NeuronLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, neurons, dim, slice_w, slice_b):
-        w, b = _effective(weight, bias, neurons, dim, slice_w, slice_b)
+        piece, piece_b = _selected(weight, bias, neurons, dim, slice_w, slice_b)
         ctx.dim = dim
-        ctx.save_for_backward(x, weight, bias, neurons, slice_w, slice_b)
-        return F.linear(x, w, b)
+        if dim == 0:
+            out = F.linear(x, weight, bias)
+            out.index_copy_(-1, neurons, F.linear(x, piece, piece_b))
+            saved_x = x
+        else:
+            saved_x = x.index_select(-1, neurons)
+            out = F.linear(x.index_fill(-1, neurons, 0), weight, bias)
+            out.add_(F.linear(saved_x, piece))
+        ctx.save_for_backward(saved_x, weight, bias, neurons, slice_w, slice_b)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, neurons, slice_w, slice_b = ctx.saved_tensors
+        saved_x, weight, bias, neurons, slice_w, slice_b = ctx.saved_tensors
         dim = ctx.dim
         need_x, need_w, need_b, _, _, need_sw, need_sb = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_sw = grad_sb = None
         if need_x:
-            w, _ = _effective(weight, None, neurons, dim, slice_w, None)
-            grad_x = grad_out.matmul(w.to(grad_out.dtype))
+            piece, _ = _selected(weight, None, neurons, dim, slice_w, None)
+            w, piece = weight.to(grad_out.dtype), piece.to(grad_out.dtype)
+            if dim == 0:
+                grad_x = grad_out.index_fill(-1, neurons, 0).matmul(w)
+                grad_x.add_(grad_out.index_select(-1, neurons).matmul(piece))
+            else:
+                grad_x = grad_out.matmul(w)
+                grad_x.index_copy_(-1, neurons, grad_out.matmul(piece))
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+        x2 = saved_x.reshape(-1, saved_x.shape[-1]).to(g2.dtype)
         if need_w or need_sw:
             if dim == 0:
                 piece = g2.index_select(1, neurons).t().matmul(x2)  # [k, in]
             else:
-                piece = g2.t().matmul(x2.index_select(1, neurons))  # [out, k]
+                piece = g2.t().matmul(x2)  # [out, k]: x2 holds the selected columns only
             if need_w:
                 grad_w = torch.zeros_like(weight).index_copy_(dim, neurons, piece.to(weight.dtype))
             if need_sw:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.engine import ShieldEngine, config_dtype, resolve_ds_config, zero_stage, gathered
+from shield_ds.engine import gathered, load_inference_model, resolve_ds_config
 from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
@@ -49,8 +49,9 @@ class IdentifyConfig:
     batch_size: int = 8
     seed: int = 0
     out: str = "runs/identify"
-    ds_config: str | None = "ds_configs/zero3_infer.json"  # None: plain PyTorch in one process
+    ds_config: str | None = "ds_configs/zero3_infer.json"  # None: plain PyTorch (as zero "off")
     ds_overrides: list[str] = field(default_factory=list)
+    zero: str = "auto"  # "on": ZeRO-3 engine; "off": a replica per rank; "auto": off when it fits (engine.choose_zero)
     offload_params: bool = False
     data_dir: str | None = None
     overwrite: bool = False
@@ -135,7 +136,7 @@ class Identifier:
 
     def run(self) -> NeuronSet:
         from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-        from shield_ds.models import config_hash, count_parameters, get_adapter, load_config, load_model
+        from shield_ds.models import config_hash, count_parameters, get_adapter, load_config
 
         cfg = self.cfg
         out = Path(cfg.out)
@@ -154,15 +155,9 @@ class Identifier:
             if cfg.offload_params:
                 overrides.append('zero_optimization.offload_param.device="cpu"')
             ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, overrides=overrides)
-        dtype = config_dtype(ds_config) if ds_config else torch.float32
-        loaded = load_model(cfg.model, ds_config=ds_config if ds_config and zero_stage(ds_config) == 3 else None,
-                            dtype=dtype)
-        if ds_config is not None:
-            engine = ShieldEngine(loaded.model, ds_config, training=False)
-            model, device = engine.module, engine.device
-        else:
-            model, device = loaded.model.eval(), dist.device()
-            model.to(device)
+        # Either way every rank runs its shard of the batches and the statistics are all-reduced.
+        inference = load_inference_model(cfg.model, ds_config, cfg.zero)
+        loaded, model, device, dtype = inference.loaded, inference.model, inference.device, inference.dtype
 
         num_layers = adapter.num_layers(config)
         width = adapter.intermediate_size(config)
@@ -192,7 +187,7 @@ class Identifier:
                 "total_params": total_params, "params_per_neuron": per_neuron,
                 "groups": {g: {"records": sum(1 for r in records if r.group == g), "tokens": n}
                            for g, n in stats.token_counts().items()},
-                "world_size": dist.world_size(), "package_version": shield_ds.__version__,
+                "world_size": dist.world_size(), "zero": inference.zero, "package_version": shield_ds.__version__,
                 "dtype": str(dtype).replace("torch.", ""), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "prompt_keys": len(prompt_keys(records)), "prompt_key_digest": keys_digest(prompt_keys(records)),
                 **signature,

@@ -26,7 +26,7 @@ def main() -> None:
         cfg = IdentifyConfig(model=model, languages=["en", "ar"], modalities=modalities,
                              per_group_limit=2, batch_size=2, ratio=0.05, max_param_fraction=0.0,
                              scope="lm+vision" if images else "lm",
-                             out=str(out_root / Path(model).name),
+                             out=str(out_root / Path(model).name), zero="on",
                              ds_overrides=["bf16.enabled=false", "zero_optimization.stage3_param_persistence_threshold=0"])
         Identifier(cfg).run()
 
