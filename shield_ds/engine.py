@@ -119,6 +119,9 @@ def exit_distributed(code: int = 0) -> None:
     _destroy_process_group()
     if _HOSTED:
         return
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun counts a rank that exits without MPI_Finalize as failed
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -260,6 +260,21 @@ def _fault_injection(step: int, boundary_next: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _fault_pause(step: int, preemption) -> None:
+    """Testing aid: SHIELD_DS_FAULT_PAUSE="STEP:SECONDS" holds this rank after optimizer step STEP (and its
+    checkpoint) until a preemption signal reaches it or SECONDS pass, so a test can signal a run mid-way
+    however fast it trains."""
+    spec = os.environ.get("SHIELD_DS_FAULT_PAUSE")
+    if not spec:
+        return
+    at, seconds = spec.split(":")
+    if step != int(at):
+        return
+    deadline = time.monotonic() + float(seconds)
+    while time.monotonic() < deadline and not preemption.stop_requested_locally():
+        time.sleep(0.05)
+
+
 def rng_state() -> dict[str, Any]:
     """Every generator a step can draw from: Python, NumPy, torch's CPU and this rank's CUDA device."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -589,6 +604,7 @@ class ShieldTrainer:
                                        {**state, "rng": dist.all_gather_object(rng_state()), "config": asdict(cfg)},
                                        keep_last=cfg.keep_last,
                                        run_info={"fingerprint": self.fingerprint, "world_size": dist.world_size()})
+            _fault_pause(state["step"], preemption)
             if stop:
                 log.warning("stopping at step %d for requeue", state["step"])
                 writer.close()

@@ -190,7 +190,9 @@ def test_train_signalled_requeues_and_resumes_bit_identical(identify_job, train_
     """USR1 to the batch shell mid-run -> checkpoint, exit 3 -> scontrol requeue -> --resume -> same weights."""
     assert train_job["fields"]["JobState"] == "COMPLETED"
     out = tmp_path / "train"
-    job = submit_train(identify_job, out, tiny_env)
+    # The ranks wait after step 1 (and its checkpoint) until the signal reaches them: the tiny run is too
+    # fast to catch between two polls otherwise.
+    job = submit_train(identify_job, out, dict(tiny_env, SHIELD_DS_FAULT_PAUSE="1:300"))
     # Signal once step 1's checkpoint is complete: the handler is installed and 11 steps remain.
     first = out / "checkpoints" / "step-00000001" / "COMPLETE"
     deadline = time.monotonic() + 480
