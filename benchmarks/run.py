@@ -8,8 +8,8 @@
 For each size it builds (once, cached under --work-dir) a random checkpoint, then starts
 `deepspeed --num_gpus RANKS benchmarks/worker.py` once per mode: identify (plain and hooked
 forwards on one engine), then the train modes ffn, mask, delta, full, lora; then the evaluation
-engines (`evaluate_bench.py`): ZeRO-3 and a replica per rank through the launcher, plain
-`transformers` generate in one process. It prints a markdown ratio table per size and writes all
+engines in one launch (`evaluate_bench.py`, alternating pass by pass): ZeRO-3 and a replica per
+rank, and plain `transformers` generate in one process (rank 0 alone). It prints a markdown ratio table per size and writes all
 measurements to benchmarks/results-<date>.json (--json).
 """
 
@@ -117,37 +117,23 @@ def remove_shm_buffers(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def launch_evaluate(engine: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
-    """One evaluation engine (evaluate_bench.py): through the launcher on RANKS ranks, or plain in one process."""
-    out = out_dir / f"evaluate-{engine}.json"
+def run_evaluate(model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    """The three evaluation engines in one launch (evaluate_bench.py), alternating pass by pass."""
+    out = out_dir / "evaluate.json"
     settings = SIZES[size]
-    script = [str(BENCH_DIR / "evaluate_bench.py"), "--model", str(model), "--engine", engine,
-              "--records", str(settings["eval_records"]), "--batch-size", str(settings["eval_batch_size"]),
-              "--max-new-tokens", str(settings["eval_new_tokens"]), "--max-prompt-bytes", str(settings["max_length"] // 2),
-              "--passes", str(settings["eval_passes"]), "--out", str(out)]
     port = free_port()
-    if engine == "plain":
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(args.ranks), "--master_port",
-               str(port), *script]
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(args.ranks), "--master_port", str(port),
+           str(BENCH_DIR / "evaluate_bench.py"), "--model", str(model), "--records", str(settings["eval_records"]),
+           "--batch-size", str(settings["eval_batch_size"]), "--max-new-tokens", str(settings["eval_new_tokens"]),
+           "--max-prompt-bytes", str(settings["max_length"] // 2), "--passes", str(settings["eval_passes"]),
+           "--out", str(out)]
     start = time.perf_counter()
     try:
-        run_logged(cmd, out_dir / f"evaluate-{engine}.log", args.timeout)
+        run_logged(cmd, out_dir / "evaluate.log", args.timeout)
     finally:
         remove_shm_buffers(port)
-    print(f"  {size} evaluate {engine}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    print(f"  {size} evaluate: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return json.loads(out.read_text(encoding="utf-8"))
-
-
-def run_evaluate(model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
-    """The three evaluation engines; `identical` says whether their answers are the same."""
-    import shield_bench
-
-    runs = {engine: launch_evaluate(engine, model, size, args, out_dir) for engine in shield_bench.EVAL_ENGINES}
-    answers = [r.pop("answers") for r in runs.values()]
-    runs["identical"] = all(a == answers[0] for a in answers[1:])
-    return runs
 
 
 def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
