@@ -1,29 +1,36 @@
 """Evaluation (greedy generation) throughput: ZeRO-3 vs a replica per rank vs plain `transformers`.
 
-Started by `benchmarks/run.py` (issue #14), three ways on the same checkpoint, prompts and batches:
+Started by `benchmarks/run.py` (issue #14) through the launcher; one process group runs all three
+engines on the same checkpoint, prompts and batches, in alternating order from pass to pass, so
+that the drift of a shared machine hits them alike:
 
-    deepspeed --num_gpus 2 benchmarks/evaluate_bench.py --model DIR --engine zero-on  --out on.json
-    deepspeed --num_gpus 2 benchmarks/evaluate_bench.py --model DIR --engine zero-off --out off.json
-    python benchmarks/evaluate_bench.py --model DIR --engine plain --out plain.json
+    deepspeed --num_gpus 2 benchmarks/evaluate_bench.py --model DIR --out evaluate.json
 
 - zero-on / zero-off: what `recipes/evaluate.py --zero on|off` runs: `load_inference_model` (ZeRO-3
   engine from ds_configs/zero3_infer.json, or a plain replica on every rank) and `generate_responses`
   (prompts sharded over the ranks; synced_gpus under ZeRO-3; answers gathered on every rank);
-- plain: one process, `AutoModelForImageTextToText.from_pretrained` and `model.generate` per batch
-  (the same collated batches, greedy, KV cache), no DeepSpeed and no shield_ds generation code.
+- plain: `model.generate` of a `from_pretrained` model per batch on rank 0 alone (the other ranks
+  wait at a barrier): plain `transformers` in one process, no DeepSpeed and no shield_ds generation.
 
-A timed pass generates for every record; --passes of them run after a one-batch warm-up. Tokens are
-the answers' tokens (re-tokenized; the same in every engine, because the answers are compared and
-must be identical). Rank 0 writes --out: pass times (max over ranks; median and min), tokens/s of the
-median pass, peak memory over the passes, the answers.
+The replica is loaded first, then the ZeRO-3 model (partitioned under zero.Init); plain uses the
+replica's module, which is the model `from_pretrained` returned. Each engine generates one batch per
+rank to warm up, then --passes timed passes over all records. Tokens are the answers' new tokens up
+to and including the first end-of-sequence token, counted from the ids `generate` returned
+(`TokenCounter`); they are the same in every engine because the answers are compared and must be
+identical: the texts and the token ids (the random large model's ids mostly lie outside the small
+tokenizer's vocabulary and decode to nothing). Rank 0 writes --out: per engine the pass times (max
+over ranks; median and min), tokens/s of the median and of the fastest pass, the weight bytes each
+rank holds, and whether the answers of all engines are identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,19 +41,17 @@ import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
-ENGINES = ("zero-on", "zero-off", "plain")
 INFER_CONFIG = "ds_configs/zero3_infer.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--engine", required=True, choices=ENGINES)
     p.add_argument("--records", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="records per generate call")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-prompt-bytes", type=int, default=64)
-    p.add_argument("--passes", type=int, default=3, help="timed passes over all records")
+    p.add_argument("--passes", type=int, default=3, help="timed passes over all records, per engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -54,8 +59,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def count_tokens(tokenizer, answers: dict[str, str]) -> int:
-    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in answers.values())
+class TokenCounter:
+    """Wraps `model.generate` and keeps each generated row's new token ids, cut after the first stop token."""
+
+    def __init__(self, model: torch.nn.Module, stop_ids: set[int]):
+        self.rows: list[tuple[int, ...]] = []
+        self.stop_ids = stop_ids
+        self._generate = model.generate
+        model.generate = self
+
+    def __call__(self, **kwargs):
+        out = self._generate(**kwargs)
+        for row in out[:, kwargs["input_ids"].shape[1]:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in self.stop_ids), len(row))
+            self.rows.append(tuple(row[:end]))
+        return out
+
+
+def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return {*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id} - {None}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds: ZeRO-3 partitions (plus persistent parameters), else everything."""
+    total = 0
+    for p in model.parameters():
+        partition = getattr(p, "ds_tensor", None)
+        local = p.ds_numel if getattr(p, "ds_persist", False) else (partition.numel() if partition is not None else p.numel())
+        total += int(local) * p.element_size()
+    return total
 
 
 @torch.no_grad()
@@ -69,8 +102,9 @@ def plain_generate(model, processor, adapter, records: list, *, batch_size: int,
     answers = {}
     for batch_records in plan_batches(list(records), batch_size):
         inputs = collator(batch_records).inputs
+        # synced_gpus off explicitly: transformers turns it on while a ZeRO-3 HfDeepSpeedConfig is alive
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad_id, use_cache=True)
+                             pad_token_id=pad_id, use_cache=True, synced_gpus=False)
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         answers.update({r.id: t for r, t in zip(batch_records, texts)})
     return answers
@@ -80,63 +114,68 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from shield_ds.engine import init_distributed, load_inference_model, resolve_ds_config
     from shield_ds.evaluate.generate import generate_responses
-    from shield_ds.models import get_adapter
 
-    if args.engine != "plain":
-        init_distributed()
-    meter = sb.PeakMemory(dist.device())
-    baseline = meter.current()
+    init_distributed()
     records, source = sb.benchmark_records(args.records, args.data_dir, args.seed, max_prompt_bytes=args.max_prompt_bytes)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    if args.engine == "plain":
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
-        processor = AutoProcessor.from_pretrained(args.model)
-        adapter = get_adapter(model.config)
-
-        def generate(recs: list) -> dict[str, str]:
-            return plain_generate(model, processor, adapter, recs, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens)
-    else:
-        # The recipe's inference config in fp32 (as the identify benchmark and the equality tests).
-        ds_config = resolve_ds_config(INFER_CONFIG, micro_batch_size=args.batch_size,
-                                      overrides={"bf16.enabled": False})
-        inference = load_inference_model(args.model, ds_config, args.engine.removeprefix("zero-"))
-        processor, adapter = inference.loaded.processor, inference.loaded.adapter
-
-        def generate(recs: list) -> dict[str, str]:
-            return generate_responses(inference.model, processor, adapter, recs, batch_size=args.batch_size,
-                                      max_new_tokens=args.max_new_tokens, dtype=inference.dtype,
-                                      zero3=inference.zero3, device=inference.device, desc="bench")
-    load_s = time.perf_counter() - start
-    generate(records[: args.batch_size * dist.world_size()])  # warm-up: one batch per rank
-    dist.barrier()
-    memory_before = meter.current()
-    meter.start()
-    times = []
-    for _ in range(args.passes):
-        start = time.perf_counter()
-        answers = generate(records)
-        times.append(time.perf_counter() - start)
-    times = sb.reduce_max(times)
-    peak, before, base = sb.reduce_max([float(meter.peak()), float(memory_before), float(baseline)])
+    # The recipe's inference config in fp32 (as the identify benchmark and the equality tests).
+    ds_config = resolve_ds_config(INFER_CONFIG, micro_batch_size=args.batch_size, overrides={"bf16.enabled": False})
+    replica = load_inference_model(args.model, ds_config, "off")  # first: built outside zero.Init
+    zero3 = load_inference_model(args.model, ds_config, "on")
+    processor, adapter = replica.loaded.processor, replica.loaded.adapter
     tokenizer = getattr(processor, "tokenizer", processor)
-    tokens = count_tokens(tokenizer, answers)
-    summary = sb.summarise(times)
-    result = {"engine": args.engine, "world_size": dist.world_size(), "records": len(records),
-              "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "data": source,
-              "pass_times_s": times, **summary, "pass_s": summary["median_s"], "tokens": tokens,
-              "tokens_per_s": tokens / max(summary["median_s"], 1e-9),
-              "tokens_per_s_best": tokens / max(summary["min_s"], 1e-9), "load_s": load_s,
-              "peak_bytes": int(peak), "resident_before_bytes": int(before), "baseline_bytes": int(base),
-              "memory_kind": meter.kind, "answers": answers}
-    if args.engine != "plain":
-        result["zero"] = inference.zero
+    counters = {name: TokenCounter(m.model, stop_ids(m.model, tokenizer)) for name, m in
+                (("zero-on", zero3), ("zero-off", replica))}
+    counters["plain"] = counters["zero-off"]  # the same module
+
+    def shield(inference) -> Callable[[list], dict[str, str]]:
+        return lambda recs: generate_responses(inference.model, processor, adapter, recs, batch_size=args.batch_size,
+                                               max_new_tokens=args.max_new_tokens, dtype=inference.dtype,
+                                               zero3=inference.zero3, device=inference.device, desc="bench")
+
+    def plain(recs: list) -> dict[str, str]:
+        if not dist.is_rank0():
+            return {}
+        return plain_generate(replica.model, processor, adapter, recs, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens)
+
+    engines = {"zero-on": shield(zero3), "zero-off": shield(replica), "plain": plain}
+    names = list(sb.EVAL_ENGINES)
+    for name in names:  # warm-up: one batch per rank
+        engines[name](records[: args.batch_size * dist.world_size()])
+        dist.barrier()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    answers: dict[str, dict[str, str]] = {}
+    token_rows: dict[str, list] = {}
+    for index in range(args.passes):
+        for name in names[index % len(names):] + names[: index % len(names)]:  # rotate the order per pass
+            counters[name].rows.clear()
+            dist.barrier()
+            start = time.perf_counter()
+            answers[name] = engines[name](records)
+            times[name].append(time.perf_counter() - start)
+            dist.barrier()
+            token_rows[name] = sorted(row for rows in dist.all_gather_object(counters[name].rows) for row in rows)
+    answers["plain"] = dist.broadcast_object(answers["plain"])
+    sizes = {"zero-on": weight_bytes(zero3.model), "zero-off": weight_bytes(replica.model),
+             "plain": weight_bytes(replica.model)}
+    result = {"records": len(records), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "passes": args.passes, "data": source, "world_size": dist.world_size(), "engines": {}}
+    for name in names:
+        pass_times = sb.reduce_max(times[name])
+        tokens = sum(len(row) for row in token_rows[name])
+        result["engines"][name] = {
+            "ranks": 1 if name == "plain" else dist.world_size(), "pass_times_s": pass_times,
+            **sb.summarise(pass_times), "tokens": tokens,
+            "tokens_per_s": tokens / max(statistics.median(pass_times), 1e-9),
+            "tokens_per_s_best": tokens / max(min(pass_times), 1e-9),
+            "weight_bytes_per_rank": int(sb.reduce_max([float(sizes[name])])[0])}
+    result["engines"]["zero-on"]["zero"], result["engines"]["zero-off"]["zero"] = zero3.zero, replica.zero
+    result["identical"] = all(answers[n] == answers[names[0]] and token_rows[n] == token_rows[names[0]]
+                              for n in names[1:])
     if dist.is_rank0():
         write_json(args.out, result)
-        print({k: v for k, v in result.items() if k != "answers"}, flush=True)
+        print({n: {k: v for k, v in e.items() if k != "pass_times_s"} for n, e in result["engines"].items()},
+              flush=True)
     dist.barrier()
 
 

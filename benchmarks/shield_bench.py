@@ -441,7 +441,7 @@ EVAL_RATIOS: list[tuple[str, str, str, float | None]] = [
 
 def evaluate_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Tokens/s ratios of the evaluation engines (target: at least)."""
-    runs = results.get("evaluate")
+    runs = (results.get("evaluate") or {}).get("engines")
     if not runs:
         return []
     rows = []
@@ -510,17 +510,20 @@ def format_mode_table(results: dict[str, Any]) -> str:
         lines.append(f"| {mode} | {e['trainable_params']:,} | {_fmt('s_s', e['median_s'])} | {_fmt('s_s', e['min_s'])} | "
                      f"{e['tokens_per_s']:.0f} | {_fmt('b', e['peak_bytes'])} | "
                      f"{_fmt('b', e['peak_bytes'] - e['baseline_bytes'])} | {_fmt('b', e['optimizer_state_bytes'])} |")
-    runs = results.get("evaluate")
-    if runs:
+    if len(lines) == 2:  # neither identify nor train ran
+        lines = []
+    evaluate = results.get("evaluate")
+    if evaluate:
+        lines += ["", "| evaluate engine | ranks | pass median | pass min | tokens/s | weights per rank |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for engine in EVAL_ENGINES:
-            e = runs[engine]
-            name = f"evaluate {engine} ({e['world_size']} rank{'s' if e['world_size'] > 1 else ''})"
-            lines.append(f"| {name} | - | pass {_fmt('s_s', e['pass_s'])} | pass {_fmt('s_s', e['min_s'])} | "
-                         f"{e['tokens_per_s']:.0f} | "
-                         f"{_fmt('b', e['peak_bytes'])} | {_fmt('b', e['peak_bytes'] - e['baseline_bytes'])} | |")
-        lines.append(f"\nevaluate: {runs['zero-on']['records']} records x up to {runs['zero-on']['max_new_tokens']} "
-                     f"new tokens, {runs['zero-on']['tokens']} answer tokens, batch {runs['zero-on']['batch_size']}; "
-                     f"answers identical in all three engines: {'yes' if runs['identical'] else '**no**'}")
+            e = evaluate["engines"][engine]
+            lines.append(f"| {engine} | {e['ranks']} | {_fmt('s_s', e['median_s'])} | {_fmt('s_s', e['min_s'])} | "
+                         f"{e['tokens_per_s']:.0f} | {_fmt('b', e['weight_bytes_per_rank'])} |")
+        lines.append(f"\nevaluate: {evaluate['records']} records x up to {evaluate['max_new_tokens']} new tokens "
+                     f"({evaluate['engines']['plain']['tokens']} answer tokens), batch {evaluate['batch_size']}, "
+                     f"{evaluate['passes']} passes per engine in rotating order; answers identical in all three "
+                     f"engines: {'yes' if evaluate['identical'] else '**no**'}")
     return "\n".join(lines)
 
 
