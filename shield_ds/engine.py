@@ -69,16 +69,15 @@ def init_distributed(timeout_minutes: int = 60) -> None:
 
 
 def _destroy_process_group() -> None:
-    """Tear the process group down while the interpreter is still whole (registered at exit).
+    """Tear the process group down while the interpreter is still whole.
 
-    Left to interpreter finalization, gloo's worker threads can still hold work objects whose
-    tensors need the GIL, and the rank aborts with "terminate called without an active exception"
-    (seen in about one 2-rank run in ten here). Local only: no collective, so it cannot hang when
-    another rank has already failed.
+    Registered at exit for the ranks that leave some other way than `exit_distributed` (an error's
+    exit code 2, a requeue): left to interpreter finalization, gloo's threads can abort the rank.
+    Local only: no collective, so it cannot hang when another rank has already failed.
     """
     import torch.distributed as torch_dist
 
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if dist.is_initialized():
         with contextlib.suppress(Exception):
             torch_dist.destroy_process_group()
 
@@ -111,9 +110,7 @@ def exit_distributed(code: int = 0) -> None:
     import logging
     import sys
 
-    import torch.distributed as torch_dist
-
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+    if not dist.is_initialized():
         return
     dist.barrier()
     _destroy_process_group()

@@ -191,12 +191,12 @@ class Experiment:
         return [*self._common(), *self._train_selection(), *arm.flags, "--out", str(arm.train_dir),
                 *shlex.split(self.cfg.train_args), *curve]
 
-    def curve_points(self) -> list[tuple[Arm, int, Path, Path]]:
-        """(arm, step, snapshot model dir, its evaluation dir) for every main arm and curve step."""
+    def curve_points(self, arm: Arm) -> list[tuple[int, Path, Path]]:
+        """(step, snapshot model dir, its evaluation dir) per curve step of a main arm (none for the sweep's)."""
         from shield_ds.train import snapshot_dir
 
-        return [(arm, step, snapshot_dir(arm.train_dir, step) / "model", arm.root / f"eval-step-{step}")
-                for arm in self.arms() if arm.budget is None for step in self.cfg.curve_steps]
+        steps = self.cfg.curve_steps if arm.budget is None else []
+        return [(step, snapshot_dir(arm.train_dir, step) / "model", arm.root / f"eval-step-{step}") for step in steps]
 
     def evaluate_args(self, model: str, out: Path) -> list[str]:
         return ["--model", model, *shlex.split(self.cfg.data_args), *self._eval_selection(), "--out", str(out),
@@ -213,7 +213,6 @@ class Experiment:
             root = self.out / "budgets" / f"{budget:g}" / "identify"
             identify[budget] = Stage("identify.py", self.identify_args(root, budget), root, "neurons.json")
         stages = [base, *identify.values()]
-        curves = self.curve_points()
         for arm in self.arms():
             train = Stage("train.py", self.train_args(arm), arm.train_dir, "train.json",
                           [identify[arm.budget].out] if arm.kind != "full-ffn" else [])
@@ -222,7 +221,7 @@ class Experiment:
                                 arm.eval_dir, "asr.json", [train.out, base.out]))
             # each arm's curve right after it, so an interrupted run has whole arms to tabulate
             stages += [Stage("evaluate.py", self.evaluate_args(str(model), out), out, "asr.json", [train.out, base.out])
-                       for a, _, model, out in curves if a.name == arm.name]
+                       for _, model, out in self.curve_points(arm)]
         return stages
 
     # --- running -------------------------------------------------------------------------------
@@ -338,7 +337,7 @@ class Experiment:
         for arm in (a for a in self.arms() if a.budget is None):
             points = [(0, final["base"])]
             points += [(step, arm_row(arm.name, arm.kind, None, d, arm.train_dir, base_dir, trained))
-                       for a, step, _, d in self.curve_points() if a.name == arm.name]
+                       for step, _, d in self.curve_points(arm)]
             points.append((steps, final[arm.name]))
             out += [{**row, "arm": arm.name, "kind": arm.kind, "step": step} for step, row in points]
         return out
