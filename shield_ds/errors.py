@@ -14,6 +14,13 @@ class ShieldError(Exception):
     """An error caused by the user's input (files, flags, models); printed as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for a
+    one-line ShieldError about a library error that may span many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def exit_on_error(fn: F) -> F:
     """Decorate a recipe's main(): a ShieldError becomes `error: ...` on stderr and exit code 2; a
     distributed recipe that returns ends its ranks together (`shield_ds.engine.exit_distributed`)."""

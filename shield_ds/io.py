@@ -1,5 +1,5 @@
 """Atomic writes (an output is either complete or absent, never partial or clobbered) and the JSON /
-JSONL readers whose errors name the file and line."""
+JSONL / mapping-file readers whose errors name the file (and line)."""
 
 from __future__ import annotations
 
@@ -75,12 +75,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn the errors of reading a UTF-8 text file into one-line ShieldErrors naming it."""
-    from shield_ds.errors import ShieldError
+    from shield_ds.errors import ShieldError, first_line
 
     try:
         yield
     except UnicodeDecodeError as exc:
-        raise ShieldError(f"{path}: not UTF-8 text ({str(exc).splitlines()[0]})") from None
+        raise ShieldError(f"{path}: not UTF-8 text ({first_line(exc)})") from None
     except OSError as exc:
         raise ShieldError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -115,3 +115,29 @@ def read_jsonl(path: str | os.PathLike, where: Callable[[int], str]) -> list[tup
             except json.JSONDecodeError as exc:
                 raise ShieldError(f"{where(line_no)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     return rows
+
+
+def read_mapping(path: str | os.PathLike, what: str) -> dict:
+    """The mapping in a user's JSON (by the .json suffix) or YAML file; an empty YAML file is {}.
+
+    `what` names the file in errors ("refusal phrase file"): a missing file, malformed text or a
+    document that is not a mapping is a one-line ShieldError naming the path.
+    """
+    import yaml
+
+    from shield_ds.errors import ShieldError, first_line
+
+    path = Path(path)
+    if not path.is_file():
+        raise ShieldError(f"{path}: {what} not found")
+    with _reading(path):
+        text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ShieldError(f"{path}: malformed {what} ({first_line(exc)})") from None
+    if data is None and path.suffix.lower() != ".json":
+        return {}
+    if not isinstance(data, dict):
+        raise ShieldError(f"{path}: a {what} must be a mapping, not {type(data).__name__}")
+    return data

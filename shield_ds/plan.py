@@ -55,7 +55,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.errors import ShieldError, exit_on_error, first_line
 from shield_ds.plan_presets import PRESETS
 
 GIB = 2**30
@@ -204,18 +204,13 @@ def resolve_config(model: str):
         try:
             return AutoConfig.from_pretrained(str(config_file))
         except Exception as exc:  # transformers raises several types for a bad file
-            raise ShieldError(f"cannot read model config {config_file}: {_first_line(exc)}") from exc
+            raise ShieldError(f"cannot read model config {config_file}: {first_line(exc)}") from exc
     try:
         return AutoConfig.from_pretrained(model)
     except Exception as exc:
         raise ShieldError(f"cannot load config for model {model!r} (not a preset "
                           f"{sorted(PRESETS)}, not a local path, hub unreachable or unknown): "
-                          f"{_first_line(exc)}") from exc
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+                          f"{first_line(exc)}") from exc
 
 
 def count_model(config, name: str = "") -> ModelInventory:
@@ -231,7 +226,7 @@ def count_model(config, name: str = "") -> ModelInventory:
                 model = auto.from_config(config)
             break
         except (ValueError, KeyError) as exc:  # not a model type this auto class maps
-            errors.append(_first_line(exc))
+            errors.append(first_line(exc))
     if model is None:
         raise ShieldError(f"model {name or config.model_type!r}: no image-text-to-text or causal-LM class "
                           f"for model_type {config.model_type!r} ({errors[-1]})")

@@ -9,15 +9,13 @@ before training (distillation keeps its utility); the recipe caches those answer
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from shield_ds.data.records import SafetyRecord
 from shield_ds.errors import ShieldError
+from shield_ds.io import read_mapping
 
 REFUSALS: dict[str, list[str]] = {
     "en": ["I'm sorry, but I can't help with that. It could cause serious harm.",
@@ -69,16 +67,8 @@ def load_refusals(path: str | Path | None = None) -> dict[str, list[str]]:
     refusals = {k: list(v) for k, v in REFUSALS.items()}
     if path is None:
         return refusals
-    path = Path(path)
-    if not path.is_file():
-        raise ShieldError(f"{path}: refusal templates file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ShieldError(f"{path}: malformed refusal templates ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v)
-                                             for v in data.values()):
+    data = read_mapping(path, "refusal templates file")
+    if not all(isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v) for v in data.values()):
         raise ShieldError(f"{path}: expected a mapping of language code to a non-empty list of refusals")
     refusals.update({str(k): list(v) for k, v in data.items()})
     return refusals

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.errors import ShieldError, exit_on_error, first_line
 from shield_ds.io import atomic_dir
 
 from .adapters import TEXT_ONLY_FAMILIES
@@ -33,18 +33,13 @@ GGUF_MAGIC = b"GGUF"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def check_gguf(path: Path) -> None:
     """ShieldError unless `path` is a readable file starting with the GGUF magic."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as exc:
-        raise ShieldError(f"cannot read GGUF file {path}: {exc.strerror or _first_line(exc)}") from exc
+        raise ShieldError(f"cannot read GGUF file {path}: {exc.strerror or first_line(exc)}") from exc
     if magic != GGUF_MAGIC:
         raise ShieldError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC.decode()})")
 
@@ -60,7 +55,7 @@ def _read_chat_template(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ShieldError(f"cannot read --chat-template {path}: {_first_line(exc)}") from exc
+        raise ShieldError(f"cannot read --chat-template {path}: {first_line(exc)}") from exc
     if not text.strip():
         raise ShieldError(f"--chat-template {path} is empty")
     return text
@@ -79,7 +74,7 @@ def load_gguf(gguf: Path):
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # transformers raises ValueError, KeyError, struct errors ... on bad files
-        raise ShieldError(f"cannot read {gguf} as GGUF: {_first_line(exc)}") from exc
+        raise ShieldError(f"cannot read {gguf} as GGUF: {first_line(exc)}") from exc
     model_type = getattr(config, "model_type", None)
     if model_type not in TEXT_ONLY_FAMILIES:
         raise ShieldError(f"{gguf}: unsupported architecture '{model_type}'; supported: "
@@ -89,7 +84,7 @@ def load_gguf(gguf: Path):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                      quantization_config=GgufConfig(dequantize=True))
     except Exception as exc:
-        raise ShieldError(f"cannot load {gguf}: {_first_line(exc)}") from exc
+        raise ShieldError(f"cannot load {gguf}: {first_line(exc)}") from exc
     return config, tokenizer, model
 
 
@@ -134,7 +129,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, *, dtype: str = "float32", o
             tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                           tokenize=False)
         except Exception as exc:  # jinja2 TemplateError and friends
-            raise ShieldError(f"--chat-template {chat_template} does not render: {_first_line(exc)}") from exc
+            raise ShieldError(f"--chat-template {chat_template} does not render: {first_line(exc)}") from exc
     fresh = rebuild(model, DTYPES[dtype])
     del model
     with atomic_dir(out, overwrite=True) as stage:

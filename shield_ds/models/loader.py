@@ -19,7 +19,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           AutoTokenizer, PretrainedConfig)
 
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError
+from shield_ds.errors import ShieldError, first_line
 
 from .adapters import TEXT_ONLY_FAMILIES, FamilyAdapter, get_adapter
 
@@ -50,8 +50,7 @@ def load_config(path_or_name: str | Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(str(path_or_name))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShieldError(f"cannot read a model config from {path_or_name}: {first_line}") from exc
+        raise ShieldError(f"cannot read a model config from {path_or_name}: {first_line(exc)}") from exc
 
 
 def _text_only(config: PretrainedConfig) -> bool:
@@ -79,8 +78,7 @@ def load_processor(path_or_name: str | Path, config: PretrainedConfig | None = N
     try:
         return _auto_processor(str(path_or_name), config is not None and _text_only(config))
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShieldError(f"cannot load a processor from {path_or_name}: {first_line}") from exc
+        raise ShieldError(f"cannot load a processor from {path_or_name}: {first_line(exc)}") from exc
 
 
 def _zero_stage(ds_config: dict | None) -> int:
@@ -120,8 +118,7 @@ def load_model(path_or_name: str | Path, *, ds_config: dict | None = None,
         auto_class = AutoModelForCausalLM if _text_only(config) else AutoModelForImageTextToText
         model = auto_class.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShieldError(f"cannot load model or processor from {path}: {first_line}") from exc
+        raise ShieldError(f"cannot load model or processor from {path}: {first_line(exc)}") from exc
     log.info("loaded %s (%s, %d parameters%s)", path, adapter.model_type, count_parameters(model),
              ", ZeRO-3 partitioned" if hf_ds_config is not None else "")
     return LoadedModel(model=model, processor=processor, adapter=adapter, config=model.config, path=path,
