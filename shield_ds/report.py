@@ -29,7 +29,7 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
     """Plot harmful/benign training loss from the tensorboard events (read with tensorboard's reader)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from shield_ds.analysis.plots import save_figure
+    from shield_ds.plots import plt, save_figure
 
     if not tb_dir.is_dir():
         return None
@@ -38,11 +38,6 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
     tags = [t for t in ("train/loss_harmful", "train/loss_benign") if t in events.Tags().get("scalars", [])]
     if not tags:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for tag in tags:
         points = events.Scalars(tag)

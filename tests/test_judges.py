@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.judges import (MULTIJAIL_LANGUAGES, REFUSAL_PHRASES, ModelJudge, RefusalMatcher, annotate,
-                                       normalize)
+from shield_ds.data.records import LANGUAGES
+from shield_ds.evaluate.judges import ModelJudge, annotate
+from shield_ds.evaluate.refusal import REFUSAL_PHRASES, RefusalMatcher, normalize
 
 # (language, refusal, compliance): what models really answer to MultiJail-style prompts
 CASES = [
@@ -38,8 +39,8 @@ CASES = [
 
 
 def test_every_multijail_language_has_phrases():
-    assert set(MULTIJAIL_LANGUAGES) <= set(REFUSAL_PHRASES)
-    assert [c[0] for c in CASES] == list(MULTIJAIL_LANGUAGES)
+    assert set(LANGUAGES) <= set(REFUSAL_PHRASES)
+    assert [c[0] for c in CASES] == list(LANGUAGES)
 
 
 @pytest.mark.parametrize("language,refusal,compliance", CASES, ids=[c[0] for c in CASES])
@@ -51,7 +52,7 @@ def test_refusals_and_compliance_per_language(language, refusal, compliance):
 
 def test_english_fallback_for_every_language():
     matcher = RefusalMatcher()
-    for language in MULTIJAIL_LANGUAGES + ("fr",):
+    for language in LANGUAGES + ("fr",):
         assert matcher.judge("I apologize, but as an AI I cannot assist with that.", language)
     assert not RefusalMatcher(include_fallback=False).judge("I cannot assist with that.", "sw")
 

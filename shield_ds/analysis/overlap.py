@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from scipy.stats import hypergeom
 
+from shield_ds.data.records import parse_group
 from shield_ds.errors import ShieldError
 from shield_ds.neurons.neuron_set import NeuronSet
-
-LANG_PREFIX, MODALITY_PREFIX = "lang-", "modality-"
 
 Pairs = set[tuple[int, int]]
 
@@ -161,9 +160,12 @@ def overlap_matrix(sets: Mapping[str, NeuronSet]) -> OverlapMatrix:
 
 def split_named_sets(named: Mapping[str, NeuronSet]) -> tuple[dict[str, NeuronSet], dict[str, NeuronSet]]:
     """{"lang-en": s, "modality-text": t, ...} -> ({"en": s, ...}, {"text": t, ...})."""
-    languages = {k[len(LANG_PREFIX):]: v for k, v in named.items() if k.startswith(LANG_PREFIX)}
-    modalities = {k[len(MODALITY_PREFIX):]: v for k, v in named.items() if k.startswith(MODALITY_PREFIX)}
-    return languages, modalities
+    split: dict[str, dict[str, NeuronSet]] = {"language": {}, "modality": {}}
+    for name, neuron_set in named.items():
+        parsed = parse_group(name)
+        if parsed is not None:
+            split[parsed[0]][parsed[1]] = neuron_set
+    return split["language"], split["modality"]
 
 
 def shared_core(sets: Iterable[NeuronSet]) -> NeuronSet:

@@ -14,15 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shield_ds.analysis.overlap import (LANG_PREFIX, MODALITY_PREFIX, OverlapMatrix, expected_core_size, overlap_matrix, per_layer_distribution,
+from shield_ds.analysis.overlap import (OverlapMatrix, expected_core_size, overlap_matrix, per_layer_distribution,
                                         shared_core, split_named_sets)
-from shield_ds.analysis.plots import grouped_bars, heatmap
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.asr import MODALITY_ORDER, markdown_table, rows_to_csv
-from shield_ds.evaluate.judges import MULTIJAIL_LANGUAGES
+from shield_ds.data.records import LANGUAGES, MODALITIES, language_group, parse_group
 from shield_ds.io import write_json, write_text
 from shield_ds.neurons.neuron_set import TENSORS_FILE, NeuronSet
+from shield_ds.plots import grouped_bars, heatmap
+from shield_ds.tables import markdown_table, rows_to_csv
 
 log = get_logger("analysis.report")
 
@@ -38,13 +38,12 @@ def _matrix_csv(matrix: OverlapMatrix, metric: str) -> str:
 def _ordered_sets(named: dict[str, NeuronSet]) -> dict[str, NeuronSet]:
     """Languages in MultiJail order, then modalities, then any other sets (alphabetically within each)."""
     def key(name: str) -> tuple[int, int, str]:
-        if name.startswith(LANG_PREFIX):
-            code = name[len(LANG_PREFIX):]
-            return 0, MULTIJAIL_LANGUAGES.index(code) if code in MULTIJAIL_LANGUAGES else len(MULTIJAIL_LANGUAGES), code
-        if name.startswith(MODALITY_PREFIX):
-            mod = name[len(MODALITY_PREFIX):]
-            return 1, MODALITY_ORDER.index(mod) if mod in MODALITY_ORDER else len(MODALITY_ORDER), mod
-        return 2, 0, name
+        parsed = parse_group(name)
+        if parsed is None:
+            return 2, 0, name
+        kind, value = parsed
+        order = LANGUAGES if kind == "language" else MODALITIES
+        return (0 if kind == "language" else 1), order.index(value) if value in order else len(order), value
 
     return {name: named[name] for name in sorted(named, key=key)}
 
@@ -128,9 +127,10 @@ def analyze_identify_dir(identify_dir: str | Path, out_dir: str | Path | None = 
         core = shared_core(languages.values())
         core.save(out_dir / "shared_core")
         files += [out_dir / "shared_core" / TENSORS_FILE, out_dir / "shared_core" / "neurons.json"]
-        core_rows = [{"layer": i, "shared_core": c, **{f"lang-{k}": v.per_layer_counts()[i] for k, v in languages.items()}}
+        core_rows = [{"layer": i, "shared_core": c,
+                      **{language_group(k): v.per_layer_counts()[i] for k, v in languages.items()}}
                      for i, c in enumerate(core.per_layer_counts())]
-        text_file("shared_core.csv", rows_to_csv(core_rows, ["layer", "shared_core", *[f"lang-{k}" for k in languages]]))
+        text_file("shared_core.csv", rows_to_csv(core_rows, ["layer", "shared_core", *map(language_group, languages)]))
         smallest = min(s.count for s in languages.values())
         core_summary = {"languages": list(languages), "size": core.count, "per_layer": core.per_layer_counts(),
                         "expected_size_random": expected_core_size(list(languages.values())),

@@ -5,7 +5,7 @@ Generations JSONL: one JSON object per line and generation, with the fields in `
 
     id              str | int   the prompt id (parallel across languages)
     language        str         ISO 639-1 code (MultiJail: en zh it vi ar ko th bn sw jv)
-    modality        str         e.g. text, typographic, natural
+    modality        str         e.g. text, typographic, image
     label           str         "harmful" or "benign"
     prompt, response str
     refused         bool        the refusal matcher's verdict
@@ -18,8 +18,6 @@ both with 95% Wilson score intervals. Cells with language or modality "all" aggr
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,16 +25,15 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.judges import MULTIJAIL_LANGUAGES
+from shield_ds.data.records import LABELS, LANGUAGES, MODALITIES, ordered, parse_group
 from shield_ds.io import read_jsonl, write_json, write_text
+from shield_ds.tables import markdown_table, rows_to_csv
 
 REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str, int), "language": (str,), "modality": (str,), "label": (str,), "prompt": (str,),
     "response": (str,), "refused": (bool,), "attack_success": (bool,), "judge": (str,),
 }
-LABELS = ("harmful", "benign")
 ALL = "all"
-MODALITY_ORDER = ("text", "typographic", "natural", "image")
 GENERATIONS_FILE = "generations.jsonl"
 ASR_CSV, ASR_JSON, ASR_HEATMAP = "asr.csv", "asr.json", "asr_heatmap.png"
 COMPARE_CSV, COMPARE_JSON = "compare.csv", "compare.json"
@@ -139,11 +136,6 @@ class AsrCell:
                    Rate(int(row["benign_refusals"]), int(row["benign_n"])))
 
 
-def _ordered(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
-    values = set(values)
-    return [v for v in preferred if v in values] + sorted(values - set(preferred))
-
-
 @dataclass
 class AsrTable:
     """ASR and over-refusal per (language, modality), including the "all" aggregates."""
@@ -191,23 +183,12 @@ def asr_table(records: Iterable[dict]) -> AsrTable:
             else:
                 cell.over_refusal.n += 1
                 cell.over_refusal.successes += int(record["refused"])
-    languages = _ordered({k[0] for k in cells} - {ALL}, MULTIJAIL_LANGUAGES)
-    modalities = _ordered({k[1] for k in cells} - {ALL}, MODALITY_ORDER)
+    languages = ordered({k[0] for k in cells} - {ALL}, LANGUAGES)
+    modalities = ordered({k[1] for k in cells} - {ALL}, MODALITIES)
     return AsrTable(cells, languages, modalities, sorted(judges))
 
 
 # --- writers ----------------------------------------------------------------------------------------
-
-def rows_to_csv(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """CSV text with a header; None becomes an empty field, floats keep full precision."""
-    columns = list(columns or (rows[0].keys() if rows else []))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    return buffer.getvalue()
-
 
 def _percent(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
@@ -215,7 +196,7 @@ def _percent(value: float | None, digits: int = 1) -> str:
 
 def plot_asr_heatmap(table: AsrTable, path: str | Path, title: str = "Attack success rate") -> None:
     """Languages as rows, modalities as columns (plus the "all" row and column), annotated ASR and counts."""
-    from shield_ds.analysis.plots import heatmap
+    from shield_ds.plots import heatmap
 
     rows = table.languages + [ALL]
     cols = table.modalities + ([ALL] if len(table.modalities) > 1 else [])
@@ -281,8 +262,8 @@ def compare(base: "AsrTable | str | Path", shielded: "AsrTable | str | Path",
     `out_dir`, also writes compare.csv and compare.json there (atomically).
     """
     before, after = load_asr(base), load_asr(shielded)
-    languages = _ordered(set(before.languages) | set(after.languages), MULTIJAIL_LANGUAGES) + [ALL]
-    modalities = _ordered(set(before.modalities) | set(after.modalities), MODALITY_ORDER) + [ALL]
+    languages = ordered(set(before.languages) | set(after.languages), LANGUAGES) + [ALL]
+    modalities = ordered(set(before.modalities) | set(after.modalities), MODALITIES) + [ALL]
     rows = []
     for lang in languages:
         for mod in modalities:
@@ -308,13 +289,6 @@ def _signed_points(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}"
 
 
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
-
-
 def compare_markdown(rows: list[dict[str, Any]]) -> str:
     """The `compare` rows as a markdown table (rates in %, deltas in percentage points)."""
     header = ["language", "modality", "n", "ASR base", "ASR shielded", "Δ ASR (pp)",
@@ -331,10 +305,10 @@ def group_cell_key(group: str, table: AsrTable) -> tuple[str, str]:
     "xx/yy" -> (xx, yy), "all" -> (all, all), or a bare language code or modality name."""
     if group == ALL:
         return ALL, ALL
-    if group.startswith("lang-"):
-        return group[len("lang-"):], ALL
-    if group.startswith("modality-"):
-        return ALL, group[len("modality-"):]
+    parsed = parse_group(group)
+    if parsed is not None:
+        kind, value = parsed
+        return (value, ALL) if kind == "language" else (ALL, value)
     if "/" in group:
         lang, _, mod = group.partition("/")
         return lang, mod

@@ -86,7 +86,8 @@ class Evaluator:
 
     def _judges(self):
         """(attack-success judge, refusal matcher); a bad judge path fails on every rank before any work."""
-        from shield_ds.evaluate.judges import ModelJudge, RefusalMatcher
+        from shield_ds.evaluate.judges import ModelJudge
+        from shield_ds.evaluate.refusal import RefusalMatcher
 
         matcher = RefusalMatcher.from_file(self.cfg.refusal_phrases) if self.cfg.refusal_phrases else RefusalMatcher()
         if self.cfg.judge is None:
@@ -175,7 +176,7 @@ class Evaluator:
 
     def _ablation(self, model, adapter, neuron_set, generate, judged, base_responses) -> list[dict]:
         from shield_ds.evaluate.ablation import ablate_neurons, random_like
-        from shield_ds.evaluate.asr import markdown_table, rows_to_csv
+        from shield_ds.tables import markdown_table, rows_to_csv
 
         variants = [("safety neurons", neuron_set)] + [(f"random control (seed {s})", random_like(neuron_set, s))
                                                        for s in range(self.cfg.ablate_controls)]
@@ -216,7 +217,7 @@ def overall(rows: list[dict]) -> dict[str, float]:
 
 def table_text(table) -> str:
     """A compact ASR table for the console."""
-    from shield_ds.evaluate.asr import markdown_table
+    from shield_ds.tables import markdown_table
 
     body = []
     for lang in table.languages:

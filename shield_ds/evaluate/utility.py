@@ -29,8 +29,9 @@ import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, markdown_table, read_generations, write_generations
+from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, read_generations, write_generations
 from shield_ds.io import read_json, write_json, write_text
+from shield_ds.tables import markdown_table
 
 log = dist.get_logger("evaluate.utility")
 

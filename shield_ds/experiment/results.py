@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from shield_ds.data.records import language_group, modality_group
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, Rate, markdown_table, read_generations,
-                                    transfer_markdown, transfer_table)
+from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, Rate, read_generations, transfer_markdown, transfer_table
 from shield_ds.io import read_json
+from shield_ds.tables import markdown_table
 
 SLICES = ("trained", "held_out_languages", "held_out_modalities")
 SLICE_TITLES = {"trained": "ASR trained", "held_out_languages": "ASR held-out languages",
@@ -136,8 +137,8 @@ def held_out_groups(base_dir: Path, trained: tuple[set[str], set[str]]) -> list[
 
     table = load_asr(base_dir)
     languages, modalities = trained
-    return ([f"lang-{lang}" for lang in table.languages if lang not in languages]
-            + [f"modality-{mod}" for mod in table.modalities if mod not in modalities])
+    return ([language_group(lang) for lang in table.languages if lang not in languages]
+            + [modality_group(mod) for mod in table.modalities if mod not in modalities])
 
 
 def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
@@ -151,7 +152,7 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
 def plot_results(rows: list[dict], path: Path) -> Path | None:
     """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals; with a
     budget sweep, a second panel of trained-language ASR against trainable fraction per arm kind."""
-    from shield_ds.analysis.plots import plt, save_figure
+    from shield_ds.plots import plt, save_figure
 
     main = [r for r in rows if r["budget"] is None]
     keys = [k for k in (*SLICES, "over_refusal") if any(r.get(k) is not None for r in main)]
@@ -210,7 +211,7 @@ def curve_markdown(rows: list[dict]) -> str:
 
 def plot_curves(rows: list[dict], path: Path) -> Path | None:
     """Trained-language ASR against over-refusal, one line per arm through its steps (from the base)."""
-    from shield_ds.analysis.plots import plt, save_figure
+    from shield_ds.plots import plt, save_figure
 
     arms = list(dict.fromkeys(r["arm"] for r in rows if r.get("trained") is not None))
     if not arms:

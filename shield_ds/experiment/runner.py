@@ -295,7 +295,7 @@ class Experiment:
         from shield_ds.data.splits import overlap_note
         from shield_ds.experiment.results import (arm_row, curve_markdown, held_out_groups, plot_curves,
                                                   plot_results, results_markdown, transfer_section)
-        from shield_ds.evaluate.asr import rows_to_csv
+        from shield_ds.tables import rows_to_csv
 
         base_dir = self.out / "eval-base"
         note = overlap_note([base_dir, *(a.eval_dir for a in self.arms())], self.cfg.allow_overlap)
