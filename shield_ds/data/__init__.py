@@ -2,11 +2,10 @@
 
 from shield_ds.data.collate import Batch, SafetyCollator
 from shield_ds.data.images import load_image, render_typographic
-from shield_ds.data.records import KNOWN_LANGUAGES, LANGUAGES, SafetyRecord
+from shield_ds.data.layouts import default_data_dir, load_source
+from shield_ds.data.records import CARRIER_PROMPT, KNOWN_LANGUAGES, LANGUAGES, SafetyRecord
+from shield_ds.data.selection import load_labeled, select_records, with_modalities
 from shield_ds.data.sharding import plan_batches, shard_batches
-from shield_ds.data.sources import (
-    CARRIER_PROMPT, default_data_dir, load_labeled, load_source, select_records, with_modalities,
-)
 
 __all__ = [
     "Batch", "CARRIER_PROMPT", "KNOWN_LANGUAGES", "LANGUAGES", "SafetyCollator", "SafetyRecord",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from shield_ds.config import csv_list
+from shield_ds.data.layouts import load_source
 from shield_ds.data.records import LABELS, MODALITIES, SafetyRecord
-from shield_ds.data.sources import load_source, with_modalities
+from shield_ds.data.selection import with_modalities
 from shield_ds.errors import exit_on_error
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modalities", default="text,typographic", help="views of text records to count")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
-    modalities = csv_list(args.modalities) or ["text"]
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] or ["text"]
     records: list[SafetyRecord] = []
     for specs, label in ((args.harmful or ["multijail", "figstep"], "harmful"), (args.benign or ["multiq"], "benign")):
         for spec in specs:
