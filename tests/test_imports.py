@@ -1,0 +1,97 @@
+"""The import graph keeps its rooms apart: evaluate and analysis never import each other (both use
+shield_ds.plots / shield_ds.tables / shield_ds.data.records), and the CLI config module is imported by
+the recipes only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKED_DIRS = ("shield_ds", "benchmarks", "scripts")  # all code but recipes/ and tests/
+APART = ("shield_ds.evaluate", "shield_ds.analysis")
+CONFIG = "shield_ds.config"
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """Every module `path` imports anywhere in it (top level or inside functions), as dotted names;
+    `from X import y` counts as both X and X.y (y may be a submodule), relative imports are resolved."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def import_graph(root: Path, dirs: tuple[str, ...] = CHECKED_DIRS) -> dict[str, set[str]]:
+    """{module: modules it imports} for every .py file under root/<dir> for each dir."""
+    graph = {}
+    for directory in dirs:
+        for path in sorted((root / directory).rglob("*.py")):
+            name = _module_name(path, root)
+            graph[name] = imports_of(path, name)
+    return graph
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _forbidden(module: str, target: str) -> bool:
+    if _within(target, CONFIG):
+        return not _within(module, CONFIG)
+    return any(_within(module, a) and _within(target, b) for a, b in (APART, APART[::-1]))
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Each forbidden arrow as 'importer -> imported' (`from X import y` reported once, as X)."""
+    bad = []
+    for module, imported in sorted(graph.items()):
+        reported: list[str] = []
+        for target in sorted(imported):
+            if _forbidden(module, target) and not any(_within(target, r) for r in reported):
+                reported.append(target)
+        bad += [f"{module} -> {target}" for target in reported]
+    return bad
+
+
+def test_evaluate_and_analysis_apart_and_config_only_in_recipes():
+    graph = import_graph(REPO)
+    # the walk sees the real graph (a broken walk would pass vacuously)
+    assert "shield_ds.engine" in graph["shield_ds.evaluate.evaluator"]
+    assert "shield_ds.plots" in graph["shield_ds.analysis.report"]
+    assert violations(graph) == []
+
+
+def test_violations_are_found(tmp_path):
+    files = {
+        "shield_ds/__init__.py": "",
+        "shield_ds/evaluate/__init__.py": "",
+        "shield_ds/evaluate/asr.py": "def plot():\n    from shield_ds.analysis.plots import heatmap\n",
+        "shield_ds/analysis/__init__.py": "",
+        "shield_ds/analysis/report.py": "from ..evaluate import asr\n",
+        "shield_ds/data/summary.py": "from shield_ds import config\n",
+        "shield_ds/config.py": "import shield_ds.data\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = violations(import_graph(tmp_path, ("shield_ds",)))
+    assert found == ["shield_ds.analysis.report -> shield_ds.evaluate",
+                     "shield_ds.data.summary -> shield_ds.config",
+                     "shield_ds.evaluate.asr -> shield_ds.analysis.plots"]
