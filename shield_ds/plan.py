@@ -165,7 +165,8 @@ class MemoryPlan:
 
     @property
     def optimizer_bytes(self) -> float:
-        """Optimizer state (fp32 master + Adam moments) per GPU, wherever it lives."""
+        """Optimizer state (fp32 master + Adam moments) per GPU, wherever it lives (for callers of the
+        Python API; tests/test_plan.py compares the update modes with it)."""
         return ADAM_STATE_BYTES * self.trainable_params / self.settings.world_size
 
     def verdict(self) -> str:

@@ -12,7 +12,7 @@ import torch
 from conftest import PYTHON, REPO, assert_one_line_error, run_cmd, timeout_above
 
 from shield_ds.analysis.overlap import (expected_core_size, expected_overlap, jaccard, overlap_coefficient,
-                                        overlap_matrix, overlap_null_pmf, overlap_pvalue, pair_overlap,
+                                        overlap_matrix, overlap_null_pmf, pair_overlap,
                                         per_layer_distribution, shared_core, split_named_sets)
 from shield_ds.errors import ShieldError
 from shield_ds.neurons.neuron_set import NeuronSet
@@ -33,6 +33,11 @@ def hyper(k: int, marked: int, drawn: int, population: int = N) -> float:
     return comb(marked, k) * comb(population - marked, drawn - k) / comb(population, drawn)
 
 
+def _pvalue(a, b) -> float:
+    """The p-value of two sets' overlap, as the pair table reports it."""
+    return pair_overlap("a", a, "b", b).p_value
+
+
 def test_jaccard_and_overlap_coefficient_by_hand():
     # A ∩ B = {(0,1), (0,2), (1,6)}; |A| = |B| = 5; |A ∪ B| = 7
     assert jaccard(A, B) == pytest.approx(3 / 7)
@@ -46,7 +51,7 @@ def test_pvalue_equals_hand_computed_hypergeometric_sum():
     # layer 0: sizes 3 and 4 of 10, layer 1: sizes 2 and 1 of 10; P(k0 + k1 >= 3)
     by_hand = sum(hyper(k0, 3, 4) * hyper(k1, 2, 1) for k0 in range(4) for k1 in range(2) if k0 + k1 >= 3)
     assert by_hand == pytest.approx(hyper(3, 3, 4) + hyper(2, 3, 4) * hyper(1, 2, 1))
-    assert overlap_pvalue(A, B) == pytest.approx(by_hand, abs=1e-12)
+    assert _pvalue(A, B) == pytest.approx(by_hand, abs=1e-12)
     # and by brute force over every random B of the same per-layer sizes
     pairs_a = A.as_pairs()
     hits = total = 0
@@ -55,18 +60,18 @@ def test_pvalue_equals_hand_computed_hypergeometric_sum():
             rand_b = {(0, i) for i in l0} | {(1, i) for i in l1}
             hits += len(pairs_a & rand_b) >= 3
             total += 1
-    assert overlap_pvalue(A, B) == pytest.approx(hits / total, abs=1e-12)
+    assert _pvalue(A, B) == pytest.approx(hits / total, abs=1e-12)
 
 
 def test_null_pmf_is_a_distribution_and_tail_edges():
     pmf = overlap_null_pmf([3, 2], [4, 1], N)
     assert len(pmf) == 5 and pmf.sum() == pytest.approx(1.0)
     assert pmf[0] == pytest.approx(hyper(0, 3, 4) * hyper(0, 2, 1))
-    assert overlap_pvalue(A, make_set([[7, 8, 9], [0]])) == 1.0  # no overlap at all
+    assert _pvalue(A, make_set([[7, 8, 9], [0]])) == 1.0  # no overlap at all
     full = make_set([list(range(N)), []])
-    assert overlap_pvalue(full, full) == pytest.approx(1.0)  # a full layer always overlaps completely
+    assert _pvalue(full, full) == pytest.approx(1.0)  # a full layer always overlaps completely
     same = make_set([[0, 1], [2]])
-    assert overlap_pvalue(same, same) == pytest.approx(hyper(2, 2, 2) * hyper(1, 1, 1))
+    assert _pvalue(same, same) == pytest.approx(hyper(2, 2, 2) * hyper(1, 1, 1))
 
 
 def test_pair_matrix_core_and_per_layer():
@@ -88,7 +93,7 @@ def test_pair_matrix_core_and_per_layer():
 
 def test_sets_from_different_models_are_refused():
     with pytest.raises(ShieldError, match="different model shapes"):
-        overlap_pvalue(A, make_set([[0], [1]], width=20))
+        _pvalue(A, make_set([[0], [1]], width=20))
 
 
 # --- recipes/analyze.py ------------------------------------------------------------------------------

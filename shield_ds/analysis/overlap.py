@@ -78,13 +78,6 @@ def overlap_pvalue_from_sizes(sizes_a: Sequence[int], sizes_b: Sequence[int], po
     return float(min(1.0, pmf[observed:].sum())) if observed < len(pmf) else 0.0
 
 
-def overlap_pvalue(a: NeuronSet, b: NeuronSet) -> float:
-    """p-value of the observed overlap of two neuron sets under random sets of the same per-layer sizes."""
-    _check_comparable(a, b)
-    observed = len(a.as_pairs() & b.as_pairs())
-    return overlap_pvalue_from_sizes(a.per_layer_counts(), b.per_layer_counts(), a.intermediate_size, observed)
-
-
 def expected_overlap(a: NeuronSet, b: NeuronSet) -> float:
     """Mean total overlap under the null: sum_l a_l b_l / N."""
     _check_comparable(a, b)

@@ -260,7 +260,8 @@ def _wrap(text: str, setter: _Typesetter, size: int, max_width: float) -> list[s
 
 
 def uncovered_characters(text: str, language: str) -> set[str]:
-    """Characters of `text` that no installed font draws (they would render as boxes)."""
+    """Characters of `text` that no installed font draws (they would render as boxes); tests/test_data.py
+    checks with it that the fonts cover every MultiJail language."""
     setter = _Typesetter(text, language)
     missing = set()
     for char in set(text):

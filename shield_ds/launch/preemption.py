@@ -48,10 +48,6 @@ REQUEUE_MARKER_ENV = "SHIELD_REQUEUE_MARKER"
 log = get_logger("launch")
 
 
-def in_slurm_job() -> bool:
-    return bool(os.environ.get("SLURM_JOB_ID"))
-
-
 def restart_count() -> int:
     """How many times Slurm has restarted this job (0 outside Slurm or on the first run)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)

@@ -77,7 +77,8 @@ def delta_masks(model: nn.Module) -> dict[str, PartitionMask]:
 
 @torch.no_grad()
 def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full slice tensors and neuron indices, keyed by projection name (CPU).
+    """Full slice tensors and neuron indices, keyed by projection name (CPU); tests/test_masking.py
+    checks the delta layout with it (the export merges the deltas with `merge_deltas` instead).
 
     Collective under ZeRO-3 (every rank must call it).
     """

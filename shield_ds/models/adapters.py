@@ -115,7 +115,8 @@ class FamilyAdapter:
         return projections
 
     def ffn_name(self, model: nn.Module, layer_index: int) -> str:
-        """Qualified module name of layer `layer_index`'s MLP, e.g. 'model.language_model.layers.3.mlp'."""
+        """Qualified module name of layer `layer_index`'s MLP, e.g. 'model.language_model.layers.3.mlp'
+        (tests/test_models.py checks each adapter's layer path with it, also under a DeepSpeed engine)."""
         model = unwrap_model(model)
         target = self.decoder_layers(model)[layer_index].mlp
         for name, module in model.named_modules():

@@ -145,13 +145,3 @@ class ActivationStatistics:
         """`{group}.{stat}` -> [layers, width] float64 (the stats.safetensors layout)."""
         return {f"{g}.{s}": self.acc[gi, si].detach().cpu().contiguous()
                 for gi, g in enumerate(self.groups) for si, s in enumerate(STATS)}
-
-    @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> "ActivationStatistics":
-        groups = sorted({k.rsplit(".", 1)[0] for k in tensors})
-        first = tensors[f"{groups[0]}.count"]
-        stats = cls(groups, first.shape[0], first.shape[1])
-        for gi, g in enumerate(groups):
-            for si, s in enumerate(STATS):
-                stats.acc[gi, si] = tensors[f"{g}.{s}"]
-        return stats
