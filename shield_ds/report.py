@@ -9,12 +9,11 @@ experiment/ (recipes/experiment.py: eval-base/ with the ablation, arms/*/train a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from shield_ds.errors import ShieldError, exit_on_error
-from shield_ds.io import write_text
+from shield_ds.io import read_json, write_text
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -108,7 +107,7 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
 
     out.append("\n## 5. Shield training of the safety arm\n\n")
     if (safety / "train" / "train.json").exists():
-        summary = json.loads((safety / "train" / "train.json").read_text(encoding="utf-8"))
+        summary = read_json(safety / "train" / "train.json")
         cfg = summary["config"]
         out.append(f"{summary['steps']} optimizer steps on {summary['world_size']} ranks, update mode "
                    f"`{cfg['update']}`, {summary['records']} records ({cfg.get('split', 'all')} split, languages {cfg['languages'] or 'all'}, "

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from shield_ds.errors import ShieldError
 from shield_ds.data.records import LABELS, LANGUAGES, MODALITIES, ordered, parse_group
-from shield_ds.io import read_jsonl, write_json, write_text
+from shield_ds.io import read_json, read_jsonl, write_json, write_text
 from shield_ds.tables import markdown_table, rows_to_csv
 
 REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
@@ -241,11 +241,7 @@ def load_asr(source: "AsrTable | str | Path | list[dict]") -> AsrTable:
         return asr_table(read_generations(path))
     if not path.is_file():
         raise ShieldError(f"{path}: not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ShieldError(f"{path}: unreadable ASR table ({exc})") from None
-    return AsrTable.from_json(data, where=str(path))
+    return AsrTable.from_json(read_json(path), where=str(path))
 
 
 # --- comparisons ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import shield_ds
 from shield_ds import dist
 from shield_ds.engine import gathered, load_inference_model, resolve_ds_config
+from shield_ds.data.records import language_group, modality_group
 from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
@@ -263,9 +264,8 @@ class Identifier:
         harmful = [g.split(".") for g in groups if g.startswith("harmful.")]
         for key, pos in (("language", 1), ("modality", 2)):
             for value in sorted({parts[pos] for parts in harmful}):
-                prefix = "lang" if key == "language" else "modality"
                 sub = self._select(stats, groups, col_norms, meta, (key, value))
-                sub.save(staging / SETS_DIR / f"{prefix}-{value}")
+                sub.save(staging / SETS_DIR / (language_group(value) if key == "language" else modality_group(value)))
 
     def _report(self, neuron_set: NeuronSet, writer: dist.Rank0Writer) -> None:
         counts = neuron_set.per_layer_counts()
