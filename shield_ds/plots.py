@@ -1,4 +1,5 @@
-"""PNG plots (matplotlib, Agg backend): annotated heatmaps and per-layer bar plots, written atomically."""
+"""PNG plots (matplotlib, Agg backend) for every report (evaluate, analysis, experiment, the demo report):
+annotated heatmaps, per-layer bar plots, and `save_figure` (atomic) for the figures they draw themselves."""
 
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from shield_ds.analysis.overlap import (OverlapMatrix, expected_core_size, overlap_matrix, per_layer_distribution,
                                         shared_core, split_named_sets)
+from shield_ds.data.records import LANGUAGES, MODALITIES, language_group, parse_group
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
-from shield_ds.data.records import LANGUAGES, MODALITIES, language_group, parse_group
 from shield_ds.io import write_json, write_text
 from shield_ds.neurons.neuron_set import TENSORS_FILE, NeuronSet
 from shield_ds.plots import grouped_bars, heatmap
@@ -42,8 +42,8 @@ def _ordered_sets(named: dict[str, NeuronSet]) -> dict[str, NeuronSet]:
         if parsed is None:
             return 2, 0, name
         kind, value = parsed
-        order = LANGUAGES if kind == "language" else MODALITIES
-        return (0 if kind == "language" else 1), order.index(value) if value in order else len(order), value
+        family, order = (0, LANGUAGES) if kind == "language" else (1, MODALITIES)
+        return family, order.index(value) if value in order else len(order), value
 
     return {name: named[name] for name in sorted(named, key=key)}
 

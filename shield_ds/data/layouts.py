@@ -29,7 +29,7 @@ from shield_ds.data.readers import (Row, cache_image, is_saved_dataset, read_csv
 from shield_ds.data.records import CARRIER_PROMPT, KNOWN_LANGUAGES, SafetyRecord, check_label, check_modality
 from shield_ds.data.splits import derive_prompt_key, make_prompt_key
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError, first_line
+from shield_ds.errors import ShieldError
 from shield_ds.io import read_json
 
 log = get_logger("data")

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from shield_ds.errors import ShieldError
 from shield_ds.data.records import LABELS, LANGUAGES, MODALITIES, ordered, parse_group
+from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, read_jsonl, write_json, write_text
 from shield_ds.tables import markdown_table, rows_to_csv
 

@@ -10,7 +10,7 @@ per-token NLL of the base model's benign answers against the base model itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.errors import ShieldError
