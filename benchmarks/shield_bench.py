@@ -2,15 +2,18 @@
 one function per measured mode, memory and optimizer-state accounting, and the ratio table.
 
 Used by `worker.py` (one mode per `deepspeed --num_gpus 2` launch, on CPU) and `gpu_7b.py`
-(every mode in turn in one process on one GPU). Modes:
+(every mode in turn in one process on one GPU). Every mode is a `ShieldEngine` (the engine the
+recipes use) and a train step is `ShieldEngine.train_step`, the step `ShieldTrainer` runs. Modes:
 
-- identify: the same ZeRO-3 inference engine runs every batch twice, once plain and once with
-  `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
-- ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (no masks);
-- mask:  the same matrices trainable + `GradientMasker` (what `--update mask` trains);
+- identify: the same ZeRO-3 inference engine (mode infer) runs every batch twice, once plain and once
+  with `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
+- ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (engine mode full-ffn:
+         the benchmark set has neurons in every layer; no masks);
+- mask:  the same matrices trainable + `GradientMasker` (`--update mask`);
 - delta: frozen base + slice parameters for the selected rows/columns + `GradientMasker` (`--update delta`);
-- full:  plain ZeRO-3 fine-tuning of the whole model;
-- lora:  peft LoRA r=8 on the same FFN matrices, frozen base (a peer method).
+- full:  plain ZeRO-3 fine-tuning of the whole model (engine mode full);
+- lora:  PEFT LoRA r=8 on the same FFN matrices, frozen base (`--update lora --lora-rank 8
+         --lora-targets gate,up,down`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -214,11 +216,9 @@ def reduce_sum(value: float) -> float:
 
 def optimizer_state_bytes(ds_engine) -> int:
     """Bytes of the ZeRO-3 optimizer's fp32 partitions + the basic optimizer's state, summed over ranks."""
-    zero = ds_engine.optimizer
-    tensors = list(getattr(zero, "fp32_partitioned_groups_flat", []))
-    for state in zero.optimizer.state.values():
-        tensors += [v for v in state.values() if torch.is_tensor(v)]
-    local = sum(t.numel() * t.element_size() for t in tensors)
+    from shield_ds.zero_internals import optimizer_state_tensors
+
+    local = sum(t.numel() * t.element_size() for t in optimizer_state_tensors(ds_engine))
     return int(reduce_sum(float(local)))
 
 
@@ -227,77 +227,45 @@ def summarise(times: list[float]) -> dict[str, float]:
 
 
 # --- modes -----------------------------------------------------------------------------------
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    processor: Any
-    adapter: Any
-    config: Any
-    keep_alive: Any  # HfDeepSpeedConfig: must outlive deepspeed.initialize
+# Benchmark mode -> the ShieldEngine mode it builds. "ffn" (the FFN matrices that hold selected neurons,
+# stock nn.Linear, no mask) is the trainer's full-ffn: the benchmark neuron set has neurons in every layer.
+ENGINE_MODES = {"ffn": "full-ffn", "mask": "mask", "delta": "delta", "full": "full", "lora": "lora"}
 
 
-def lora_targets(model: torch.nn.Module, adapter, neuron_set: NeuronSet) -> list[str]:
-    """Qualified names of the FFN projections that hold selected neurons (LoRA's target modules)."""
-    from shield_ds.masking.partition_mask import neuron_params
+def bench_lora() -> Any:
+    """LoRA r=LORA_RANK on the FFN projections (the matrices mask mode trains), as `--update lora --lora-rank 8
+    --lora-targets gate,up,down` would."""
+    from shield_ds.trainable import LoraSettings
 
-    return sorted({name.rsplit(".", 1)[0] for name, _, _, _ in neuron_params(model, adapter, neuron_set)
-                   if name.endswith(".weight")})
-
-
-def prepare_trainable(loaded: Loaded, neuron_set: NeuronSet, mode: str) -> torch.nn.Module:
-    """Set what trains in `mode` (before deepspeed.initialize); returns the module to wrap."""
-    from shield_ds.masking import attach_deltas, freeze_unselected
-
-    model, adapter = loaded.model, loaded.adapter
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if mode in ("ffn", "mask"):  # ffn: the plain baseline, full weight gradients of the same matrices
-        freeze_unselected(model, adapter, neuron_set, sliced_grad=mode == "mask")
-        return model
-    if mode == "delta":
-        attach_deltas(model, adapter, neuron_set)
-        return model
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets(model, adapter, neuron_set)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
-                                                target_modules=targets))
-    raise ValueError(f"unknown train mode {mode!r} (expected one of {', '.join(TRAIN_MODES)})")
+    return LoraSettings(rank=LORA_RANK, targets=("gate", "up", "down"))
 
 
-def make_masker(engine, loaded: Loaded, neuron_set: NeuronSet, mode: str):
-    """The GradientMasker of mask/delta mode, built as ShieldTrainer builds it (None otherwise)."""
-    from shield_ds.masking import GradientMasker, build_masks, delta_masks
-
-    if mode == "mask":
-        return GradientMasker(engine.ds, build_masks(engine.module, loaded.adapter, neuron_set))
-    if mode == "delta":
-        return GradientMasker(engine.ds, delta_masks(engine.module))
-    return None
+def engine_args(mode: str, neuron_set: NeuronSet | None = None) -> dict[str, Any]:
+    """The ShieldEngine arguments of benchmark mode `mode` ("identify" or one of TRAIN_MODES)."""
+    if mode == "identify":
+        return {"mode": "infer"}
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"unknown train mode {mode!r} (expected one of {', '.join(TRAIN_MODES)})")
+    return {"mode": ENGINE_MODES[mode], "neuron_set": neuron_set, "lora": bench_lora() if mode == "lora" else None}
 
 
-def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict, records: list, *,
-              batch_size: int, max_length: int | None, warmup: int, steps: int,
-              dtype: torch.dtype) -> dict[str, Any]:
-    """Build the mode's engine and time `warmup + steps` optimizer steps of ShieldTrainer's loop.
+def model_params(config: Any) -> int:
+    """Total parameters of a model config (counted on the meta device: no memory, no weights)."""
+    from shield_ds.plan import count_model
 
-    Per step: forward, response loss, backward, masker.apply() at the boundary, engine.step().
+    return count_model(config).total_params
+
+
+def run_train(engine: Any, mode: str, records: list, *, batch_size: int, max_length: int | None, warmup: int,
+              steps: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Time `warmup + steps` optimizer steps of the trainer's own step, `ShieldEngine.train_step`
+    (forward, response loss, backward, the gradient mask at the boundary, DeepSpeed's step).
+
     Returns per-step times (max over ranks), peak memory (max over ranks) and optimizer bytes.
+    Destroys the engine afterwards.
     """
-    from shield_ds.engine import ShieldEngine
-    from shield_ds.train import response_loss
-
     meter = PeakMemory(dist.device())
-    model = prepare_trainable(loaded, neuron_set, mode)
-    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
-    engine = ShieldEngine(model, ds_config, training=True)
-    masker = make_masker(engine, loaded, neuron_set, mode)
-    batches = collate_batches(records, loaded.processor, loaded.adapter, batch_size, train=True,
+    batches = collate_batches(records, engine.loaded.processor, engine.loaded.adapter, batch_size, train=True,
                               max_length=max_length, device=engine.device, dtype=dtype)
     engine.module.train()
     memory_before = meter.current()
@@ -307,12 +275,7 @@ def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict,
         batch = batches[i % len(batches)]
         synchronize(engine.device)
         start = time.perf_counter()
-        logits = engine(**batch.inputs, use_cache=False).logits
-        loss = response_loss(logits, batch.labels).mean()
-        engine.backward(loss)
-        if masker is not None and engine.is_accumulation_boundary():
-            masker.apply()
-        engine.step()
+        engine.train_step(batch)
         synchronize(engine.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -321,36 +284,34 @@ def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict,
     times = reduce_max(times)
     step_tokens = [reduce_sum(float(t)) for t in tokens]
     peak_max, before_max = reduce_max([float(peak), float(memory_before)])
-    result = {"mode": mode, "trainable_params": trainable, "steps": steps, "warmup": warmup,
+    result = {"mode": mode, "trainable_params": engine.optimizer_params(), "steps": steps, "warmup": warmup,
               "step_times_s": times, **summarise(times),
               "tokens_per_s": sum(step_tokens) / max(sum(times), 1e-9),
               "peak_bytes": int(peak_max), "resident_before_steps_bytes": int(before_max),
               "memory_kind": meter.kind, "optimizer_state_bytes": optimizer_state_bytes(engine.ds)}
-    if masker is not None:
-        masker.remove()
-    destroy(engine)
+    engine.destroy()
     return result
 
 
 @torch.no_grad()
-def run_identify(loaded: Loaded, ds_config: dict, records: list, *, batch_size: int, max_length: int | None,
+def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int | None,
                  warmup: int, steps: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks on one engine.
+    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks on one inference engine.
 
     Each batch runs in both variants, the order alternating from step to step (plain first on even
-    steps), so slow drift of a shared machine hits both alike.
+    steps), so slow drift of a shared machine hits both alike. Destroys the engine afterwards.
     """
-    from shield_ds.engine import ShieldEngine
     from shield_ds.neurons.statistics import ActivationStatistics
 
-    engine = ShieldEngine(loaded.model, ds_config, training=False)
-    model, adapter = engine.module, loaded.adapter
-    batches = collate_batches(records, loaded.processor, adapter, batch_size, train=False,
+    model, adapter, config = engine.module, engine.loaded.adapter, engine.loaded.config
+    batches = collate_batches(records, engine.loaded.processor, adapter, batch_size, train=False,
                               max_length=max_length, device=engine.device, dtype=dtype)
     groups = sorted({r.group for r in records})
-    stats = ActivationStatistics(groups, adapter.num_layers(loaded.config), adapter.intermediate_size(loaded.config),
+    stats = ActivationStatistics(groups, adapter.num_layers(config), adapter.intermediate_size(config),
                                  device=engine.device)
     neuron_modules = [adapter.neuron_module(layer) for layer in adapter.decoder_layers(model)]
+    meter = PeakMemory(dist.device())
+    meter.start()
 
     def forward(batch, hooked: bool) -> float:
         if hooked:
@@ -378,18 +339,14 @@ def run_identify(loaded: Loaded, ds_config: dict, records: list, *, batch_size: 
             plain.append(measured[False])
             hooked.append(measured[True])
             tokens.append(int(batch.inputs["attention_mask"].sum()))
-    destroy(engine)
+    peak = meter.peak()
+    engine.destroy()
     plain, hooked = reduce_max(plain), reduce_max(hooked)
     total_tokens = sum(reduce_sum(float(t)) for t in tokens)
-    return {"steps": steps, "warmup": warmup,
+    return {"steps": steps, "warmup": warmup, "peak_bytes": int(reduce_max([float(peak)])[0]),
+            "memory_kind": meter.kind,
             "plain": {"step_times_s": plain, **summarise(plain), "tokens_per_s": total_tokens / sum(plain)},
             "hooks": {"step_times_s": hooked, **summarise(hooked), "tokens_per_s": total_tokens / sum(hooked)}}
-
-
-def destroy(engine) -> None:
-    """Remove DeepSpeed's ZeRO-3 hooks and buffers so the next mode in this process starts clean."""
-    if hasattr(engine.ds, "destroy"):
-        engine.ds.destroy()
 
 
 def release() -> None:
