@@ -40,11 +40,17 @@ EVAL_ENGINES = ("zero-on", "zero-off", "plain")
 PARAM_FRACTION = 0.0003
 LORA_RANK = 8
 
-# Large CPU model: a LLaVA (Llama text) of ~180M parameters (~730 MB fp32), random weights.
+# Benchmark models beyond the tiny one: LLaVA (Llama text), random weights. large: ~183M parameters
+# (~730 MB fp32); mid: ~50M (the scaling table's middle size).
 LARGE_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=16, vocab_size=32064, max_position_embeddings=2048)
 LARGE_VISION = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
                     image_size=32, patch_size=8, projection_dim=512)
+MID_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32064, max_position_embeddings=2048)
+MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=32, patch_size=8, projection_dim=256)
+SHAPES = {"mid": (MID_TEXT, MID_VISION), "large": (LARGE_TEXT, LARGE_VISION)}
 
 # Synthetic prompts for machines without the shared data (the GPU script); records are text-only.
 SYNTHETIC_TOPICS = ["a lock", "a bridge", "a recipe", "a password", "a chemical", "a vaccine", "a car engine",
@@ -52,23 +58,24 @@ SYNTHETIC_TOPICS = ["a lock", "a bridge", "a recipe", "a password", "a chemical"
 
 
 # --- models ----------------------------------------------------------------------------------
-def build_large_llava(out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a random ~180M-parameter LLaVA checkpoint that the normal `load_model` path reads.
+def build_llava(out_dir: str | Path, size: str, seed: int = 0) -> Path:
+    """Save a random LLaVA checkpoint of shape `size` (a SHAPES key) that the normal `load_model` path reads.
 
     The processor (byte-level tokenizer, chat template, 32 px images) is the tiny llava one; the
-    text model is Llama-shaped (hidden 1024, 8 layers, intermediate 2816, vocab 32064).
+    text model is Llama-shaped (large: hidden 1024, 8 layers, intermediate 2816, vocab 32064).
     """
     import transformers
     from transformers import AutoModelForImageTextToText
 
     from shield_ds.models.tiny import BUILDERS
 
+    text_shape, vision_shape = SHAPES[size]
     out_dir = Path(out_dir)
     tiny_config, processor = BUILDERS["llava"]("llava")
     tiny_text = tiny_config.text_config
-    text = dict(LARGE_TEXT, model_type="llama", bos_token_id=tiny_text.bos_token_id,
+    text = dict(text_shape, model_type="llama", bos_token_id=tiny_text.bos_token_id,
                 eos_token_id=tiny_text.eos_token_id, pad_token_id=tiny_text.pad_token_id, tie_word_embeddings=False)
-    vision = transformers.CLIPVisionConfig(**LARGE_VISION, hidden_act="quick_gelu")
+    vision = transformers.CLIPVisionConfig(**vision_shape, hidden_act="quick_gelu")
     config = transformers.LlavaConfig(text_config=text, vision_config=vision,
                                       image_token_index=tiny_config.image_token_index, image_seq_length=16,
                                       vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -481,6 +488,64 @@ def format_mode_table(results: dict[str, Any]) -> str:
                      f"({evaluate['engines']['plain']['tokens']} answer tokens), batch {evaluate['batch_size']}, "
                      f"{evaluate['passes']} passes per engine in rotating order; answers identical in all three "
                      f"engines: {'yes' if evaluate['identical'] else '**no**'}")
+    return "\n".join(lines)
+
+
+# --- the scaling table (issue #14) ---------------------------------------------------------------
+# The planner's model states: weights, gradients, fp32 master + Adam moments and the fp32 step buffer.
+PLAN_MODEL_STATE = ("weights", "gradients", "optimizer", "fp32 step gradient buffer")
+
+
+def planned_model_state(model_dir: str | Path, ds_config: dict, ranks: int, mode: str,
+                        neuron_fraction: float | None) -> float | None:
+    """Model-state bytes per rank that `shield_ds.plan.plan_memory` predicts for `mode` on `ranks` ranks
+    of one node with the run's ds_config (fp32, its bucket sizes and persistence threshold).
+
+    identify: the weights alone (inference holds no gradients or optimizer state); mask and delta:
+    PLAN_MODEL_STATE; None for a mode the planner does not model (lora)."""
+    from shield_ds.plan import PlanSettings, ZeroSettings, inventory, plan_memory
+
+    if mode not in ("identify", "mask", "delta"):
+        return None
+    zero_cfg = ds_config.get("zero_optimization", {})
+    defaults = ZeroSettings()
+    zero = ZeroSettings(
+        reduce_bucket_size=int(zero_cfg.get("reduce_bucket_size", defaults.reduce_bucket_size)),
+        prefetch_bucket_size=int(zero_cfg.get("stage3_prefetch_bucket_size", defaults.prefetch_bucket_size)),
+        param_persistence_threshold=int(zero_cfg.get("stage3_param_persistence_threshold",
+                                                     defaults.param_persistence_threshold)),
+        sub_group_size=int(zero_cfg.get("sub_group_size", defaults.sub_group_size)))
+    dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    settings = PlanSettings(nodes=1, gpus_per_node=ranks, update="delta" if mode == "delta" else "mask", dtype=dtype,
+                            neuron_fraction=neuron_fraction or PARAM_FRACTION, zero=zero)
+    plan = plan_memory(inventory(str(model_dir)), settings)
+    items = ("weights",) if mode == "identify" else PLAN_MODEL_STATE
+    return float(sum(plan.gpu.get(item, 0.0) for item in items))
+
+
+def scaling_row(size: str, ranks: int, mode: str, result: dict[str, Any], model_dir: str | Path) -> dict[str, Any]:
+    """One row of the scaling table from a worker's result (identify: the hooked forward, which identify runs)."""
+    timing = result["hooks"] if mode == "identify" else result
+    return {"size": size, "ranks": ranks, "mode": mode, "total_params": result["total_params"],
+            "trainable_params": result.get("trainable_params", 0), "median_s": timing["median_s"],
+            "tokens_per_s": timing["tokens_per_s"], "peak_bytes": result["peak_bytes"],
+            "baseline_bytes": result["baseline_bytes"], "memory_kind": result["memory_kind"],
+            "planned_model_state_bytes": planned_model_state(model_dir, result["ds_config"], ranks, mode,
+                                                             result.get("neuron_param_fraction"))}
+
+
+def format_scaling_table(rows: list[dict[str, Any]]) -> str:
+    """The scaling table: per size, ranks and mode the step time, tokens/s, peak memory per rank (and the
+    peak above the process before the model was loaded) and the planner's model-state prediction."""
+    lines = ["| size | parameters | ranks | mode | trainable | step median | tokens/s | peak mem per rank | "
+             "peak - process baseline | planner: model state per rank |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        planned = r["planned_model_state_bytes"]
+        lines.append(f"| {r['size']} | {r['total_params']:,} | {r['ranks']} | {r['mode']} | "
+                     f"{r['trainable_params']:,} | {_fmt('s_s', r['median_s'])} | {r['tokens_per_s']:.0f} | "
+                     f"{_fmt('b', r['peak_bytes'])} | {_fmt('b', r['peak_bytes'] - r['baseline_bytes'])} | "
+                     f"{'n/a (no LoRA model)' if planned is None else _fmt('b', planned)} |")
     return "\n".join(lines)
 
 
