@@ -304,8 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     json_path = Path(args.json) if args.json else BENCH_DIR / f"results-{date}.json"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     m = report["machine"]
+    ranks_text = str(args.ranks) if sizes else ",".join(map(str, args.scaling_ranks))
     print(f"# shield-ds benchmark, {report['date']}\n\n{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, "
-          f"{args.ranks} ranks (gloo), {args.steps} measured steps after {args.warmup} warm-up, "
+          f"{ranks_text} ranks (gloo), {args.steps} measured steps after {args.warmup} warm-up, "
           f"{args.rounds} round(s); wall {report['wall_s']:.0f}s; results in {json_path}")
     for size, res in report["sizes"].items():
         train = next(iter(res.get("train", {}).values()), None)
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(shield_bench.format_mode_table(res))
     if scaling:
-        print(f"\n## scaling: sizes {','.join(args.sizes)} on {','.join(map(str, args.scaling_ranks))} rank(s)\n")
+        print(f"\n## scaling: sizes {','.join(args.sizes)} on {','.join(map(str, args.scaling_ranks))} ranks\n")
         print(shield_bench.format_scaling_table(report["scaling"]))
 
 
