@@ -38,8 +38,8 @@ import torch.distributed as torch_dist
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.engine import (ShieldEngine, complete_checkpoints, config_dtype, gathered, read_run_info,
-                              resolve_ds_config, zero_stage)
+from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, gathered,
+                              read_run_info, resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_jsonl, write_json, write_text
 from shield_ds.trainable import LORA_TARGETS, LoraSettings, ffn_parameters, is_lora_layer, lora_delta
@@ -686,7 +686,7 @@ class ShieldTrainer:
         Collective. `dest` (default --out) and `final=False` export a snapshot mid-run: the masks stay on.
         """
         dest = dest or self.out
-        if self.cfg.update not in ("mask", "delta"):
+        if self.cfg.update not in MASKED_MODES:
             self._export_merged(engine, dest)
             return None
         from shield_ds.masking import merge_deltas
