@@ -8,7 +8,6 @@ parameter's own process group (`param.ds_process_group`), which need not be the 
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as torch_dist
 from torch import nn
 
