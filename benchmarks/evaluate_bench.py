@@ -6,7 +6,7 @@ that the drift of a shared machine hits them alike:
 
     deepspeed --num_gpus 2 benchmarks/evaluate_bench.py --model DIR --out evaluate.json
 
-- zero-on / zero-off: what `recipes/evaluate.py --zero on|off` runs: `load_inference_model` (ZeRO-3
+- zero-on / zero-off: what `recipes/evaluate.py --zero on|off` runs: `ShieldEngine.load` (mode infer) (ZeRO-3
   engine from ds_configs/zero3_infer.json, or a plain replica on every rank) and `generate_responses`
   (prompts sharded over the ranks; synced_gpus under ZeRO-3; answers gathered on every rank);
 - plain: `model.generate` of a `from_pretrained` model per batch on rank 0 alone (the other ranks
@@ -83,12 +83,9 @@ def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters this rank holds: ZeRO-3 partitions (plus persistent parameters), else everything."""
-    total = 0
-    for p in model.parameters():
-        partition = getattr(p, "ds_tensor", None)
-        local = p.ds_numel if getattr(p, "ds_persist", False) else (partition.numel() if partition is not None else p.numel())
-        total += int(local) * p.element_size()
-    return total
+    from shield_ds.zero_internals import held_numel
+
+    return sum(held_numel(p) * p.element_size() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -112,30 +109,30 @@ def plain_generate(model, processor, adapter, records: list, *, batch_size: int,
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from shield_ds.engine import init_distributed, load_inference_model, resolve_ds_config
+    from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config
     from shield_ds.evaluate.generate import generate_responses
 
     init_distributed()
     records, source = sb.benchmark_records(args.records, args.data_dir, args.seed, max_prompt_bytes=args.max_prompt_bytes)
     # The recipe's inference config in fp32 (as the identify benchmark and the equality tests).
     ds_config = resolve_ds_config(INFER_CONFIG, micro_batch_size=args.batch_size, overrides={"bf16.enabled": False})
-    replica = load_inference_model(args.model, ds_config, "off")  # first: built outside zero.Init
-    zero3 = load_inference_model(args.model, ds_config, "on")
+    replica = ShieldEngine.load(args.model, ds_config, zero="off")  # first: built outside zero.Init
+    zero3 = ShieldEngine.load(args.model, ds_config, zero="on")
     processor, adapter = replica.loaded.processor, replica.loaded.adapter
     tokenizer = getattr(processor, "tokenizer", processor)
-    counters = {name: TokenCounter(m.model, stop_ids(m.model, tokenizer)) for name, m in
+    counters = {name: TokenCounter(m.module, stop_ids(m.module, tokenizer)) for name, m in
                 (("zero-on", zero3), ("zero-off", replica))}
     counters["plain"] = counters["zero-off"]  # the same module
 
     def shield(inference) -> Callable[[list], dict[str, str]]:
-        return lambda recs: generate_responses(inference.model, processor, adapter, recs, batch_size=args.batch_size,
+        return lambda recs: generate_responses(inference.module, processor, adapter, recs, batch_size=args.batch_size,
                                                max_new_tokens=args.max_new_tokens, dtype=inference.dtype,
                                                zero3=inference.zero3, device=inference.device, desc="bench")
 
     def plain(recs: list) -> dict[str, str]:
         if not dist.is_rank0():
             return {}
-        return plain_generate(replica.model, processor, adapter, recs, batch_size=args.batch_size,
+        return plain_generate(replica.module, processor, adapter, recs, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens)
 
     engines = {"zero-on": shield(zero3), "zero-off": shield(replica), "plain": plain}
@@ -156,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.barrier()
             token_rows[name] = sorted(row for rows in dist.all_gather_object(counters[name].rows) for row in rows)
     answers["plain"] = dist.broadcast_object(answers["plain"])
-    sizes = {"zero-on": weight_bytes(zero3.model), "zero-off": weight_bytes(replica.model),
-             "plain": weight_bytes(replica.model)}
+    sizes = {"zero-on": weight_bytes(zero3.module), "zero-off": weight_bytes(replica.module),
+             "plain": weight_bytes(replica.module)}
     result = {"records": len(records), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
               "passes": args.passes, "data": source, "world_size": dist.world_size(), "engines": {}}
     for name in names:

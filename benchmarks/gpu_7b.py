@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.engine import init_distributed, resolve_ds_config  # noqa: E402
+from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
 
 
 def with_text_layers(config, layers: int):
@@ -56,17 +56,19 @@ def base_config(toy: bool):
     return (tiny_config if toy else llava_15_7b()), processor
 
 
-def build_model(config, processor, ds_config: dict, dtype: torch.dtype) -> sb.Loaded:
-    """Random weights, created partitioned under ZeRO-3 (transformers' zero.Init path)."""
+def build_model(config, processor, ds_config: dict, dtype: torch.dtype):
+    """Random weights, created partitioned under ZeRO-3 (transformers' zero.Init path), as the
+    `LoadedModel` that `ShieldEngine` wraps (`load_model` reads a checkpoint; there is none here)."""
     from transformers import AutoModelForImageTextToText
     from transformers.integrations import HfDeepSpeedConfig
 
-    from shield_ds.models import get_adapter
+    from shield_ds.models import LoadedModel, get_adapter
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # must exist before the model is created
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    return sb.Loaded(model, processor, get_adapter(model.config), model.config, hf_ds_config)
+    return LoadedModel(model, processor, get_adapter(model.config), model.config, path="(random)",
+                       hf_ds_config=hf_ds_config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,11 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     from shield_ds.models import count_parameters
 
     results["total_params_full"] = count_parameters(loaded.model)
-    results["identify"] = sb.run_identify(loaded, infer_cfg, records, **common)
+    engine = ShieldEngine(loaded, infer_cfg, **sb.engine_args("identify"))
+    results["identify"] = sb.run_identify(engine, records, **common)
     results["identify"]["baseline_bytes"] = baseline
     log(f"identify: plain {results['identify']['plain']['median_s'] * 1e3:.1f} ms, "
         f"hooks {results['identify']['hooks']['median_s'] * 1e3:.1f} ms")
-    del loaded
+    del loaded, engine
     sb.release()
 
     runs = [(mode, train_layers, results["train"]) for mode in sb.TRAIN_MODES]
@@ -127,13 +130,14 @@ def main(argv: list[str] | None = None) -> None:
         loaded = build_model(with_text_layers(config, layers), processor, train_cfg, dtype)
         total = count_parameters(loaded.model)
         neuron_set = sb.benchmark_neuron_set(loaded.config, loaded.adapter, total)
-        result = sb.run_train(loaded, neuron_set, mode, train_cfg, records, **common)
+        engine = ShieldEngine(loaded, train_cfg, **sb.engine_args(mode, neuron_set))
+        result = sb.run_train(engine, mode, records, **common)
         result.update(baseline_bytes=baseline, total_params=total, text_layers=layers, neurons=neuron_set.count,
                       neuron_param_fraction=neuron_set.param_fraction)
         into[mode] = result
         log(f"{mode} @ {layers} layers: {result['median_s'] * 1e3:.1f} ms/step, {result['tokens_per_s']:.0f} tok/s, "
             f"peak {result['peak_bytes'] / 2**30:.2f} GiB, optimizer state {result['optimizer_state_bytes'] / 2**30:.3f} GiB")
-        del loaded, neuron_set
+        del loaded, neuron_set, engine
         sb.release()
     results["wall_s"] = time.perf_counter() - started
     results["ratios"] = sb.ratio_rows(results)

@@ -4,6 +4,7 @@
     python benchmarks/run.py --size tiny --steps 2    # the smoke-test size
     python benchmarks/run.py --size large --rounds 2  # repeat the train modes (alternating order)
     python benchmarks/run.py --parts train --modes delta,lora --rounds 3   # a subset
+    python benchmarks/run.py --parts scaling --sizes tiny,mid,large --ranks 1,2   # the scaling table
 
 For each size it builds (once, cached under --work-dir) a random checkpoint, then starts
 `deepspeed --num_gpus RANKS benchmarks/worker.py` once per mode: identify (plain and hooked
@@ -11,6 +12,11 @@ forwards on one engine), then the train modes ffn, mask, delta, full, lora; then
 engines in one launch (`evaluate_bench.py`, alternating pass by pass): ZeRO-3 and a replica per
 rank, and plain `transformers` generate in one process (rank 0 alone). It prints a markdown ratio table per size and writes all
 measurements to benchmarks/results-<date>.json (--json).
+
+The scaling part (issue #14, not in the default parts) runs identify, mask, delta and LoRA for each
+of --sizes (tiny ~0.3M, mid ~49M, large ~183M parameters) on each of --ranks rank counts and prints
+one table: step time, tokens/s and peak memory per rank, next to the memory planner's
+(`shield_ds.plan.plan_memory`) model-state prediction for the same model, mode and ranks.
 """
 
 from __future__ import annotations
@@ -38,10 +44,15 @@ sys.path.insert(0, str(BENCH_DIR))
 SIZES = {
     "tiny": dict(batch_size=2, max_length=128, records=16,
                  eval_records=32, eval_batch_size=8, eval_new_tokens=32, eval_passes=3),
+    "mid": dict(batch_size=2, max_length=96, records=8,
+                eval_records=16, eval_batch_size=4, eval_new_tokens=16, eval_passes=2),
     "large": dict(batch_size=2, max_length=96, records=8,
                   eval_records=16, eval_batch_size=4, eval_new_tokens=16, eval_passes=2),
 }
-PARTS = ("identify", "train", "evaluate")
+RATIO_SIZES = ("tiny", "large")  # --size all: the sizes of the ratio tables
+PARTS = ("identify", "train", "evaluate", "scaling")
+DEFAULT_PARTS = ("identify", "train", "evaluate")
+SCALING_MODES = ("identify", "mask", "delta", "lora")
 BUILT_MARKER = "BENCH_BUILT"
 
 
@@ -113,7 +124,7 @@ def build(size: str, work_dir: Path) -> None:
     else:
         import shield_bench
 
-        shield_bench.build_large_llava(out)
+        shield_bench.build_llava(out, size)
     (out / BUILT_MARKER).write_text("ok\n")
 
 
@@ -146,12 +157,12 @@ def run_evaluate(model: Path, size: str, args: argparse.Namespace, out_dir: Path
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path) -> dict:
+def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path, ranks: int | None = None) -> dict:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     out = out_dir / f"{mode}.json"
     settings = SIZES[size]
     port = free_port()
-    cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(port), str(BENCH_DIR / "worker.py"),
+    cmd = [deepspeed, "--num_gpus", str(ranks or args.ranks), "--master_port", str(port), str(BENCH_DIR / "worker.py"),
            "--model", str(model), "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch-size", str(settings["batch_size"]), "--max-length", str(settings["max_length"]),
            "--records", str(settings["records"]), "--out", str(out)]
@@ -160,8 +171,27 @@ def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir:
         run_logged(cmd, out_dir / f"{mode}.log", args.timeout, result=out)
     finally:
         remove_shm_buffers(port)
-    print(f"  {size} {mode}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    print(f"  {size} {mode} ({ranks or args.ranks} ranks): {time.perf_counter() - start:.0f}s", file=sys.stderr,
+          flush=True)
     return json.loads(out.read_text(encoding="utf-8"))
+
+
+def run_scaling(args: argparse.Namespace) -> list[dict]:
+    """Issue #14's scaling table: identify, mask, delta and LoRA for each of --sizes on each of --ranks
+    ranks, one launch each; every row carries the planner's model-state prediction next to the measurement."""
+    import shield_bench
+
+    work = Path(args.work_dir)
+    rows = []
+    for size in args.sizes:
+        model = checkpoint(size, work, args.timeout)
+        for ranks in args.scaling_ranks:
+            out_dir = work / f"scaling-{size}-{ranks}ranks"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for mode in SCALING_MODES:
+                result = launch(mode, model, size, args, out_dir, ranks=ranks)
+                rows.append(shield_bench.scaling_row(size, ranks, mode, result, model))
+    return rows
 
 
 def merge_rounds(runs: list[dict]) -> dict:
@@ -220,12 +250,16 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="all", choices=["tiny", "large", "all"])
+    p.add_argument("--size", default="all", choices=[*SIZES, "all"],
+                   help=f"model size of the identify/train/evaluate parts (all: {', '.join(RATIO_SIZES)})")
+    p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated model sizes of the scaling part")
     p.add_argument("--steps", type=int, default=5, help="measured steps per mode (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="run the train modes this many times (order alternates)")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--ranks", default=None, help="ranks (default 2); the scaling part takes a comma-separated "
+                                                 "list (default 1,2)")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     p.add_argument("--modes", default=None, help="comma-separated train modes (default: all, "
                                                   "ffn,mask,delta,full,lora)")
     p.add_argument("--work-dir", default=os.environ.get("SHIELD_DS_BENCH_DIR", "/tmp/shield-ds-bench"),
@@ -241,22 +275,38 @@ def main(argv: list[str] | None = None) -> None:
 
     args.parts = [part for part in args.parts.split(",") if part]
     args.modes = tuple(m for m in (args.modes or ",".join(shield_bench.TRAIN_MODES)).split(",") if m)
-    unknown = sorted(set(args.parts) - set(PARTS)) + sorted(set(args.modes) - set(shield_bench.TRAIN_MODES))
+    args.sizes = [size for size in args.sizes.split(",") if size]
+    unknown = (sorted(set(args.parts) - set(PARTS)) + sorted(set(args.modes) - set(shield_bench.TRAIN_MODES))
+               + sorted(set(args.sizes) - set(SIZES)))
     if unknown:
-        p.error(f"unknown part or mode: {', '.join(unknown)}")
-    sizes = list(SIZES) if args.size == "all" else [args.size]
+        p.error(f"unknown part, mode or size: {', '.join(unknown)}")
+    scaling = "scaling" in args.parts
+    ratio_parts = [part for part in args.parts if part != "scaling"]
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r] if args.ranks else [2]
+    except ValueError:
+        p.error(f"--ranks: expected a comma-separated list of integers, not {args.ranks!r}")
+    if not ranks or min(ranks) < 1:
+        p.error(f"--ranks: rank counts must be at least 1, not {args.ranks!r}")
+    if ratio_parts and len(ranks) > 1:
+        p.error(f"--ranks {args.ranks}: the {','.join(ratio_parts)} parts run on one rank count")
+    args.ranks, args.scaling_ranks = ranks[0], (ranks if args.ranks else [1, 2])
+    sizes = (list(RATIO_SIZES) if args.size == "all" else [args.size]) if ratio_parts else []
     date = time.strftime("%Y-%m-%d")
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python", *sys.argv]),
               "machine": machine(), "sizes": {}}
     start = time.perf_counter()
     for size in sizes:
         report["sizes"][size] = run_size(size, args)
+    if scaling:
+        report["scaling"] = run_scaling(args)
     report["wall_s"] = time.perf_counter() - start
     json_path = Path(args.json) if args.json else BENCH_DIR / f"results-{date}.json"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     m = report["machine"]
+    ranks_text = str(args.ranks) if sizes else ",".join(map(str, args.scaling_ranks))
     print(f"# shield-ds benchmark, {report['date']}\n\n{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, "
-          f"{args.ranks} ranks (gloo), {args.steps} measured steps after {args.warmup} warm-up, "
+          f"{ranks_text} ranks (gloo), {args.steps} measured steps after {args.warmup} warm-up, "
           f"{args.rounds} round(s); wall {report['wall_s']:.0f}s; results in {json_path}")
     for size, res in report["sizes"].items():
         train = next(iter(res.get("train", {}).values()), None)
@@ -267,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
         print(shield_bench.format_ratio_table(res["ratios"]))
         print()
         print(shield_bench.format_mode_table(res))
+    if scaling:
+        print(f"\n## scaling: sizes {','.join(args.sizes)} on {','.join(map(str, args.scaling_ranks))} ranks\n")
+        print(shield_bench.format_scaling_table(report["scaling"]))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 one function per measured mode, memory and optimizer-state accounting, and the ratio table.
 
 Used by `worker.py` (one mode per `deepspeed --num_gpus 2` launch, on CPU) and `gpu_7b.py`
-(every mode in turn in one process on one GPU). Modes:
+(every mode in turn in one process on one GPU). Every mode is a `ShieldEngine` (the engine the
+recipes use) and a train step is `ShieldEngine.train_step`, the step `ShieldTrainer` runs. Modes:
 
-- identify: the same ZeRO-3 inference engine runs every batch twice, once plain and once with
-  `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
-- ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (no masks);
-- mask:  the same matrices trainable + `GradientMasker` (what `--update mask` trains);
+- identify: the same ZeRO-3 inference engine (mode infer) runs every batch twice, once plain and once
+  with `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
+- ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (engine mode full-ffn:
+         the benchmark set has neurons in every layer; no masks);
+- mask:  the same matrices trainable + `GradientMasker` (`--update mask`);
 - delta: frozen base + slice parameters for the selected rows/columns + `GradientMasker` (`--update delta`);
-- full:  plain ZeRO-3 fine-tuning of the whole model;
-- lora:  peft LoRA r=8 on the same FFN matrices, frozen base (a peer method).
+- full:  plain ZeRO-3 fine-tuning of the whole model (engine mode full);
+- lora:  PEFT LoRA r=8 on the same FFN matrices, frozen base (`--update lora --lora-rank 8
+         --lora-targets gate,up,down`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,11 +40,17 @@ EVAL_ENGINES = ("zero-on", "zero-off", "plain")
 PARAM_FRACTION = 0.0003
 LORA_RANK = 8
 
-# Large CPU model: a LLaVA (Llama text) of ~180M parameters (~730 MB fp32), random weights.
+# Benchmark models beyond the tiny one: LLaVA (Llama text), random weights. large: ~183M parameters
+# (~730 MB fp32); mid: ~50M (the scaling table's middle size).
 LARGE_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=16, vocab_size=32064, max_position_embeddings=2048)
 LARGE_VISION = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
                     image_size=32, patch_size=8, projection_dim=512)
+MID_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32064, max_position_embeddings=2048)
+MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=32, patch_size=8, projection_dim=256)
+SHAPES = {"mid": (MID_TEXT, MID_VISION), "large": (LARGE_TEXT, LARGE_VISION)}
 
 # Synthetic prompts for machines without the shared data (the GPU script); records are text-only.
 SYNTHETIC_TOPICS = ["a lock", "a bridge", "a recipe", "a password", "a chemical", "a vaccine", "a car engine",
@@ -50,23 +58,24 @@ SYNTHETIC_TOPICS = ["a lock", "a bridge", "a recipe", "a password", "a chemical"
 
 
 # --- models ----------------------------------------------------------------------------------
-def build_large_llava(out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a random ~180M-parameter LLaVA checkpoint that the normal `load_model` path reads.
+def build_llava(out_dir: str | Path, size: str, seed: int = 0) -> Path:
+    """Save a random LLaVA checkpoint of shape `size` (a SHAPES key) that the normal `load_model` path reads.
 
     The processor (byte-level tokenizer, chat template, 32 px images) is the tiny llava one; the
-    text model is Llama-shaped (hidden 1024, 8 layers, intermediate 2816, vocab 32064).
+    text model is Llama-shaped (large: hidden 1024, 8 layers, intermediate 2816, vocab 32064).
     """
     import transformers
     from transformers import AutoModelForImageTextToText
 
     from shield_ds.models.tiny import BUILDERS
 
+    text_shape, vision_shape = SHAPES[size]
     out_dir = Path(out_dir)
     tiny_config, processor = BUILDERS["llava"]("llava")
     tiny_text = tiny_config.text_config
-    text = dict(LARGE_TEXT, model_type="llama", bos_token_id=tiny_text.bos_token_id,
+    text = dict(text_shape, model_type="llama", bos_token_id=tiny_text.bos_token_id,
                 eos_token_id=tiny_text.eos_token_id, pad_token_id=tiny_text.pad_token_id, tie_word_embeddings=False)
-    vision = transformers.CLIPVisionConfig(**LARGE_VISION, hidden_act="quick_gelu")
+    vision = transformers.CLIPVisionConfig(**vision_shape, hidden_act="quick_gelu")
     config = transformers.LlavaConfig(text_config=text, vision_config=vision,
                                       image_token_index=tiny_config.image_token_index, image_seq_length=16,
                                       vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -214,11 +223,9 @@ def reduce_sum(value: float) -> float:
 
 def optimizer_state_bytes(ds_engine) -> int:
     """Bytes of the ZeRO-3 optimizer's fp32 partitions + the basic optimizer's state, summed over ranks."""
-    zero = ds_engine.optimizer
-    tensors = list(getattr(zero, "fp32_partitioned_groups_flat", []))
-    for state in zero.optimizer.state.values():
-        tensors += [v for v in state.values() if torch.is_tensor(v)]
-    local = sum(t.numel() * t.element_size() for t in tensors)
+    from shield_ds.zero_internals import optimizer_state_tensors
+
+    local = sum(t.numel() * t.element_size() for t in optimizer_state_tensors(ds_engine))
     return int(reduce_sum(float(local)))
 
 
@@ -227,77 +234,45 @@ def summarise(times: list[float]) -> dict[str, float]:
 
 
 # --- modes -----------------------------------------------------------------------------------
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    processor: Any
-    adapter: Any
-    config: Any
-    keep_alive: Any  # HfDeepSpeedConfig: must outlive deepspeed.initialize
+# Benchmark mode -> the ShieldEngine mode it builds. "ffn" (the FFN matrices that hold selected neurons,
+# stock nn.Linear, no mask) is the trainer's full-ffn: the benchmark neuron set has neurons in every layer.
+ENGINE_MODES = {"ffn": "full-ffn", "mask": "mask", "delta": "delta", "full": "full", "lora": "lora"}
 
 
-def lora_targets(model: torch.nn.Module, adapter, neuron_set: NeuronSet) -> list[str]:
-    """Qualified names of the FFN projections that hold selected neurons (LoRA's target modules)."""
-    from shield_ds.masking.partition_mask import neuron_params
+def bench_lora() -> Any:
+    """LoRA r=LORA_RANK on the FFN projections (the matrices mask mode trains), as `--update lora --lora-rank 8
+    --lora-targets gate,up,down` would."""
+    from shield_ds.trainable import LoraSettings
 
-    return sorted({name.rsplit(".", 1)[0] for name, _, _, _ in neuron_params(model, adapter, neuron_set)
-                   if name.endswith(".weight")})
-
-
-def prepare_trainable(loaded: Loaded, neuron_set: NeuronSet, mode: str) -> torch.nn.Module:
-    """Set what trains in `mode` (before deepspeed.initialize); returns the module to wrap."""
-    from shield_ds.masking import attach_deltas, freeze_unselected
-
-    model, adapter = loaded.model, loaded.adapter
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if mode in ("ffn", "mask"):  # ffn: the plain baseline, full weight gradients of the same matrices
-        freeze_unselected(model, adapter, neuron_set, sliced_grad=mode == "mask")
-        return model
-    if mode == "delta":
-        attach_deltas(model, adapter, neuron_set)
-        return model
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets(model, adapter, neuron_set)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
-                                                target_modules=targets))
-    raise ValueError(f"unknown train mode {mode!r} (expected one of {', '.join(TRAIN_MODES)})")
+    return LoraSettings(rank=LORA_RANK, targets=("gate", "up", "down"))
 
 
-def make_masker(engine, loaded: Loaded, neuron_set: NeuronSet, mode: str):
-    """The GradientMasker of mask/delta mode, built as ShieldTrainer builds it (None otherwise)."""
-    from shield_ds.masking import GradientMasker, build_masks, delta_masks
-
-    if mode == "mask":
-        return GradientMasker(engine.ds, build_masks(engine.module, loaded.adapter, neuron_set))
-    if mode == "delta":
-        return GradientMasker(engine.ds, delta_masks(engine.module))
-    return None
+def engine_args(mode: str, neuron_set: NeuronSet | None = None) -> dict[str, Any]:
+    """The ShieldEngine arguments of benchmark mode `mode` ("identify" or one of TRAIN_MODES)."""
+    if mode == "identify":
+        return {"mode": "infer"}
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"unknown train mode {mode!r} (expected one of {', '.join(TRAIN_MODES)})")
+    return {"mode": ENGINE_MODES[mode], "neuron_set": neuron_set, "lora": bench_lora() if mode == "lora" else None}
 
 
-def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict, records: list, *,
-              batch_size: int, max_length: int | None, warmup: int, steps: int,
-              dtype: torch.dtype) -> dict[str, Any]:
-    """Build the mode's engine and time `warmup + steps` optimizer steps of ShieldTrainer's loop.
+def model_params(config: Any) -> int:
+    """Total parameters of a model config (counted on the meta device: no memory, no weights)."""
+    from shield_ds.plan import count_model
 
-    Per step: forward, response loss, backward, masker.apply() at the boundary, engine.step().
+    return count_model(config).total_params
+
+
+def run_train(engine: Any, mode: str, records: list, *, batch_size: int, max_length: int | None, warmup: int,
+              steps: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Time `warmup + steps` optimizer steps of the trainer's own step, `ShieldEngine.train_step`
+    (forward, response loss, backward, the gradient mask at the boundary, DeepSpeed's step).
+
     Returns per-step times (max over ranks), peak memory (max over ranks) and optimizer bytes.
+    Destroys the engine afterwards.
     """
-    from shield_ds.engine import ShieldEngine
-    from shield_ds.train import response_loss
-
     meter = PeakMemory(dist.device())
-    model = prepare_trainable(loaded, neuron_set, mode)
-    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
-    engine = ShieldEngine(model, ds_config, training=True)
-    masker = make_masker(engine, loaded, neuron_set, mode)
-    batches = collate_batches(records, loaded.processor, loaded.adapter, batch_size, train=True,
+    batches = collate_batches(records, engine.loaded.processor, engine.loaded.adapter, batch_size, train=True,
                               max_length=max_length, device=engine.device, dtype=dtype)
     engine.module.train()
     memory_before = meter.current()
@@ -307,12 +282,7 @@ def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict,
         batch = batches[i % len(batches)]
         synchronize(engine.device)
         start = time.perf_counter()
-        logits = engine(**batch.inputs, use_cache=False).logits
-        loss = response_loss(logits, batch.labels).mean()
-        engine.backward(loss)
-        if masker is not None and engine.is_accumulation_boundary():
-            masker.apply()
-        engine.step()
+        engine.train_step(batch)
         synchronize(engine.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -321,36 +291,34 @@ def run_train(loaded: Loaded, neuron_set: NeuronSet, mode: str, ds_config: dict,
     times = reduce_max(times)
     step_tokens = [reduce_sum(float(t)) for t in tokens]
     peak_max, before_max = reduce_max([float(peak), float(memory_before)])
-    result = {"mode": mode, "trainable_params": trainable, "steps": steps, "warmup": warmup,
+    result = {"mode": mode, "trainable_params": engine.optimizer_params(), "steps": steps, "warmup": warmup,
               "step_times_s": times, **summarise(times),
               "tokens_per_s": sum(step_tokens) / max(sum(times), 1e-9),
               "peak_bytes": int(peak_max), "resident_before_steps_bytes": int(before_max),
               "memory_kind": meter.kind, "optimizer_state_bytes": optimizer_state_bytes(engine.ds)}
-    if masker is not None:
-        masker.remove()
-    destroy(engine)
+    engine.destroy()
     return result
 
 
 @torch.no_grad()
-def run_identify(loaded: Loaded, ds_config: dict, records: list, *, batch_size: int, max_length: int | None,
+def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int | None,
                  warmup: int, steps: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks on one engine.
+    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks on one inference engine.
 
     Each batch runs in both variants, the order alternating from step to step (plain first on even
-    steps), so slow drift of a shared machine hits both alike.
+    steps), so slow drift of a shared machine hits both alike. Destroys the engine afterwards.
     """
-    from shield_ds.engine import ShieldEngine
     from shield_ds.neurons.statistics import ActivationStatistics
 
-    engine = ShieldEngine(loaded.model, ds_config, training=False)
-    model, adapter = engine.module, loaded.adapter
-    batches = collate_batches(records, loaded.processor, adapter, batch_size, train=False,
+    model, adapter, config = engine.module, engine.loaded.adapter, engine.loaded.config
+    batches = collate_batches(records, engine.loaded.processor, adapter, batch_size, train=False,
                               max_length=max_length, device=engine.device, dtype=dtype)
     groups = sorted({r.group for r in records})
-    stats = ActivationStatistics(groups, adapter.num_layers(loaded.config), adapter.intermediate_size(loaded.config),
+    stats = ActivationStatistics(groups, adapter.num_layers(config), adapter.intermediate_size(config),
                                  device=engine.device)
     neuron_modules = [adapter.neuron_module(layer) for layer in adapter.decoder_layers(model)]
+    meter = PeakMemory(dist.device())
+    meter.start()
 
     def forward(batch, hooked: bool) -> float:
         if hooked:
@@ -378,18 +346,14 @@ def run_identify(loaded: Loaded, ds_config: dict, records: list, *, batch_size: 
             plain.append(measured[False])
             hooked.append(measured[True])
             tokens.append(int(batch.inputs["attention_mask"].sum()))
-    destroy(engine)
+    peak = meter.peak()
+    engine.destroy()
     plain, hooked = reduce_max(plain), reduce_max(hooked)
     total_tokens = sum(reduce_sum(float(t)) for t in tokens)
-    return {"steps": steps, "warmup": warmup,
+    return {"steps": steps, "warmup": warmup, "peak_bytes": int(reduce_max([float(peak)])[0]),
+            "memory_kind": meter.kind,
             "plain": {"step_times_s": plain, **summarise(plain), "tokens_per_s": total_tokens / sum(plain)},
             "hooks": {"step_times_s": hooked, **summarise(hooked), "tokens_per_s": total_tokens / sum(hooked)}}
-
-
-def destroy(engine) -> None:
-    """Remove DeepSpeed's ZeRO-3 hooks and buffers so the next mode in this process starts clean."""
-    if hasattr(engine.ds, "destroy"):
-        engine.ds.destroy()
 
 
 def release() -> None:
@@ -524,6 +488,64 @@ def format_mode_table(results: dict[str, Any]) -> str:
                      f"({evaluate['engines']['plain']['tokens']} answer tokens), batch {evaluate['batch_size']}, "
                      f"{evaluate['passes']} passes per engine in rotating order; answers identical in all three "
                      f"engines: {'yes' if evaluate['identical'] else '**no**'}")
+    return "\n".join(lines)
+
+
+# --- the scaling table (issue #14) ---------------------------------------------------------------
+# The planner's model states: weights, gradients, fp32 master + Adam moments and the fp32 step buffer.
+PLAN_MODEL_STATE = ("weights", "gradients", "optimizer", "fp32 step gradient buffer")
+
+
+def planned_model_state(model_dir: str | Path, ds_config: dict, ranks: int, mode: str,
+                        neuron_fraction: float | None) -> float | None:
+    """Model-state bytes per rank that `shield_ds.plan.plan_memory` predicts for `mode` on `ranks` ranks
+    of one node with the run's ds_config (fp32, its bucket sizes and persistence threshold).
+
+    identify: the weights alone (inference holds no gradients or optimizer state); mask and delta:
+    PLAN_MODEL_STATE; None for a mode the planner does not model (lora)."""
+    from shield_ds.plan import PlanSettings, ZeroSettings, inventory, plan_memory
+
+    if mode not in ("identify", "mask", "delta"):
+        return None
+    zero_cfg = ds_config.get("zero_optimization", {})
+    defaults = ZeroSettings()
+    zero = ZeroSettings(
+        reduce_bucket_size=int(zero_cfg.get("reduce_bucket_size", defaults.reduce_bucket_size)),
+        prefetch_bucket_size=int(zero_cfg.get("stage3_prefetch_bucket_size", defaults.prefetch_bucket_size)),
+        param_persistence_threshold=int(zero_cfg.get("stage3_param_persistence_threshold",
+                                                     defaults.param_persistence_threshold)),
+        sub_group_size=int(zero_cfg.get("sub_group_size", defaults.sub_group_size)))
+    dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    settings = PlanSettings(nodes=1, gpus_per_node=ranks, update="delta" if mode == "delta" else "mask", dtype=dtype,
+                            neuron_fraction=neuron_fraction or PARAM_FRACTION, zero=zero)
+    plan = plan_memory(inventory(str(model_dir)), settings)
+    items = ("weights",) if mode == "identify" else PLAN_MODEL_STATE
+    return float(sum(plan.gpu.get(item, 0.0) for item in items))
+
+
+def scaling_row(size: str, ranks: int, mode: str, result: dict[str, Any], model_dir: str | Path) -> dict[str, Any]:
+    """One row of the scaling table from a worker's result (identify: the hooked forward, which identify runs)."""
+    timing = result["hooks"] if mode == "identify" else result
+    return {"size": size, "ranks": ranks, "mode": mode, "total_params": result["total_params"],
+            "trainable_params": result.get("trainable_params", 0), "median_s": timing["median_s"],
+            "tokens_per_s": timing["tokens_per_s"], "peak_bytes": result["peak_bytes"],
+            "baseline_bytes": result["baseline_bytes"], "memory_kind": result["memory_kind"],
+            "planned_model_state_bytes": planned_model_state(model_dir, result["ds_config"], ranks, mode,
+                                                             result.get("neuron_param_fraction"))}
+
+
+def format_scaling_table(rows: list[dict[str, Any]]) -> str:
+    """The scaling table: per size, ranks and mode the step time, tokens/s, peak memory per rank (and the
+    peak above the process before the model was loaded) and the planner's model-state prediction."""
+    lines = ["| size | parameters | ranks | mode | trainable | step median | tokens/s | peak mem per rank | "
+             "peak - process baseline | planner: model state per rank |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        planned = r["planned_model_state_bytes"]
+        lines.append(f"| {r['size']} | {r['total_params']:,} | {r['ranks']} | {r['mode']} | "
+                     f"{r['trainable_params']:,} | {_fmt('s_s', r['median_s'])} | {r['tokens_per_s']:.0f} | "
+                     f"{_fmt('b', r['peak_bytes'])} | {_fmt('b', r['peak_bytes'] - r['baseline_bytes'])} | "
+                     f"{'n/a (no LoRA model)' if planned is None else _fmt('b', planned)} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.engine import init_distributed, resolve_ds_config  # noqa: E402
+from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
 IDENTIFY_CONFIG = "ds_configs/zero3_infer.json"
@@ -55,27 +55,28 @@ def main(argv: list[str] | None = None) -> None:
     meter = sb.PeakMemory(dist.device())
     baseline = sb.reduce_max([float(meter.current())])[0]  # the process before the model exists
     torch.manual_seed(args.seed)
-    from shield_ds.models import count_parameters, load_model
+    from shield_ds.models import get_adapter, load_config
 
     identify = args.mode == "identify"
     ds_config = resolve_ds_config(IDENTIFY_CONFIG if identify else TRAIN_CONFIG, micro_batch_size=args.batch_size,
                                   overrides={"bf16.enabled": False} if identify else BUCKETS)
-    loaded_model, load_s = sb.timed(lambda: load_model(args.model, ds_config=ds_config, dtype=torch.float32))
-    loaded = sb.Loaded(loaded_model.model, loaded_model.processor, loaded_model.adapter, loaded_model.config,
-                       loaded_model.hf_ds_config)
-    total_params = count_parameters(loaded.model)
+    config = load_config(args.model)
+    neuron_set = None if identify else sb.benchmark_neuron_set(config, get_adapter(config), sb.model_params(config),
+                                                               seed=args.seed)
+    # The engine the recipes build (HfDeepSpeedConfig, partitioned load, freezing, initialize, masker).
+    engine, load_s = sb.timed(lambda: ShieldEngine.load(args.model, ds_config, **sb.engine_args(args.mode, neuron_set)))
+    total_params = engine.total_params
     records, source = sb.benchmark_records(args.records, args.data_dir, args.seed, max_prompt_bytes=args.max_length // 2)
     common = dict(batch_size=args.batch_size, max_length=args.max_length, warmup=args.warmup, steps=args.steps,
                   dtype=torch.float32)
     start = time.perf_counter()
     if identify:
-        result = sb.run_identify(loaded, ds_config, records, **common)
+        result = sb.run_identify(engine, records, **common)
     else:
-        neuron_set = sb.benchmark_neuron_set(loaded.config, loaded.adapter, total_params, seed=args.seed)
-        result = sb.run_train(loaded, neuron_set, args.mode, ds_config, records, **common)
+        result = sb.run_train(engine, args.mode, records, **common)
         result["neurons"] = neuron_set.count
         result["neuron_param_fraction"] = neuron_set.param_fraction
-        result["baseline_bytes"] = int(baseline)
+    result["baseline_bytes"] = int(baseline)
     result.update({"model": str(args.model), "total_params": total_params, "world_size": dist.world_size(),
                    "batch_size": args.batch_size, "max_length": args.max_length, "data": source,
                    "load_s": load_s, "run_s": time.perf_counter() - start, "ds_config": ds_config})

@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
-import dataclasses
 import glob
 import json
 import math
@@ -26,6 +25,7 @@ import torch
 from shield_ds import dist
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, write_json
+from shield_ds.zero_internals import is_partitioned
 
 log = dist.get_logger("engine")
 
@@ -241,7 +241,7 @@ def gathered(params: torch.nn.Parameter | list[torch.nn.Parameter], modifier_ran
     Collective under ZeRO-3: every rank must enter it with the same parameters.
     """
     plist = params if isinstance(params, (list, tuple)) else [params]
-    partitioned = [p for p in plist if hasattr(p, "ds_id")]
+    partitioned = [p for p in plist if is_partitioned(p)]
     if not partitioned:
         yield
         return
@@ -322,84 +322,169 @@ def choose_zero(zero: str, ds_config: dict | None, model: str | os.PathLike, dty
     return mode
 
 
-@dataclasses.dataclass
-class InferenceModel:
-    """A model ready for inference (eval mode, no gradients) under the chosen `zero` mode."""
-
-    model: torch.nn.Module  # the module to call (the engine's module under ZeRO-3)
-    device: torch.device
-    dtype: torch.dtype
-    zero: str  # "on" | "off"
-    loaded: Any  # shield_ds.models.LoadedModel (processor, adapter, config; keeps HfDeepSpeedConfig alive)
-    engine: "ShieldEngine | None" = None
-
-    @property
-    def zero3(self) -> bool:
-        """Whether the parameters are ZeRO-3 partitioned (generation must then run with synced_gpus)."""
-        return self.engine is not None and zero_stage(self.engine.ds_config) == 3
-
-
-def load_inference_model(model: str | os.PathLike, ds_config: dict | None, zero: str = "auto") -> InferenceModel:
-    """Load `model` for inference: a DeepSpeed engine ("on") or a plain replica on this rank's device ("off").
-
-    Both give results identical to one process (prompts are sharded across ranks either way and
-    statistics / generations are gathered by the caller).
-    """
-    from shield_ds.models import load_model
-
-    dtype = config_dtype(ds_config) if ds_config else torch.float32
-    mode = choose_zero(zero, ds_config, model, dtype)
-    if mode == "off":
-        loaded = load_model(model, dtype=dtype)
-        module = loaded.model.eval().to(dist.device())
-        for p in module.parameters():
-            p.requires_grad_(False)
-        return InferenceModel(module, dist.device(), dtype, mode, loaded)
-    loaded = load_model(model, ds_config=ds_config if zero_stage(ds_config) == 3 else None, dtype=dtype)
-    engine = ShieldEngine(loaded.model, ds_config, training=False)
-    return InferenceModel(engine.module, engine.device, dtype, mode, loaded, engine)
-
-
 # --- the engine --------------------------------------------------------------------------------
-class ShieldEngine:
-    """Owns deepspeed.initialize for a model, plus save/load of complete-or-absent checkpoints."""
+# "infer": eval mode, no gradients (identify, evaluate); the others train (ShieldTrainer's --update, and
+# "full", every parameter, a benchmark baseline).
+MODES = ("infer", "mask", "delta", "lora", "full-ffn", "full")
+MASKED_MODES = ("mask", "delta")
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict, *, training: bool,
-                 optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None):
+
+class ShieldEngine:
+    """A model loaded and wrapped for one mode: the whole ZeRO-3 lifecycle in one place.
+
+    `ShieldEngine.load` orders it: the HfDeepSpeedConfig before from_pretrained (the model is built
+    partitioned), freezing / delta slices / LoRA / full-FFN selection, deepspeed.initialize, and in
+    mask and delta mode the `GradientMasker`; `train_step` is the masked step the trainer (and the
+    benchmarks) run. Inference with `zero="off"` keeps a plain replica on this rank's device
+    (`ds` is None). Also saves and loads complete-or-absent checkpoints.
+    """
+
+    def __init__(self, loaded: Any, ds_config: dict | None, *, mode: str = "infer", neuron_set: Any = None,
+                 lora: Any = None, lr_scheduler: Any = None, gradient_checkpointing: bool = False):
+        """Wrap an already loaded model (`shield_ds.models.LoadedModel`); prefer `ShieldEngine.load`."""
         import deepspeed
 
-        self.training = training
+        from shield_ds.models import count_parameters
+
+        if mode not in MODES:
+            raise ShieldError(f"engine mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode, self.loaded = mode, loaded
+        self.dtype = config_dtype(ds_config) if ds_config else torch.float32
+        model = loaded.model
+        self.total_params = count_parameters(model)  # before LoRA adds its own
+        self.lora: dict[str, Any] | None = None
+        self.masker = None
+        self.ds = self.optimizer = self.lr_scheduler = None
+        training = mode != "infer"
+        if not training:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        else:
+            if gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from shield_ds.trainable import setup_trainable
+
+            self.lora = setup_trainable(model, loaded.adapter, mode, neuron_set, lora)
+        if ds_config is None:  # inference on a plain replica
+            if training:
+                raise ShieldError(f"mode {mode} needs a DeepSpeed config")
+            self.ds_config = None
+            self.module: torch.nn.Module = model.eval().to(dist.device())
+            self.device = dist.device()
+            return
         params = [p for p in model.parameters() if p.requires_grad] if training else None
         if training and not params:
             raise ShieldError("no trainable parameters (is the neuron set empty?)")
         if not training:
-            for p in model.parameters():
-                p.requires_grad_(False)
             # A training ds_config reused for inference: no optimizer (it would be built over frozen weights).
             ds_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
         self.ds_config = ds_config
         self.ds, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            config=ds_config, dist_init_required=False)
-        self.module: torch.nn.Module = self.ds.module
+            model=model, model_parameters=params, lr_scheduler=lr_scheduler, config=ds_config,
+            dist_init_required=False)
+        self.module = self.ds.module
+        self.device = self.ds.device
         if not training:
             self.module.eval()
+        elif mode in MASKED_MODES:
+            from shield_ds.masking import GradientMasker, build_masks, delta_masks
+
+            masks = (build_masks(self.module, loaded.adapter, neuron_set) if mode == "mask"
+                     else delta_masks(self.module))
+            self.masker = GradientMasker(self.ds, masks)
+
+    @classmethod
+    def load(cls, model: str | os.PathLike, ds_config: dict | None, *, mode: str = "infer", zero: str = "on",
+             neuron_set: Any = None, lora: Any = None, lr_scheduler: Any = None,
+             gradient_checkpointing: bool = False) -> "ShieldEngine":
+        """Load checkpoint `model` and wrap it for `mode` (see MODES).
+
+        Inference: `zero` is the recipes' `--zero auto|on|off` (`choose_zero`): "on" runs the ds_config's
+        DeepSpeed engine (ZeRO-3 partitioned when it says stage 3), "off" a plain replica per rank; both
+        give results identical to one process. Training modes need a ZeRO-3 ds_config; mask and delta
+        need `neuron_set`, lora `lora` (`shield_ds.trainable.LoraSettings`); `lr_scheduler` is passed to
+        deepspeed.initialize (a callable of the optimizer).
+        """
+        from shield_ds.models import load_model
+
+        if mode not in MODES:
+            raise ShieldError(f"engine mode must be one of {', '.join(MODES)}, not {mode!r}")
+        dtype = config_dtype(ds_config) if ds_config else torch.float32
+        if mode == "infer" and choose_zero(zero, ds_config, model, dtype) == "off":
+            return cls(load_model(model, dtype=dtype), None, mode=mode)
+        if mode != "infer" and (ds_config is None or zero_stage(ds_config) != 3):
+            raise ShieldError(f"training mode {mode} needs a DeepSpeed config with ZeRO stage 3")
+        # Under ZeRO-3 the loader creates the HfDeepSpeedConfig first, so the model is built partitioned;
+        # the LoadedModel keeps it alive through deepspeed.initialize.
+        loaded = load_model(model, ds_config=ds_config if zero_stage(ds_config) == 3 else None, dtype=dtype)
+        return cls(loaded, ds_config, mode=mode, neuron_set=neuron_set, lora=lora, lr_scheduler=lr_scheduler,
+                   gradient_checkpointing=gradient_checkpointing)
+
+    # --- inference -----------------------------------------------------------------------------
+    @property
+    def zero(self) -> str:
+        """"on" (a DeepSpeed engine) or "off" (a plain replica)."""
+        return "off" if self.ds is None else "on"
 
     @property
-    def device(self) -> torch.device:
-        return self.ds.device
+    def zero3(self) -> bool:
+        """Whether the parameters are ZeRO-3 partitioned (generation must then run with synced_gpus)."""
+        return self.ds is not None and zero_stage(self.ds_config) == 3
 
     def __call__(self, **inputs: Any) -> Any:
-        return self.ds(**inputs)
+        return (self.module if self.ds is None else self.ds)(**inputs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+    # --- training ------------------------------------------------------------------------------
+    def train_step(self, batch: Any) -> tuple[torch.Tensor, bool]:
+        """One micro-batch of training (a collated `shield_ds.data.Batch` on this engine's device): forward,
+        the weighted response loss, backward, then `step`. Returns the per-sample losses (detached) and
+        whether an optimizer step was taken (the accumulation boundary)."""
+        from shield_ds.loss import response_loss
+
+        logits = self.ds(**batch.inputs, use_cache=False).logits
+        per_sample = response_loss(logits, batch.labels)
+        self.ds.backward((per_sample * batch.weights).sum() / len(per_sample))
+        return per_sample.detach(), self.step()
 
     def is_accumulation_boundary(self) -> bool:
+        """Whether the current micro-batch ends an accumulation window (valid before its forward too)."""
         return self.ds.is_gradient_accumulation_boundary()
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """The masked step: at the accumulation boundary mask the gradient partitions (mask and delta
+        mode), then DeepSpeed's step (norm, clipping, optimizer only at the boundary). Returns whether
+        this was the boundary. Collective."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and self.masker is not None:
+            self.masker.apply()
         self.ds.step()
+        return boundary
+
+    def grad_norm(self) -> float | None:
+        """The gradient norm of the last optimizer step (before clipping): inside the mask in mask and delta
+        mode, DeepSpeed's global norm otherwise."""
+        if self.masker is not None:
+            return self.masker.masked_grad_norm()
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def remove_masker(self) -> None:
+        """Take the gradient mask off and give the weight decay back to the optimizer (before a final export)."""
+        if self.masker is not None:
+            self.masker.remove()
+            self.masker = None
+
+    def optimizer_params(self) -> int:
+        """Parameters the optimizer holds (full sizes under ZeRO-3)."""
+        from shield_ds.zero_internals import full_numel
+
+        return sum(full_numel(p) for p in self.module.parameters() if p.requires_grad)
+
+    def destroy(self) -> None:
+        """Remove DeepSpeed's hooks and buffers (so another engine can be built in this process)."""
+        self.remove_masker()
+        if self.ds is not None and hasattr(self.ds, "destroy"):
+            self.ds.destroy()
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any],

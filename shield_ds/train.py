@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.engine import (ShieldEngine, complete_checkpoints, config_dtype, gathered, read_run_info,
-                              resolve_ds_config, zero_stage)
+from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, gathered,
+                              read_run_info, resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_jsonl, write_json, write_text
+from shield_ds.trainable import LORA_TARGETS, LoraSettings, ffn_parameters, is_lora_layer, lora_delta
 
 log = dist.get_logger("train")
 
@@ -56,8 +56,6 @@ def snapshot_dir(out: str | os.PathLike, step: int) -> Path:
     return Path(out) / SNAPSHOT_DIR / f"step-{step}"
 DEFAULT_NEURONS = "runs/identify"
 UPDATES = ("mask", "delta", "lora", "full-ffn")
-# Leaf names of the decoder-layer projections LoRA adapts by default (attention and MLP).
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 RANDOM_PREFIX = "random:"
 
 
@@ -231,24 +229,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample fp32 sum of cross-entropy over response tokens and the number of those tokens ([B], [B])."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                 ignore_index=-100, reduction="none").view(shift_labels.shape)
-    return token_loss.sum(1), (shift_labels != -100).sum(1)
-
-
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean cross-entropy over response tokens ([B]); 0 for a sample without any."""
-    total, counts = response_nll(logits, labels)
-    return total / counts.clamp_min(1)
-
-
 def _fault_injection(step: int, boundary_next: bool) -> None:
     """Testing aid: SHIELD_DS_FAULT_KILL="RANK:STEP" SIGKILLs rank RANK during optimizer step STEP+1
-    (after its backward, before the optimizer step), like a node dying mid-run."""
+    (at the micro-batch that ends its accumulation window, before the optimizer step), like a node
+    dying mid-run."""
     spec = os.environ.get("SHIELD_DS_FAULT_KILL")
     if not spec or not boundary_next:
         return
@@ -460,50 +444,15 @@ class ShieldTrainer:
                         len(records) - len(kept), len(records), self.cfg.max_length)
         return kept
 
-    # --- the trainable parameters of each arm ----------------------------------------------------
-    def _setup_trainable(self, model: torch.nn.Module) -> None:
-        """Freeze / wrap `model` for the arm (before deepspeed.initialize)."""
-        from shield_ds.masking import attach_deltas, freeze_unselected
-
+    def _lora_settings(self) -> LoraSettings | None:
+        """The LoRA arm's settings (the neuron set's parameter count as the budget for --lora-budget match)."""
         cfg = self.cfg
-        if cfg.update == "mask":
-            freeze_unselected(model, self.adapter, self.neuron_set)
-            return
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.update == "delta":
-            attach_deltas(model, self.adapter, self.neuron_set)
-        elif cfg.update == "full-ffn":
-            for _, param in ffn_parameters(model, self.adapter):
-                param.requires_grad_(True)
-        else:
-            self.lora = self._attach_lora(model)
-
-    def _attach_lora(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Inject PEFT LoRA adapters into the decoder layers' target projections; returns the settings."""
-        from peft import LoraConfig, inject_adapter_in_model
-
-        cfg = self.cfg
-        targets = lora_targets(model, self.adapter, cfg.lora_targets or list(LORA_TARGETS))
-        per_rank = sum(m.in_features + m.out_features for _, m in targets)
-        budget = None
-        if cfg.lora_budget == "match":
-            budget = self.neuron_set.count * self.adapter.param_count_per_neuron(self.config)
-            rank = max(1, round(budget / per_rank))
-        else:
-            rank = int(cfg.lora_rank)
-        alpha = float(cfg.lora_alpha) if cfg.lora_alpha is not None else 2.0 * rank
-        lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                                 target_modules=[name for name, _ in targets])
-        inject_adapter_in_model(lora_config, model)
-        for name, param in model.named_parameters():
-            param.requires_grad_(".lora_A." in name or ".lora_B." in name)
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in targets})
-        log.info("lora: rank %d, alpha %g, %d projections (%s), %d trainable parameters%s", rank, alpha, len(targets),
-                 ",".join(names), rank * per_rank,
-                 f" (neuron budget {budget})" if budget is not None else "")
-        return {"rank": rank, "alpha": alpha, "targets": names, "modules": len(targets), "budget": cfg.lora_budget,
-                "budget_params": budget, "params_per_rank": per_rank}
+        if cfg.update != "lora":
+            return None
+        budget = (self.neuron_set.count * self.adapter.param_count_per_neuron(self.config)
+                  if cfg.lora_budget == "match" else None)
+        return LoraSettings(rank=cfg.lora_rank if budget is None else None, budget_params=budget,
+                            targets=tuple(cfg.lora_targets or LORA_TARGETS), alpha=cfg.lora_alpha)
 
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -514,33 +463,20 @@ class ShieldTrainer:
         preemption = PreemptionHandler()
         self.prepare()
         cfg = self.cfg
-        from shield_ds.masking import GradientMasker, build_masks, delta_masks
-        from shield_ds.models import count_parameters, load_model
-
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self._fill_self_targets(None)  # before the ZeRO-3 load, on a plain replica, when it fits
-        loaded = load_model(cfg.model, ds_config=self.ds_config, dtype=self.dtype)
-        self.processor, model = loaded.processor, loaded.model
-        self.total_params = count_parameters(model)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._setup_trainable(model)
-
         self.total_steps = self._total_steps()  # self-generated targets fill records in, never remove them
         schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, self.total_steps)
-        engine = ShieldEngine(model, self.ds_config, training=True,
-                              lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        engine = ShieldEngine.load(cfg.model, self.ds_config, mode=cfg.update, neuron_set=self.neuron_set,
+                                   lora=self._lora_settings(), gradient_checkpointing=cfg.gradient_checkpointing,
+                                   lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.engine = engine
-        if cfg.update == "mask":
-            masker = GradientMasker(engine.ds, build_masks(engine.module, self.adapter, self.neuron_set))
-        elif cfg.update == "delta":
-            masker = GradientMasker(engine.ds, delta_masks(engine.module))
-        else:
-            masker = None  # lora, full-ffn: plain training, weight decay as configured
-        optimizer_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                               for p in engine.module.parameters() if p.requires_grad)
+        self.processor, self.total_params = engine.loaded.processor, engine.total_params
+        if engine.lora is not None:
+            self.lora = {**engine.lora, "budget": cfg.lora_budget}
+        optimizer_params = engine.optimizer_params()
         # What can change: in mask mode only the selected slices of the trainable matrices.
         trainable = (neuron_slice_params(engine.module, self.adapter, self.neuron_set) if cfg.update == "mask"
                      else optimizer_params)
@@ -576,28 +512,21 @@ class ShieldTrainer:
         for micro in bar:
             batch_records, weight = micro_steps[micro]
             batch = collator(batch_records, [weight] * len(batch_records)).to(engine.device, float_dtype=self.dtype)
-            logits = engine(**batch.inputs, use_cache=False).logits
-            per_sample = response_loss(logits, batch.labels)
-            loss = (per_sample * batch.weights).sum() / len(batch_records)
-            engine.backward(loss)
             _fault_injection(state["step"], boundary_next=engine.is_accumulation_boundary())
-            for r, l, w in zip(batch_records, per_sample.detach().tolist(), batch.weights.tolist()):
+            per_sample, boundary = engine.train_step(batch)
+            for r, l, w in zip(batch_records, per_sample.tolist(), batch.weights.tolist()):
                 if w > 0:
                     window[r.label][0] += l
                     window[r.label][1] += 1
             window["tokens"] += int(batch.inputs["attention_mask"].sum()) if weight > 0 else 0
-            boundary = engine.is_accumulation_boundary()
-            if boundary and masker is not None:
-                masker.apply()
-            engine.step()
             state["micro"] = micro + 1
             if not boundary:
                 continue
             state["step"] += 1
             state["seconds"] = time.perf_counter() - started
-            self._log(writer, state["step"], window, masker, engine, bar)
+            self._log(writer, state["step"], window, engine, bar)
             if state["step"] in cfg.export_steps and state["step"] < total_steps:
-                self.export(engine, masker, dest=snapshot_dir(self.out, state["step"]), final=False)
+                self.export(engine, dest=snapshot_dir(self.out, state["step"]), final=False)
             stop = preemption.should_stop()
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or stop:
                 engine.save_checkpoint(self.out / "checkpoints", state["step"],
@@ -617,7 +546,7 @@ class ShieldTrainer:
         writer.close()
         patch = None
         if cfg.export:
-            patch = self.export(engine, masker)
+            patch = self.export(engine)
         self._write_summary(state, total_steps, trainable, patch)
 
     def _total_steps(self) -> int:
@@ -730,7 +659,7 @@ class ShieldTrainer:
                         len(cut) + len(unended), len(wanted), self.cfg.max_new_tokens, len(cut), len(unended))
 
     # --- logging -------------------------------------------------------------------------------
-    def _log(self, writer, step: int, window: dict, masker, engine: ShieldEngine, bar) -> None:
+    def _log(self, writer, step: int, window: dict, engine: ShieldEngine, bar) -> None:
         sums = torch.tensor([window["harmful"][0], window["harmful"][1], window["benign"][0], window["benign"][1],
                              window["tokens"]], dtype=torch.float64)
         dist.all_reduce(sums)
@@ -740,14 +669,9 @@ class ShieldTrainer:
         if sums[3] > 0:
             writer.scalar("train/loss_benign", float(sums[2] / sums[3]), step)
         writer.scalar("train/lr", engine.lr_scheduler.get_last_lr()[0], step)
-        if masker is not None:
-            norm = masker.masked_grad_norm()
-            if norm is not None:
-                writer.scalar("train/grad_norm_masked", norm, step)
-        else:
-            norm = engine.ds.get_global_grad_norm()
-            if norm is not None:
-                writer.scalar("train/grad_norm", float(norm), step)
+        norm = engine.grad_norm()
+        if norm is not None:
+            writer.scalar("train/grad_norm_masked" if engine.masker is not None else "train/grad_norm", norm, step)
         writer.scalar("train/tokens_per_s", float(sums[4]) / elapsed, step)
         if hasattr(bar, "set_postfix"):
             total = (sums[0] + sums[2]) / max(float(sums[1] + sums[3]), 1.0)
@@ -755,14 +679,14 @@ class ShieldTrainer:
         window.update({"harmful": [0.0, 0], "benign": [0.0, 0], "tokens": 0, "t0": time.perf_counter()})
 
     # --- export --------------------------------------------------------------------------------
-    def export(self, engine: ShieldEngine, masker, dest: Path | None = None, final: bool = True) -> str | None:
+    def export(self, engine: ShieldEngine, dest: Path | None = None, final: bool = True) -> str | None:
         """Neuron arms: shield_patch.safetensors (the changed slices) and model/ (= patch applied to the base).
         LoRA / full-ffn: model/ only (changed tensors over a copy of the base). Returns the patch file name or None.
 
         Collective. `dest` (default --out) and `final=False` export a snapshot mid-run: the masks stay on.
         """
         dest = dest or self.out
-        if masker is None:
+        if self.cfg.update not in MASKED_MODES:
             self._export_merged(engine, dest)
             return None
         from shield_ds.masking import merge_deltas
@@ -771,7 +695,7 @@ class ShieldTrainer:
 
         model = engine.module
         if final:
-            masker.remove()
+            engine.remove_masker()
             if self.cfg.update == "delta":
                 merge_deltas(model)
         entries = []
@@ -817,7 +741,7 @@ class ShieldTrainer:
         files = CheckpointFiles(base_dir)
         model = engine.module
         if self.cfg.update == "lora":
-            items = [(f"{name}.weight", module) for name, module in model.named_modules() if _is_lora_layer(module)]
+            items = [(f"{name}.weight", module) for name, module in model.named_modules() if is_lora_layer(module)]
         else:
             items = ffn_parameters(model, self.adapter)
         by_file: dict[str, list[tuple[str, Any]]] = {}
@@ -895,51 +819,3 @@ def neuron_slice_params(model: torch.nn.Module, adapter, neuron_set) -> int:
         shape = param_shape(param)
         total += indices.numel() * (shape[0] if kind == "cols" else shape[1] if len(shape) == 2 else 1)
     return total
-
-
-def ffn_parameters(model: torch.nn.Module, adapter) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of every FFN projection weight and bias of the language model's decoder layers."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = []
-    for layer in adapter.decoder_layers(model):
-        ffn = adapter.ffn(layer)
-        for linear in (*ffn.rows.values(), ffn.down):
-            out += [(names[id(p)], p) for p in (linear.weight, linear.bias) if p is not None]
-    return out
-
-
-def lora_targets(model: torch.nn.Module, adapter, targets: list[str]) -> list[tuple[str, torch.nn.Linear]]:
-    """(qualified name, linear) of the decoder-layer projections named by `targets` (q or q_proj, ...).
-
-    Only the language model's decoder layers are searched (never the vision tower); a target name
-    that matches no projection there is a ShieldError.
-    """
-    wanted = {t if t.endswith("_proj") else f"{t}_proj" for t in targets}
-    module_names = {id(m): n for n, m in model.named_modules()}
-    found, seen = [], set()
-    for layer in adapter.decoder_layers(model):
-        for sub, module in layer.named_modules():
-            leaf = sub.rsplit(".", 1)[-1]
-            if leaf in wanted and isinstance(module, torch.nn.Linear):
-                found.append((module_names[id(module)], module))
-                seen.add(leaf)
-    missing = sorted(wanted - seen)
-    if missing:
-        raise ShieldError(f"--lora-targets: no {', '.join(missing)} projection in the decoder layers of this "
-                          f"{adapter.model_type} model")
-    return found
-
-
-def lora_delta(layer: torch.nn.Module, adapter_name: str = "default") -> torch.Tensor:
-    """The weight change of a PEFT LoRA linear layer, scaling * B @ A, in float32 on the CPU
-    (PEFT's get_delta_weight rounds to the adapter's dtype; merging adds this to the stored base weight)."""
-    a = layer.lora_A[adapter_name].weight.detach().float().cpu()
-    b = layer.lora_B[adapter_name].weight.detach().float().cpu()
-    delta = b @ a
-    return (delta.T if layer.fan_in_fan_out else delta) * float(layer.scaling[adapter_name])
-
-
-def _is_lora_layer(module: torch.nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return isinstance(module, LoraLayer)

@@ -83,3 +83,38 @@ def test_gpu_script_toy_on_cpu(tmp_path):
     results = json.loads(out_json.read_text())
     assert results["toy"] and set(results["full_depth"]) == {"delta", "lora"}
     _check_results(proc.stdout, results)
+
+
+def _bench_module(name: str):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_scaling_table_rows_and_planner_prediction(tiny_checkpoint):
+    """The scaling part's row and table from a worker result (no launch: `run.py --parts scaling` takes minutes
+    here); the planner's model state shrinks with the ranks (ZeRO-3 partitions it) and has no LoRA figure."""
+    sb = _bench_module("shield_bench")
+    from shield_ds.engine import resolve_ds_config
+
+    model = tiny_checkpoint("llava")
+    ds_config = resolve_ds_config("zero3_fp32.json", micro_batch_size=2, world_size=1)
+    worker = {"total_params": 309_952, "trainable_params": 1000, "median_s": 0.1, "tokens_per_s": 500.0,
+              "peak_bytes": 600 * 2**20, "baseline_bytes": 500 * 2**20, "memory_kind": "peak RSS (VmHWM)",
+              "ds_config": ds_config, "neuron_param_fraction": 0.0025}
+    identify = {**worker, "hooks": {"median_s": 0.02, "tokens_per_s": 900.0}}
+    rows = [sb.scaling_row("tiny", ranks, mode, identify if mode == "identify" else worker, model)
+            for ranks in (1, 2) for mode in ("identify", "mask", "delta", "lora")]
+    planned = {(r["ranks"], r["mode"]): r["planned_model_state_bytes"] for r in rows}
+    assert planned[(1, "lora")] is None and planned[(2, "lora")] is None
+    for mode in ("identify", "mask", "delta"):
+        assert 0 < planned[(2, mode)] < planned[(1, mode)], mode
+    # weights only for identify; mask adds 16 bytes (fp32 grad + master + 2 moments) per FFN parameter
+    assert planned[(1, "identify")] == pytest.approx(4 * 309_952, rel=0.01)
+    assert planned[(1, "mask")] > planned[(1, "delta")] > planned[(1, "identify")]
+    assert rows[0]["median_s"] == 0.02  # identify's row times the hooked forward
+    table = sb.format_scaling_table(rows)
+    assert table.count("\n") == len(rows) + 1
+    assert "| tiny | 309,952 | 2 | mask | 1,000 | 100.0 ms | 500 | 600.0 MiB | 100.0 MiB |" in table
+    assert "n/a (no LoRA model)" in table

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shield_ds import dist
-from shield_ds.engine import load_inference_model, resolve_ds_config
+from shield_ds.engine import ShieldEngine, resolve_ds_config
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
 
@@ -130,8 +130,8 @@ class Evaluator:
         ds_config = None
         if cfg.ds_config is not None:
             ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, overrides=cfg.ds_overrides)
-        inference = load_inference_model(cfg.model, ds_config, cfg.zero)
-        loaded, model, device, dtype = inference.loaded, inference.model, inference.device, inference.dtype
+        inference = ShieldEngine.load(cfg.model, ds_config, mode="infer", zero=cfg.zero)
+        loaded, model, device, dtype = inference.loaded, inference.module, inference.device, inference.dtype
         zero3 = inference.zero3
         if ablate_set is not None:
             from shield_ds.models import config_hash

@@ -223,7 +223,7 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
     """
     from shield_ds.data import SafetyCollator, plan_batches, shard_batches
     from shield_ds.data.collate import IGNORE_INDEX
-    from shield_ds.train import response_nll
+    from shield_ds.loss import response_nll
 
     collator = SafetyCollator(processor, adapter, train=True)
     totals = torch.zeros(3, dtype=torch.float64, device=device)

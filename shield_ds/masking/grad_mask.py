@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-from shield_ds import dist
+from shield_ds import dist, zero_internals as zi
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 from shield_ds.masking.partition import param_partition
@@ -74,8 +73,8 @@ class GradientMasker:
     def __init__(self, engine, masks: dict[str, PartitionMask]):
         engine = getattr(engine, "ds", engine)  # a ShieldEngine or the DeepSpeedEngine itself
         self.engine = engine
-        self.zero = engine.optimizer
-        if engine.zero_optimization_stage() != 3 or not hasattr(self.zero, "fp32_partitioned_groups_flat"):
+        self.zero = zi.zero3_optimizer(engine)
+        if self.zero is None:
             raise ShieldError("masked training needs ZeRO stage 3 (set zero_optimization.stage = 3)")
         managed = getattr(engine, "managed_gradient_accumulation", None)
         if managed is not None and not managed():
@@ -98,9 +97,7 @@ class GradientMasker:
                 raise ShieldError(f"mask of {name!r} was built for another partition layout")
             self.entries.append((param, mask))
         self._by_subgroup = self._index_subgroups()
-        self._optimizers = [self.zero.optimizer]
-        if getattr(self.zero, "backup_optimizer", None) is not None:
-            self._optimizers.append(self.zero.backup_optimizer)
+        self._optimizers = zi.basic_optimizers(self.zero)
         self._take_over_weight_decay()
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self._optimizers]
         self._installed = None
@@ -112,13 +109,11 @@ class GradientMasker:
         """id(fp32 flat partition of a sub-group) -> [offsets of masked entries in it, one per parameter]."""
         mask_of = {id(p): m for p, m in self.entries}
         out: dict[int, list] = {}
-        for sub_id, group in enumerate(self.zero.fp16_groups):
-            flat = self.zero.fp32_partitioned_groups_flat[sub_id]
+        for group, flat in zi.subgroups(self.zero):
             for param in group:
                 if id(param) not in mask_of:
                     continue
-                _, dest_offset, _ = self.zero.grad_position[self.zero.get_param_id(param)]
-                out.setdefault(id(flat), []).append(mask_of[id(param)].local + dest_offset)
+                out.setdefault(id(flat), []).append(mask_of[id(param)].local + zi.grad_offset(self.zero, param))
         return out
 
     def _take_over_weight_decay(self) -> None:
@@ -138,8 +133,7 @@ class GradientMasker:
                  len(self.entries), first[DECAY_KEY], decay_mode(self._optimizers[0], first))
 
     def _norm_group(self):
-        groups = {id(getattr(p, "ds_process_group", None)): getattr(p, "ds_process_group", None)
-                  for p, _ in self.entries}
+        groups = {id(zi.process_group(p)): zi.process_group(p) for p, _ in self.entries}
         if len(groups) > 1:
             raise ShieldError("masked parameters live in different ZeRO process groups; not supported")
         return next(iter(groups.values()), None)
@@ -157,18 +151,17 @@ class GradientMasker:
         device = get_accelerator().current_device_name()
         squares = torch.zeros((), dtype=torch.float64, device=device)
         for param, mask in self.entries:
-            grad = safe_get_local_grad(param)
+            grad = zi.local_grad(param)
             if grad is None:
                 continue
             mask.apply_(grad)
-            safe_set_local_grad(param, grad)  # also refreshes the offload path's per-param norm
+            zi.set_local_grad(param, grad)  # also refreshes the offload path's per-param norm
             # Only the masked entries can be non-zero: the norm needs them alone (no host sync per tensor).
             inside = grad.view(-1).index_select(0, mask.local.to(grad.device))
             squares += inside.double().pow(2).sum().to(device)
         dist.all_reduce(squares, group=self.group)
         squares = squares.cpu()
-        loss_scale = float(getattr(self.zero, "loss_scale", 1.0) or 1.0)
-        self.last_norm = math.sqrt(float(squares)) / loss_scale
+        self.last_norm = math.sqrt(float(squares)) / zi.loss_scale(self.zero)
         return True
 
     def masked_grad_norm(self) -> float | None:
@@ -179,14 +172,7 @@ class GradientMasker:
         """Make DeepSpeed call `apply()` at the start of every optimizer step (before norm and clipping)."""
         if self._installed is not None:
             return
-        original = self.zero.step
-
-        def step(*args, **kwargs):
-            self.apply(force=True)
-            return original(*args, **kwargs)
-
-        self._installed = original
-        self.zero.step = step
+        self._installed = zi.wrap_step(self.zero, lambda: self.apply(force=True))
 
     def remove(self) -> None:
         """Undo the hooks and give the weight decay back to the optimizer."""
@@ -194,7 +180,7 @@ class GradientMasker:
             hook.remove()
         self._hooks = []
         if self._installed is not None:
-            self.zero.step = self._installed
+            zi.unwrap_step(self.zero, self._installed)
             self._installed = None
         for opt in self._optimizers:
             for group in opt.param_groups:

@@ -8,9 +8,10 @@ parameter's own process group (`param.ds_process_group`), which need not be the 
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+from shield_ds import zero_internals as zi
 
 
 def partition_size(numel: int, world: int) -> int:
@@ -29,27 +30,22 @@ def partition_range(numel: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(start + size, int(numel))
 
 
-def is_zero3_param(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") and hasattr(param, "ds_numel")
-
-
-def param_shape(param: torch.Tensor) -> torch.Size:
-    """The full (unpartitioned) shape of a parameter, ZeRO-3 or plain."""
-    return param.ds_shape if is_zero3_param(param) else param.shape
+is_zero3_param = zi.is_partitioned
+param_shape = zi.full_shape
 
 
 def param_partition(param: nn.Parameter) -> tuple[int, int, int, int]:
     """(world, rank, numel, P) of a parameter: from its ZeRO-3 process group, or (1, 0, N, N) for a plain one."""
     if not is_zero3_param(param):
         return 1, 0, param.numel(), param.numel()
-    group = getattr(param, "ds_process_group", None)
+    group = zi.process_group(param)
     if torch_dist.is_available() and torch_dist.is_initialized():
         world, rank = torch_dist.get_world_size(group=group), torch_dist.get_rank(group=group)
     else:
         world, rank = 1, 0
-    numel = int(param.ds_numel)
+    numel = zi.full_numel(param)
     size = partition_size(numel, world)
-    local = int(param.ds_tensor.ds_numel) if getattr(param, "ds_tensor", None) is not None else size
+    local = zi.partition_numel(param) or size
     if local != size:  # a layout this module does not know (e.g. hpZ secondary partitions): refuse loudly
         raise RuntimeError(f"ZeRO-3 partition of {numel} elements over {world} ranks has {local} local "
                            f"elements, expected {size}")

@@ -146,10 +146,13 @@ def config_hash(config: PretrainedConfig) -> str:
 
 def param_shape(param: torch.Tensor) -> torch.Size:
     """The full shape of a parameter, also when ZeRO-3 has partitioned it away."""
-    ds_shape = getattr(param, "ds_shape", None)
-    return torch.Size(ds_shape) if ds_shape is not None else param.shape
+    from shield_ds.zero_internals import full_shape
+
+    return full_shape(param)
 
 
 def count_parameters(model: nn.Module) -> int:
     """Total parameter count (full sizes under ZeRO-3 partitioning; shared weights once)."""
-    return sum(int(getattr(param, "ds_numel", param.numel())) for param in model.parameters())
+    from shield_ds.zero_internals import full_numel
+
+    return sum(full_numel(param) for param in model.parameters())

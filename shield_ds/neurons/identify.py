@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.engine import gathered, load_inference_model, resolve_ds_config
+from shield_ds.engine import ShieldEngine, gathered, resolve_ds_config
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
@@ -157,8 +157,8 @@ class Identifier:
                 overrides.append('zero_optimization.offload_param.device="cpu"')
             ds_config = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, overrides=overrides)
         # Either way every rank runs its shard of the batches and the statistics are all-reduced.
-        inference = load_inference_model(cfg.model, ds_config, cfg.zero)
-        loaded, model, device, dtype = inference.loaded, inference.model, inference.device, inference.dtype
+        inference = ShieldEngine.load(cfg.model, ds_config, mode="infer", zero=cfg.zero)
+        loaded, model, device, dtype = inference.loaded, inference.module, inference.device, inference.dtype
 
         num_layers = adapter.num_layers(config)
         width = adapter.intermediate_size(config)
