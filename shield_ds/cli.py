@@ -82,8 +82,9 @@ class ConfigParser(HfArgumentParser):
         self.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         for action in self._actions:  # --micro-batch-size before --micro_batch_size in help and errors
             action.option_strings.sort(key=lambda flag: "_" in flag)
-        self.required = [a for a in self._actions if a.required]
-        for action in self.required:  # checked once both sources are parsed (a YAML file may give them)
+        self.fields = {f.name for f in dataclasses.fields(cls)}
+        self.required_actions = [a for a in self._actions if a.required]
+        for action in self.required_actions:  # checked once both sources are parsed (a YAML file may give them)
             action.required = False
 
     @staticmethod
@@ -102,10 +103,10 @@ class ConfigParser(HfArgumentParser):
         raise ShieldError(f"{self.source}{message}")
 
     def find(self, key: str) -> tuple[argparse.Action, str] | None:
-        """The action and option string a YAML key names (`micro_batch_size` or `micro-batch-size`)."""
+        """The action and option string a YAML key names (`micro_batch_size`, `batch-size`, `no_export`)."""
         for spelling in (f"--{key}", f"--{key.replace('_', '-')}"):
             action = self._option_string_actions.get(spelling)
-            if action is not None:
+            if action is not None and action.dest in self.fields:
                 return action, spelling
         return None
 
@@ -121,7 +122,7 @@ class ConfigParser(HfArgumentParser):
             raise ShieldError(f"{path}: a config file must be a mapping of option names to values")
         args: list[str] = []
         for key, value in data.items():
-            found = self.find(str(key)) if key not in ("config", "local_rank") else None
+            found = self.find(str(key))
             if found is None:
                 raise ShieldError(f"{path}: unknown key {key!r}")
             action, flag = found
@@ -148,7 +149,7 @@ class ConfigParser(HfArgumentParser):
             self.source = ""
             namespace.__dict__.pop(_GIVEN, None)
         namespace = self.parse_args(list(argv), namespace=namespace)
-        missing = [a.option_strings[0] for a in self.required if getattr(namespace, a.dest, None) is None]
+        missing = [a.option_strings[0] for a in self.required_actions if getattr(namespace, a.dest, None) is None]
         if missing:
             self.error(f"the following arguments are required: {', '.join(missing)}")
         return namespace
