@@ -6,25 +6,29 @@ the shared core, the per-layer distribution (CSVs, PNGs and analysis.md).
 
 from __future__ import annotations
 
-import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-from shield_ds.analysis.report import analyze_identify_dir
-from shield_ds.dist import setup_logging
-from shield_ds.errors import exit_on_error
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shield_ds.cli import parse_config  # noqa: E402
+from shield_ds.config import option  # noqa: E402
+from shield_ds.errors import exit_on_error  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--neurons", required=True, help="identify output directory (neurons.* and sets/<name>/)")
-    parser.add_argument("--out", default=None, help="output directory (default: NEURONS/analysis)")
-    return parser.parse_args(argv)
+@dataclass
+class AnalyzeConfig:
+    neurons: str = option(help="identify output directory (neurons.* and sets/<name>/)")
+    out: str | None = option(None, "output directory (default: NEURONS/analysis)")
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    setup_logging()
-    result = analyze_identify_dir(args.neurons, args.out)
+    from shield_ds.analysis.report import analyze_identify_dir
+
+    cfg = parse_config(AnalyzeConfig, argv, description=__doc__)
+    result = analyze_identify_dir(cfg.neurons, cfg.out)
     print(f"wrote {len(result['files'])} files; summary: {result['files'][-1]}")
 
 

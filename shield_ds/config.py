@@ -1,59 +1,40 @@
-"""Recipe arguments: argparse flags, optionally preset from a YAML file (`--config FILE`).
+"""The options the recipe configs share: typed dataclasses, the one declaration of each option.
 
-Precedence: built-in defaults < YAML file < command-line flags (torchtune style).
+The recipe configs (`IdentifyConfig`, `TrainConfig`, `EvalConfig`, `ExperimentConfig`, ...) inherit
+`DataConfig` and `EngineConfig`/`InferenceConfig`; `shield_ds.cli` builds the command line and the
+YAML presets from them. What the parser reads from a field: its type (a `Literal` gives the choices,
+`list[...]` takes `a,b`, `a b` or a repeated flag), its default and `metadata`: `help`, `aliases`,
+`metavar`, and `commas: False` for lists whose items may hold commas (paths, KEY=VALUE).
+Construction checks every `Literal` field, so library callers get the same choices as the CLI.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
-from typing import Sequence
-
-import yaml
+import functools
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Literal, Sequence
 
 from shield_ds.errors import ShieldError
 
-
-EMBEDDED_DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "default"
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-               embedded_default: str | None = None) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from the YAML file named by `--config` (keys are flag names).
-
-    With neither `--model` nor `--config`, the recipe runs on the embedded default: the tiny demo
-    model with `configs/default/<embedded_default>.yaml`.
-    """
-    parser.add_argument("--config", type=Path, default=None, help="YAML file whose keys preset the flags")
-    pre, _ = parser.parse_known_args(argv)
-    config = pre.config
-    if config is None and embedded_default and getattr(pre, "model", None) is None:
-        config = EMBEDDED_DEFAULTS / f"{embedded_default}.yaml"
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"no --model or --config: the embedded default (tiny llava, {config})", flush=True)
-    if config is not None:
-        parser.set_defaults(**load_yaml_defaults(parser, config))
-    return parser.parse_args(argv)
+Modality = Literal["text", "image", "typographic"]
+Split = Literal["train", "test", "all"]
 
 
-def load_yaml_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
-    if not path.is_file():
-        raise ShieldError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ShieldError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ShieldError(f"{path}: a config file must be a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
-    defaults = {}
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            raise ShieldError(f"{path}: unknown key {key!r}")
-        defaults[dest] = value
-    return defaults
+def option(default: Any = MISSING, help: str | None = None, **metadata: Any) -> Any:
+    """A dataclass field with its command-line help; a list default is copied for each instance."""
+    if help is not None:
+        metadata["help"] = help
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """The field `name` of `cls` with another default (a recipe's own default of a shared option)."""
+    base: Field = cls.__dataclass_fields__[name]
+    return option(default, **dict(base.metadata))
 
 
 def csv_list(text: str | Sequence[str] | None) -> list[str] | None:
@@ -65,70 +46,94 @@ def csv_list(text: str | Sequence[str] | None) -> list[str] | None:
     return items or None
 
 
-def csv_ints(text: str | Sequence[int] | None, flag: str) -> list[int]:
-    """'10,20' or [10, 20] -> [10, 20]; None/'' -> []; anything else names `flag`."""
-    if text is None or isinstance(text, int):
-        return [] if text is None else [text]
-    items = csv_list(text if isinstance(text, str) else [str(t) for t in text]) or []
-    try:
-        return [int(t) for t in items]
-    except ValueError:
-        raise ShieldError(f"{flag} {','.join(items)!r}: expected comma-separated integers") from None
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); any other type -> (type, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
 
 
-class SourcesAction(argparse.Action):
-    """`--harmful A B --harmful C` -> [A, B, C]; the first use replaces a default (e.g. from --config)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        seen = f"_{self.dest}_given"
-        current = list(getattr(namespace, self.dest) or []) if getattr(namespace, seen, False) else []
-        setattr(namespace, seen, True)
-        setattr(namespace, self.dest, current + list(values))
-
-
-def add_data_args(parser: argparse.ArgumentParser, *, modalities: str, split: str = "all") -> None:
-    """The data flags every recipe shares (see `data_kwargs`); `split` is the recipe's default split."""
-    parser.add_argument("--harmful", action=SourcesAction, nargs="+", default=None, metavar="SOURCE",
-                        help="harmful prompts: files, hub datasets or builtin names (default multijail)")
-    parser.add_argument("--benign", action=SourcesAction, nargs="+", default=None, metavar="SOURCE",
-                        help="benign prompts (default multiq)")
-    parser.add_argument("--languages", default=None, help="comma-separated ISO 639-1 codes (default: all in the data)")
-    parser.add_argument("--modalities", default=modalities, help="comma-separated: text, image, typographic")
-    parser.add_argument("--image", default=None, help="image file for the 'image' modality view")
-    parser.add_argument("--per-group-limit", type=int, default=None, help="at most N records per label x language x modality")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=("train", "test", "all"), default=split,
-                        help=f"which prompts: the train or test split by prompt id (the same in every language "
-                             f"and view), or all (default {split})")
-    parser.add_argument("--test-fraction", type=float, default=0.3, help="share of prompts in the test split")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split")
-    parser.add_argument("--data-dir", default=None, help="where the builtin datasets live (default: ../shared/data)")
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple[tuple, bool]]:
+    """Field name -> (allowed values, whether a list) for the Literal fields of `cls`."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for f in fields(cls):
+        tp, _ = unwrap_optional(hints[f.name])
+        is_list = typing.get_origin(tp) is list
+        item = typing.get_args(tp)[0] if is_list else tp
+        if typing.get_origin(item) is Literal:
+            found[f.name] = (typing.get_args(item), is_list)
+    return found
 
 
-def data_kwargs(args: argparse.Namespace) -> dict:
-    """The parsed data flags as keyword arguments of the recipe configs."""
-    return {"harmful": args.harmful or ["multijail"], "benign": args.benign or ["multiq"],
-            "languages": csv_list(args.languages), "modalities": csv_list(args.modalities) or ["text"],
-            "image": args.image, "per_group_limit": args.per_group_limit, "seed": args.seed,
-            "data_dir": args.data_dir, "split": args.split, "test_fraction": args.test_fraction,
-            "split_seed": args.split_seed}
+def check_choices(cfg: Any) -> None:
+    """Raise a ShieldError naming the option when a Literal field holds another value."""
+    for name, (allowed, is_list) in _choices(type(cfg)).items():
+        value = getattr(cfg, name)
+        for item in (value or []) if is_list else [value]:
+            if item is not None and item not in allowed:
+                raise ShieldError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {item!r}")
 
 
-def add_engine_args(parser: argparse.ArgumentParser, *, ds_config: str, allow_none: bool,
-                    inference: bool = False) -> None:
-    """--ds-config, --ds KEY=VALUE overrides, the deepspeed launcher's --local_rank, and for
-    inference recipes (`inference`) --zero auto|on|off (see `shield_ds.engine.choose_zero`)."""
-    extra = ", or 'none' for plain PyTorch (a replica per rank, as --zero off)" if allow_none else ""
-    parser.add_argument("--ds-config", default=ds_config, help=f"DeepSpeed JSON (default {ds_config}){extra}")
-    parser.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a ds_config entry, e.g. --ds zero_optimization.offload_param.device=cpu")
-    if inference:
-        parser.add_argument("--zero", choices=("auto", "on", "off"), default="auto",
-                            help="on: ZeRO-3 partitioned model (the ds_config's engine); off: a plain replica of the "
-                                 "model on every rank, prompts sharded, results gathered; auto (default): off when "
-                                 "the model fits in one device's memory, else on")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+def default_model_path() -> str:
+    """The embedded default model (the tiny llava checkpoint, built on first use by the recipes)."""
+    from shield_ds.defaults import default_model_dir
+
+    return str(default_model_dir())
 
 
-def ds_config_arg(value: str | None) -> str | None:
-    return None if value is None or str(value).lower() == "none" else str(value)
+@dataclass
+class ModelConfig:
+    """The checkpoint a recipe runs on."""
+
+    model: str = field(default_factory=default_model_path, metadata={
+        "help": "checkpoint directory or hub name (default: the tiny llava demo model, built on first use)"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+@dataclass
+class EngineConfig(ModelConfig):
+    """How the model runs: the DeepSpeed config and its overrides."""
+
+    ds_config: str | None = option("ds_configs/zero3_infer.json", "DeepSpeed JSON; for inference also 'none': "
+                                   "plain PyTorch (a replica per rank, as --zero off)")
+    ds_overrides: list[str] = option([], "override a ds_config entry, e.g. --ds zero_optimization.offload_param."
+                                     "device=cpu (repeatable)", aliases=["--ds"], metavar="KEY=VALUE", commas=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.ds_config, str) and self.ds_config.lower() == "none":
+            self.ds_config = None
+
+
+@dataclass
+class InferenceConfig(EngineConfig):
+    """Inference recipes (identify, evaluate) also choose between ZeRO-3 and a replica per rank."""
+
+    zero: Literal["auto", "on", "off"] = option(
+        "auto", "on: ZeRO-3 partitioned model (the ds_config's engine); off: a plain replica of the model on every "
+        "rank, prompts sharded, results gathered; auto: off when the model fits in one device's memory, else on")
+
+
+@dataclass
+class DataConfig:
+    """The prompts a recipe reads (shield_ds.data.load_labeled)."""
+
+    harmful: list[str] = option(["multijail"], "harmful prompts: files, hub datasets or builtin names (repeatable)",
+                                metavar="SOURCE", commas=False)
+    benign: list[str] = option(["multiq"], "benign prompts (repeatable)", metavar="SOURCE", commas=False)
+    languages: list[str] | None = option(None, "comma-separated ISO 639-1 codes (default: all in the data)")
+    modalities: list[Modality] = option(["text"], "comma-separated: text, image, typographic")
+    image: str | None = option(None, "image file for the 'image' modality view")
+    per_group_limit: int | None = option(None, "at most N records per label x language x modality")
+    seed: int = option(0, "seed of the record sampling")
+    split: Split = option("train", "which prompts: the train or test split by prompt id (the same in every "
+                          "language and view), or all")
+    test_fraction: float = option(0.3, "share of prompts in the test split")
+    split_seed: int = option(0, "seed of the train/test split")
+    data_dir: str | None = option(None, "where the builtin datasets live (default: ../shared/data)")

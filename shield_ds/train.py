@@ -28,9 +28,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ import torch.distributed as torch_dist
 
 import shield_ds
 from shield_ds import dist
+from shield_ds.config import DataConfig, EngineConfig, option, redefault
 from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, gathered,
                               read_run_info, resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
@@ -55,54 +56,57 @@ def snapshot_dir(out: str | os.PathLike, step: int) -> Path:
     """Where `--export-steps` puts the export of optimizer step `step` (patch and/or model/)."""
     return Path(out) / SNAPSHOT_DIR / f"step-{step}"
 DEFAULT_NEURONS = "runs/identify"
-UPDATES = ("mask", "delta", "lora", "full-ffn")
+Update = Literal["mask", "delta", "lora", "full-ffn"]
+UPDATES = get_args(Update)
 RANDOM_PREFIX = "random:"
 
 
 @dataclass
-class TrainConfig:
-    model: str
-    # An identify output directory or random:SEED[:LIKE_DIR]; None: runs/identify where a set is needed.
-    neurons: str | None = None
-    harmful: list[str] = field(default_factory=lambda: ["multijail"])
-    benign: list[str] = field(default_factory=lambda: ["multiq"])
-    languages: list[str] | None = None
-    modalities: list[str] = field(default_factory=lambda: ["text"])
-    image: str | None = None
-    per_group_limit: int | None = None
-    benign_targets: str = "none"  # "none": benign records need responses; "self": the base model answers
-    refusals: str | None = None
-    max_new_tokens: int = 32  # for --benign-targets self
-    max_length: int | None = 1024
-    update: str = "mask"  # "mask" | "delta" (selected neurons) | "lora" | "full-ffn" (baseline arms)
-    like_neurons: str | None = None  # for neurons=random:SEED: the set whose per-layer counts it copies
-    lora_rank: int | None = None
-    lora_budget: str | None = None  # "match": rank with the trainable count closest to the neuron set's
-    lora_targets: list[str] | None = None  # projection leaf names (q, k, ... or q_proj, ...); default LORA_TARGETS
-    lora_alpha: float | None = None  # default 2 * rank
-    max_steps: int | None = None
-    epochs: float = 1.0
-    lr: float | None = None
-    schedule: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    save_every: int = 0
-    keep_last: int = 2
-    resume: bool = False
-    resume_force: bool = False  # resume even when the checkpoint's run settings differ (a warning names them)
-    seed: int = 0
-    out: str = "runs/train"
-    ds_config: str = "ds_configs/zero3_bf16.json"
-    ds_overrides: list[str] = field(default_factory=list)
-    data_dir: str | None = None
-    export: bool = True
-    # Optimizer steps (before the last) at which to export a snapshot to OUT/snapshots/step-N/ (trade-off curves).
-    export_steps: list[int] = field(default_factory=list)
-    gradient_checkpointing: bool = False
-    split: str = "train"  # prompts of the train split (shield_ds.data.splits), "test" or "all"
-    test_fraction: float = 0.3
-    split_seed: int = 0
+class TrainConfig(DataConfig, EngineConfig):
+    """Stage 2's options (with the shared data and engine options)."""
+
+    ds_config: str | None = redefault(EngineConfig, "ds_config", "ds_configs/zero3_bf16.json")
+    neurons: str | None = option(None, "an identify output directory (default runs/identify), or random:SEED[:LIKE_DIR] "
+                                 "for random neurons with the per-layer counts of LIKE_DIR's set (the control arm)")
+    like_neurons: str | None = option(None, "for --neurons random:SEED without LIKE_DIR: the set to copy counts from "
+                                      "(default runs/identify)")
+    benign_targets: Literal["none", "self"] = option(
+        "none", "'self': the base model answers benign prompts that have no response (cached in --out)")
+    refusals: str | None = option(None, "JSON/YAML file: language -> list of refusal templates")
+    max_new_tokens: int = option(32, "limit of self-generated benign answers (one that reaches it is cut back to its "
+                                 "last sentence end and trained without end of turn, or left out)")
+    max_length: int | None = option(1024, "cut training sequences to this many tokens (longer prompts are left out)")
+    update: Update = option("mask", "mask/delta: train the selected neurons; lora, full-ffn: baseline arms "
+                            "(export model/ only)")
+    lora_rank: int | None = option(None, "LoRA rank (--update lora)")
+    lora_budget: Literal["match"] | None = option(
+        None, "match: the LoRA rank whose trainable count is closest to the --neurons set's")
+    lora_targets: list[str] | None = option(None, "comma-separated decoder-layer projections for LoRA (q, k, ... or "
+                                            "q_proj, ...; default q,k,v,o,gate,up,down)")
+    lora_alpha: float | None = option(None, "LoRA alpha (default 2 * rank)")
+    max_steps: int | None = option(None, "optimizer steps (default: --epochs)")
+    epochs: float = option(1.0, "passes over the data when --max-steps is not given")
+    lr: float | None = option(None, "learning rate (default: the ds_config's)")
+    schedule: Literal["constant", "linear", "cosine"] = option("constant", "learning-rate schedule")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    micro_batch_size: int = option(4, "records per rank per forward pass", aliases=["--batch-size", "--batch_size"])
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    save_every: int = option(0, "checkpoint every N optimizer steps (0: only on preemption)")
+    keep_last: int = option(2, "complete checkpoints to keep")
+    resume: bool = option(False, "continue from the newest complete checkpoint in --out (refused when that run's "
+                          "settings differ in anything that changes the result)")
+    resume_force: bool = option(False, "with --resume: continue even when the settings differ (a warning names them); "
+                                "the checkpoint gives the optimizer state and the schedule's position, this run the rest")
+    out: str = option("runs/train", "output directory")
+    export: bool = option(True, "write model/ and the patch at the end (--no-export skips them)")
+    export_steps: list[int] = option([], "comma-separated optimizer steps before the last at which to also export "
+                                     "OUT/snapshots/step-N/ (evaluate them for an ASR vs over-refusal curve)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (large models)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ds_config is None:
+            raise ShieldError("--ds-config none is for inference; training needs a DeepSpeed config")
 
 
 # --- resume safety -------------------------------------------------------------------------------
@@ -305,10 +309,6 @@ class ShieldTrainer:
     """Validates everything, loads the model partitioned, trains the chosen arm, exports."""
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.update not in UPDATES:
-            raise ShieldError(f"--update must be one of {', '.join(UPDATES)}, not {cfg.update!r}")
-        if cfg.benign_targets not in ("none", "self"):
-            raise ShieldError(f"--benign-targets must be 'none' or 'self', not {cfg.benign_targets!r}")
         if cfg.resume_force and not cfg.resume:
             raise ShieldError("--resume-force is only for --resume")
         self.cfg = cfg
@@ -357,8 +357,6 @@ class ShieldTrainer:
             raise ShieldError("--update lora needs --lora-rank R or --lora-budget match")
         if cfg.lora_rank is not None and cfg.lora_budget is not None:
             raise ShieldError("give --lora-rank or --lora-budget, not both")
-        if cfg.lora_budget not in (None, "match"):
-            raise ShieldError(f"--lora-budget must be 'match', not {cfg.lora_budget!r}")
         if cfg.lora_rank is not None and cfg.lora_rank < 1:
             raise ShieldError(f"--lora-rank must be at least 1, not {cfg.lora_rank}")
         if cfg.lora_rank is not None and cfg.neurons is not None:

@@ -131,7 +131,7 @@ def test_plan_reruns_a_stage_when_its_input_ran_again(tmp_path):
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ShieldError, match="unknown arm 'dropout'"):
+    with pytest.raises(ShieldError, match="--arms must be one of safety, random, lora, full-ffn, not 'dropout'"):
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))
     with pytest.raises(ShieldError, match="budget 2.0"):
         Experiment(ExperimentConfig(model="m", budgets=[2.0]))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, child_env, run_cmd
+from conftest import child_env, run_cmd
 
 pytestmark = pytest.mark.distributed
 

@@ -482,17 +482,12 @@ def test_lora_delta_matches_peft_merge():
 
 
 def test_identify_and_train_default_to_the_same_data():
-    import importlib.util
-
-    import yaml
+    from shield_ds.cli import read_config
+    from shield_ds.train import TrainConfig
 
     effective = {}
-    for name in ("identify", "train"):
-        spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        args = module.build_parser().parse_args([])
-        config = yaml.safe_load((REPO / "configs" / "default" / f"{name}.yaml").read_text())
-        effective[name] = {key: config.get(key, getattr(args, key)) for key in ("languages", "modalities", "harmful", "benign")}
-        assert args.modalities == "text", name
+    for name, cls in (("identify", IdentifyConfig), ("train", TrainConfig)):
+        cfg, _ = read_config(cls, [], embedded_default=name)
+        effective[name] = {key: getattr(cfg, key) for key in ("languages", "modalities", "harmful", "benign")}
+        assert cfg.modalities == ["text"], name
     assert effective["identify"] == effective["train"]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shield_ds import dist
+from shield_ds.config import DataConfig, InferenceConfig, Modality, Split, option, redefault
 from shield_ds.engine import ShieldEngine, resolve_ds_config
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
@@ -15,32 +16,23 @@ log = dist.get_logger("evaluate")
 
 
 @dataclass
-class EvalConfig:
-    model: str
-    harmful: list[str] = field(default_factory=lambda: ["multijail"])
-    benign: list[str] = field(default_factory=lambda: ["multiq"])
-    languages: list[str] | None = None
-    modalities: list[str] = field(default_factory=lambda: ["text", "typographic"])
-    image: str | None = None
-    per_group_limit: int | None = None
-    seed: int = 0
-    batch_size: int = 8
-    max_new_tokens: int = 64
-    judge: str | None = None  # None: the refusal matcher; else a model judge path/hub name
-    refusal_phrases: str | None = None
-    out: str = "runs/evaluate"
-    compare: str | None = None
-    reference_answers: str | None = None  # generations.jsonl whose benign answers the utility NLL scores
-    ablate: str | None = None  # a neuron set directory
-    ablate_controls: int = 3  # random control sets (seeds)
-    ds_config: str | None = "ds_configs/zero3_infer.json"  # None: plain PyTorch (as zero "off")
-    ds_overrides: list[str] = field(default_factory=list)
-    zero: str = "auto"  # "on": ZeRO-3 engine; "off": a replica per rank; "auto": off when it fits (engine.choose_zero)
-    data_dir: str | None = None
-    split: str = "test"  # prompts of the test split (shield_ds.data.splits), "train" or "all"
-    test_fraction: float = 0.3
-    split_seed: int = 0
-    allow_overlap: bool = False  # --compare an evaluation on prompts the model was trained on
+class EvalConfig(DataConfig, InferenceConfig):
+    """Stage 3's options (with the shared data and engine options)."""
+
+    modalities: list[Modality] = redefault(DataConfig, "modalities", ["text", "typographic"])
+    split: Split = redefault(DataConfig, "split", "test")
+    batch_size: int = option(8, "prompts per generation batch per rank")
+    max_new_tokens: int = option(64, "answer length limit")
+    judge: str | None = option(None, "model judge (causal-LM guard or sequence classifier); default: refusal matcher")
+    refusal_phrases: str | None = option(None, "JSON/YAML file of extra refusal phrases per language")
+    out: str = option("runs/evaluate", "output directory")
+    compare: str | None = option(None, "an earlier evaluate --out directory (e.g. the base model's)")
+    allow_overlap: bool = option(False, "--compare even when the model was trained on evaluated prompts "
+                                 "(titled as such)")
+    reference_answers: str | None = option(None, "generations.jsonl whose benign answers the utility NLL scores "
+                                           "(default: --compare's generations, else this run's own)")
+    ablate: str | None = option(None, "identify output: zero these neurons (plus random controls)")
+    ablate_controls: int = option(3, "random control sets for --ablate")
 
 
 def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, Any]]:

@@ -27,48 +27,49 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 from shield_ds import dist
+from shield_ds.config import Modality, ModelConfig, option
 from shield_ds.defaults import REPO_ROOT as REPO
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, write_json, write_text
 
 log = dist.get_logger("experiment")
 
-ARMS = ("safety", "random", "lora", "full-ffn")
+ArmKind = Literal["safety", "random", "lora", "full-ffn"]
+ARMS = get_args(ArmKind)
 STAGE_FILE = "stage.json"
 
 
 @dataclass
-class ExperimentConfig:
-    model: str
-    out: str = "runs/experiment"
-    launcher: str = "deepspeed --num_gpus 2"
-    eval_launcher: str | None = None  # None: `launcher` (e.g. "python" with --ds-config none for a small model)
-    train_languages: list[str] = field(default_factory=lambda: ["en", "zh", "it", "vi"])
-    train_modalities: list[str] = field(default_factory=lambda: ["text"])
-    eval_languages: list[str] | None = None  # None: every language in the data
-    eval_modalities: list[str] = field(default_factory=lambda: ["text"])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
-    random_seeds: int = 3
-    budgets: list[float] = field(default_factory=list)
-    # Optimizer steps before the last at which every main arm also exports and is evaluated: the ASR vs
-    # over-refusal curve along training (the final step is the arm's main evaluation).
-    curve_steps: list[int] = field(default_factory=list)
-    data_args: str = ""  # flags for every stage (sources, --test-fraction, --split-seed, ...)
-    identify_args: str = ""
-    train_args: str = ""
-    evaluate_args: str = ""
-    base_evaluate_args: str = ""  # only for the base evaluation (e.g. --ablate DIR)
-    lora_args: str = "--lora-budget match"
-    allow_overlap: bool = False
-    force: bool = False
+class ExperimentConfig(ModelConfig):
+    """The experiment's options: which arms, on which languages and modalities, launched how."""
+
+    out: str = option("runs/experiment", "output directory")
+    launcher: str = option("deepspeed --num_gpus 2", "command that starts a recipe on the ranks")
+    eval_launcher: str | None = option(None, "launcher of the evaluations (default: --launcher; e.g. python with "
+                                       "--ds-config none for a small model)")
+    train_languages: list[str] = option(["en", "zh", "it", "vi"], "languages identify and train see")
+    train_modalities: list[Modality] = option(["text"], "modalities identify and train see")
+    eval_languages: list[str] | None = option(None, "languages to evaluate (default: all in the data)")
+    eval_modalities: list[Modality] = option(["text"], "modalities to evaluate")
+    arms: list[ArmKind] = option(list(ARMS), "comma-separated: safety,random,lora,full-ffn")
+    random_seeds: int = option(3, "random-neuron arms (one per seed)")
+    budgets: list[float] = option([], "extra parameter budgets to sweep, e.g. 0.001,0.003,0.01")
+    # The final step is the arm's main evaluation.
+    curve_steps: list[int] = option([], "optimizer steps before --max-steps at which every main arm is also "
+                                    "exported and evaluated (ASR vs over-refusal curves), e.g. 10,20")
+    data_args: str = option("", "flags for every stage (sources, --test-fraction, --split-seed)")
+    identify_args: str = option("", "extra flags for identify.py")
+    train_args: str = option("", "extra flags for train.py (every arm)")
+    evaluate_args: str = option("", "extra flags for evaluate.py")
+    base_evaluate_args: str = option("", "extra flags for the base evaluation only (e.g. --ablate DIR)")
+    lora_args: str = option("--lora-budget match", "flags of the LoRA arm")
+    allow_overlap: bool = option(False, "tabulate evaluations on trained prompts (says so)")
+    force: bool = option(False, "rerun stages that are already done")
 
     def validate(self) -> None:
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown:
-            raise ShieldError(f"unknown arm {unknown[0]!r} (expected some of {', '.join(ARMS)})")
         if not self.train_languages:
             raise ShieldError("--train-languages is empty (the languages identify and train see)")
         if self.random_seeds < 1 and "random" in self.arms:

@@ -5,23 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
 
 import shield_ds
 from shield_ds import dist
+from shield_ds.config import DataConfig, InferenceConfig, option
 from shield_ds.engine import ShieldEngine, gathered, resolve_ds_config
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
 from shield_ds.neurons.neuron_set import META_FILE, SETS_DIR, STATS_FILE, NeuronSet
-from shield_ds.neurons.scores import SCORES, compute_scores
-from shield_ds.neurons.selection import CAP_RANKINGS, cap_by_param_fraction, param_fraction, select_per_layer
+from shield_ds.neurons.scores import compute_scores
+from shield_ds.neurons.selection import cap_by_param_fraction, param_fraction, select_per_layer
 from shield_ds.neurons.statistics import ActivationStatistics
 
 log = dist.get_logger("identify")
@@ -33,33 +34,23 @@ SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ra
 
 
 @dataclass
-class IdentifyConfig:
-    model: str
-    harmful: list[str] = field(default_factory=lambda: ["multijail"])
-    benign: list[str] = field(default_factory=lambda: ["multiq"])
-    languages: list[str] | None = None
-    modalities: list[str] = field(default_factory=lambda: ["text"])  # as train: the modalities held out stay unseen
-    image: str | None = None  # user-supplied image for the "image" modality view
-    score: str = "saliency"
-    ratio: float = 0.01
-    max_param_fraction: float = 0.0003
-    cap_ranking: str = "layer-normalized"  # how the cap ranks candidates across layers (selection.py)
-    tokens: str = "all"  # "all" prompt tokens, or the "last" one
-    include_image_tokens: bool = False
-    per_group_limit: int | None = None
-    batch_size: int = 8
-    seed: int = 0
-    out: str = "runs/identify"
-    ds_config: str | None = "ds_configs/zero3_infer.json"  # None: plain PyTorch (as zero "off")
-    ds_overrides: list[str] = field(default_factory=list)
-    zero: str = "auto"  # "on": ZeRO-3 engine; "off": a replica per rank; "auto": off when it fits (engine.choose_zero)
-    offload_params: bool = False
-    data_dir: str | None = None
-    overwrite: bool = False
-    scope: str = "lm"  # "lm": decoder FFNs; "lm+vision": also the vision tower's MLPs (written to vision/)
-    split: str = "train"  # prompts of the train split (shield_ds.data.splits), "test" or "all"
-    test_fraction: float = 0.3
-    split_seed: int = 0
+class IdentifyConfig(DataConfig, InferenceConfig):
+    """Stage 1's options (with the shared data and engine options)."""
+
+    score: Literal["saliency", "contrast", "frequency"] = option("saliency", "neuron score (neurons/scores.py)")
+    ratio: float = option(0.01, "per-layer top fraction of neurons")
+    max_param_fraction: float = option(0.0003, "cap on selected parameters / all parameters (0 disables)")
+    cap_ranking: Literal["layer-normalized", "raw"] = option(
+        "layer-normalized", "how the parameter cap ranks candidates across layers: by within-layer rank (keeps the "
+        "per-layer spread) or by raw score (favours deep layers)")
+    tokens: Literal["all", "last"] = option("all", "prompt tokens the statistics reduce over")
+    scope: Literal["lm", "lm+vision"] = option("lm", "lm+vision: also find neurons in the vision tower's MLPs "
+                                               "(written to OUT/vision/)")
+    include_image_tokens: bool = option(False, "also count image-placeholder tokens")
+    batch_size: int = option(8, "records per forward pass per rank")
+    out: str = option("runs/identify", "output directory")
+    offload_params: bool = option(False, "ZeRO-3 parameter offload to CPU")
+    overwrite: bool = option(False, "replace an output directory from another model/configuration")
 
 
 def last_token_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -115,14 +106,6 @@ class Identifier:
     """Runs the forward passes, reduces the statistics, selects neurons and writes the outputs."""
 
     def __init__(self, cfg: IdentifyConfig):
-        if cfg.score not in SCORES:
-            raise ShieldError(f"unknown score {cfg.score!r} (expected one of {', '.join(SCORES)})")
-        if cfg.tokens not in ("all", "last"):
-            raise ShieldError(f"--tokens must be 'all' or 'last', not {cfg.tokens!r}")
-        if cfg.scope not in ("lm", "lm+vision"):
-            raise ShieldError(f"--scope must be 'lm' or 'lm+vision', not {cfg.scope!r}")
-        if cfg.cap_ranking not in CAP_RANKINGS:
-            raise ShieldError(f"--cap-ranking must be one of {', '.join(CAP_RANKINGS)}, not {cfg.cap_ranking!r}")
         if not 0 < cfg.ratio <= 1:
             raise ShieldError(f"--ratio must be in (0, 1], not {cfg.ratio}")
         self.cfg = cfg
@@ -192,6 +175,7 @@ class Identifier:
                 "dtype": str(dtype).replace("torch.", ""), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "prompt_keys": len(prompt_keys(records)), "prompt_key_digest": keys_digest(prompt_keys(records)),
                 **signature,
+                "config": asdict(cfg),
             }
             neuron_set = self._select(stats, groups, col_norms, meta, None)
             vision_set = vision.finish(self, meta) if vision is not None else None
