@@ -93,6 +93,33 @@ def _zero3_still_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
+def _import_model_classes(config: PretrainedConfig, auto_class: type) -> None:
+    """Import the modeling modules of `config` and of every sub-config before zero.Init starts.
+
+    A class defined while zero.Init is active has its `__init__` captured by DeepSpeed's subclass hook
+    before any class decorator runs, and restored to that undecorated `__init__` on exit; transformers'
+    hub-kernel decorators (`kernels` package) then leave layers without the state their forward needs
+    (`'LlamaAttention' object has no attribute '_kernel_funcs'`). Sub-models (a VLM's language model) are
+    otherwise imported lazily inside the outer model's `__init__`, i.e. inside zero.Init.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    pending, seen = [(config, auto_class._model_mapping)], set()
+    while pending:
+        cfg, mapping = pending.pop()
+        if id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        try:
+            mapping[type(cfg)]  # the lazy mapping imports the class's module
+        except KeyError:
+            pass
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if isinstance(sub, PretrainedConfig):
+                pending.append((sub, MODEL_MAPPING))
+
+
 def load_model(path_or_name: str | Path, *, ds_config: dict | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load model, processor and adapter from a checkpoint directory or hub name.
@@ -116,6 +143,7 @@ def load_model(path_or_name: str | Path, *, ds_config: dict | None = None,
     try:
         processor = _auto_processor(path, _text_only(config))
         auto_class = AutoModelForCausalLM if _text_only(config) else AutoModelForImageTextToText
+        _import_model_classes(config, auto_class)
         model = auto_class.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ShieldError(f"cannot load model or processor from {path}: {first_line(exc)}") from exc
