@@ -63,7 +63,9 @@ def build_model(config, processor, ds_config: dict, dtype: torch.dtype):
     from transformers.integrations import HfDeepSpeedConfig
 
     from shield_ds.models import LoadedModel, get_adapter
+    from shield_ds.models.loader import import_model_classes
 
+    import_model_classes(config, AutoModelForImageTextToText)  # outside zero.Init (see its docstring)
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # must exist before the model is created
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)

@@ -93,7 +93,7 @@ def _zero3_still_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def _import_model_classes(config: PretrainedConfig, auto_class: type) -> None:
+def import_model_classes(config: PretrainedConfig, auto_class: type) -> None:
     """Import the modeling modules of `config` and of every sub-config before zero.Init starts.
 
     A class defined while zero.Init is active has its `__init__` captured by DeepSpeed's subclass hook
@@ -143,7 +143,7 @@ def load_model(path_or_name: str | Path, *, ds_config: dict | None = None,
     try:
         processor = _auto_processor(path, _text_only(config))
         auto_class = AutoModelForCausalLM if _text_only(config) else AutoModelForImageTextToText
-        _import_model_classes(config, auto_class)
+        import_model_classes(config, auto_class)
         model = auto_class.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ShieldError(f"cannot load model or processor from {path}: {first_line(exc)}") from exc
