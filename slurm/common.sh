@@ -6,15 +6,23 @@
 # job id) in shield_ds.launch.env. No ssh, no hostfile, no launcher process between Slurm and the
 # ranks: srun forwards signals straight to the ranks and returns their highest exit code.
 #
-# Environment overrides (every script): OUT, LOG_DIR, EXTRA_ARGS, GPUS_PER_NODE (ranks per node, default the
-# job's --ntasks-per-node), PYTHON (default .venv/bin/python of the repo if present, else python),
-# RESUME (auto: add --resume when Slurm restarted the job; 1: always; 0: never), DRY_RUN=1 (print
-# the srun command and exit), REPO (default: the directory sbatch was called from).
+# Arguments: the recipe's own flags (`--config FILE.yaml` and any option), passed on to every rank; the
+# recipe's parser is the only place that declares and checks them. A script's defaults go before them
+# (argparse keeps the last of a repeated flag, so the user's win), and none are passed with --config: they
+# would override the file's values (flags beat YAML). Keep script defaults to scalar options: a repeated
+# list option (--harmful a --harmful b) adds up instead of replacing.
+#
+# Environment (Slurm-level knobs only): LOG_DIR, GPUS_PER_NODE (ranks per node, default the job's
+# --ntasks-per-node), PYTHON (default .venv/bin/python of the repo if present, else python), RESUME (auto:
+# add --resume when Slurm restarted the job; 1: always; 0: never), DRY_RUN=1 (print the srun command and
+# exit), SRUN_ARGS (see Crashes), REPO (default: the directory sbatch was called from).
 #
 # Logs: everything the job prints goes to $LOG_DIR/<job name>-<job id>.log (appended across
-# restarts) as well as to Slurm's --output file. LOG_DIR defaults to the logs/ directory beside OUT
-# (runs/logs for OUT=runs/identify), not inside it: identify and evaluate write OUT as a whole
-# (they refuse an OUT they did not write and replace it atomically at the end).
+# restarts) as well as to Slurm's --output file. LOG_DIR defaults to the logs/ directory beside the run's
+# --out (runs/logs for --out runs/identify), not inside it: identify and evaluate write OUT as a whole
+# (they refuse an OUT they did not write and replace it atomically at the end). The script reads --out from
+# the arguments (`--out X` or `--out=X`, the last one); an `out:` in a --config file is not visible to it, so
+# then LOG_DIR defaults beside the script's default out: pass --out as a flag or set LOG_DIR.
 #
 # Requeue: ranks that stop for preemption save a checkpoint, rank 0 writes the marker file
 # $SHIELD_REQUEUE_MARKER, and they exit with REQUEUE_EXIT_CODE (3, see shield_ds/launch/preemption.py);
@@ -31,18 +39,33 @@ REQUEUE_EXIT_CODE=3
 
 shield_die() { echo "error: $*" >&2; exit 2; }
 
-# shield_setup NAME DEFAULT_OUT: go to the repo, create the run directory, start the log.
+# shield_setup NAME DEFAULT_ARGS... -- USER_ARGS...: go to the repo, set ARGS (the recipe's arguments: the
+# script's defaults, none with --config, then the user's) and OUT (their --out), start the log.
 shield_setup() {
-    local name=$1 default_out=$2
+    local name=$1 defaults=() arg retired=() var
+    shift
+    while (($#)) && [[ $1 != -- ]]; do defaults+=("$1"); shift; done
+    shift
+    ARGS=("${defaults[@]}" "$@")
+    for arg in "$@"; do
+        if [[ $arg == --config || $arg == --config=* ]]; then ARGS=("$@"); fi
+    done
+    for var in OUT MODEL NEURONS MAX_STEPS SAVE_EVERY HARMFUL BENIGN BATCH_SIZE DS_CONFIG EXTRA_ARGS; do
+        if [[ -n ${!var:-} ]]; then retired+=("$var"); fi
+    done
+    OUT=$(shield_last_out "${ARGS[@]}")  # empty when a --config file decides it
     REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
     cd "$REPO" || shield_die "cannot cd to $REPO"
     [[ -f recipes/selfcheck.py && -d shield_ds ]] ||
         shield_die "$REPO is not the shield-ds repository: submit from the repo root (sbatch slurm/$name.sh) or set REPO"
-    OUT=${OUT:-$default_out}
-    LOG_DIR=${LOG_DIR:-$(dirname "$OUT")/logs}
+    LOG_DIR=${LOG_DIR:-$(dirname "${OUT:-$(shield_last_out "${defaults[@]}")}")/logs}
     mkdir -p "$LOG_DIR"
     SHIELD_LOG=$LOG_DIR/${SLURM_JOB_NAME:-$name}-${SLURM_JOB_ID:-local}.log
     exec > >(tee -a "$SHIELD_LOG") 2>&1
+    if ((${#retired[@]})); then
+        echo "=== warning: ${retired[*]} set but not read: the recipe's options are arguments now" \
+             "(sbatch slurm/$name.sh --model M --out DIR ...)"
+    fi
     if [[ -z ${PYTHON:-} ]]; then
         if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python; fi
     fi
@@ -54,7 +77,20 @@ shield_setup() {
     RESTARTS=${SLURM_RESTART_COUNT:-0}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     echo "=== $(date -Is) job ${SLURM_JOB_ID:-none} ($name) restart $RESTARTS on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
-         "$NNODES node(s) x $GPUS_PER_NODE rank(s); out $OUT; log $SHIELD_LOG"
+         "$NNODES node(s) x $GPUS_PER_NODE rank(s); out ${OUT:-(from --config)}; log $SHIELD_LOG"
+}
+
+# shield_last_out ARGS...: the value of the last --out in ARGS (`--out X` or `--out=X`), as argparse takes it.
+shield_last_out() {
+    local out=
+    while (($#)); do
+        case $1 in
+            --out) (($# > 1)) && out=$2 && shift ;;
+            --out=*) out=${1#--out=} ;;
+        esac
+        shift
+    done
+    echo "$out"
 }
 
 # shield_resume_flag: "--resume" when this run should resume (see RESUME above).
@@ -77,10 +113,10 @@ _shield_forward() {  # forward a signal from the batch shell to srun, which pass
 # shield_run RECIPE ARGS...: start one rank per GPU on every node, wait, requeue on REQUEUE_EXIT_CODE.
 shield_run() {
     local recipe=$1; shift
-    # EXTRA_ARGS is split on whitespace on purpose: it holds several flags.
+    # SRUN_ARGS is split on whitespace on purpose: it may hold several srun options.
     # shellcheck disable=SC2206
     local cmd=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --ntasks=$((NNODES * GPUS_PER_NODE))
-               ${SRUN_ARGS---kill-on-bad-exit=1} "$PYTHON" -u "$recipe" "$@" ${EXTRA_ARGS:-})
+               ${SRUN_ARGS---kill-on-bad-exit=1} "$PYTHON" -u "$recipe" "$@")
     echo "=== command: ${cmd[*]}"
     if [[ ${DRY_RUN:-0} == 1 ]]; then return 0; fi
     [[ -n ${SLURM_JOB_ID:-} ]] || shield_die "not inside a Slurm job: submit this script with sbatch"
@@ -109,17 +145,4 @@ shield_run() {
         exit 0
     fi
     return "$rc"
-}
-
-# shield_train NAME DEFAULT_OUT: the whole body of the train_*.sh scripts (they differ in #SBATCH lines only).
-shield_train() {
-    shield_setup "$1" "$2"
-    DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-    NEURONS=${NEURONS:-runs/identify}
-    local args=(--neurons "$NEURONS" --out "$OUT" --ds-config "$DS_CONFIG")
-    [[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")
-    [[ -n ${MAX_STEPS:-} ]] && args+=(--max-steps "$MAX_STEPS")
-    [[ -n ${SAVE_EVERY:-} ]] && args+=(--save-every "$SAVE_EVERY")
-    # shellcheck disable=SC2046
-    shield_run recipes/train.py "${args[@]}" $(shield_resume_flag)
 }

@@ -1,10 +1,12 @@
 #!/bin/bash
 # Identify safety neurons (recipes/identify.py) on one node of 8 GPUs, ZeRO-3 inference.
-#   sbatch slurm/identify.sh
-#   MODEL=/models/llava-7b HARMFUL="multijail figstep" BENIGN="alpaca" OUT=runs/identify-7b sbatch slurm/identify.sh
-# Env: MODEL, HARMFUL / BENIGN (space-separated dataset specs), OUT (default runs/identify),
-# DS_CONFIG (default ds_configs/zero3_infer.json: inference only, no optimizer), BATCH_SIZE, EXTRA_ARGS, GPUS_PER_NODE, PYTHON,
-# DRY_RUN; see slurm/common.sh. Any #SBATCH line can be overridden on the sbatch command line.
+#   sbatch slurm/identify.sh [RECIPE FLAGS...]
+#   sbatch slurm/identify.sh --model /models/llava-7b --harmful multijail --harmful figstep --out runs/identify-7b
+#   sbatch slurm/identify.sh --config configs/x.yaml --out runs/identify-7b
+# Arguments: recipes/identify.py's flags (`python recipes/identify.py --help`), passed to every rank.
+# Script default: --out runs/identify (none with --config; the recipe's own defaults, e.g. --ds-config
+# ds_configs/zero3_infer.json, apply to the rest). Env: LOG_DIR, GPUS_PER_NODE, PYTHON, DRY_RUN, SRUN_ARGS;
+# see slurm/common.sh. Any #SBATCH line can be overridden on the sbatch command line.
 #SBATCH --job-name=shield-identify
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -16,14 +18,6 @@
 #SBATCH --signal=B:USR1@300
 set -uo pipefail
 source "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh" || exit 2
-shield_setup identify runs/identify
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_infer.json}
-args=(--out "$OUT" --ds-config "$DS_CONFIG")
-[[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")
-# shellcheck disable=SC2206
-[[ -n ${HARMFUL:-} ]] && args+=(--harmful $HARMFUL)
-# shellcheck disable=SC2206
-[[ -n ${BENIGN:-} ]] && args+=(--benign $BENIGN)
-[[ -n ${BATCH_SIZE:-} ]] && args+=(--batch-size "$BATCH_SIZE")
+shield_setup identify --out runs/identify -- "$@"
 # Identification restarts from scratch after a requeue: it has no checkpoints to resume from.
-shield_run recipes/identify.py "${args[@]}"
+shield_run recipes/identify.py "${ARGS[@]}"

@@ -22,9 +22,10 @@ SLURM_LOCAL = REPO / "scripts" / "slurm_local.sh"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 SCALED_DOWN = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 # The README's "On a cluster" commands: identify.sh and train_70b.sh scaled down to 2 CPU ranks on the tiny
-# default model (no MODEL), English text only, 4 records per group, benign answers from the model itself.
-TINY_DATA = "--languages en --modalities text --per-group-limit 4"
-IDENTIFY_ENV = {"EXTRA_ARGS": f"{TINY_DATA} --ratio 0.05 --max-param-fraction 0 --batch-size 4"}
+# default model (no --model), English text only, 4 records per group, benign answers from the model itself.
+# The recipe's flags follow the script on the sbatch line; the tests add only --out and --neurons paths.
+TINY_DATA = ["--languages", "en", "--modalities", "text", "--per-group-limit", "4"]
+IDENTIFY_ARGS = [*TINY_DATA, "--ratio", "0.05", "--max-param-fraction", "0", "--batch-size", "4"]
 # train_70b.sh asks for its pre-timeout signal 600 s before the limit: the limit must be well above that.
 TRAIN_SCALED_DOWN = [*SCALED_DOWN[:-1], "--time=30"]
 TRAIN_STEPS = 12
@@ -34,9 +35,8 @@ SLURM_START = 600
 SBATCH = 60
 IDENTIFY_JOB = SBATCH + 480
 TRAIN_JOB = SBATCH + 480
-TRAIN_ENV = {"DS_CONFIG": "ds_configs/zero3_fp32.json",
-             "EXTRA_ARGS": f"{TINY_DATA} --benign-targets self --max-new-tokens 8 --micro-batch-size 2 "
-                           f"--max-steps {TRAIN_STEPS} --save-every 1"}
+TRAIN_ARGS = ["--ds-config", "ds_configs/zero3_fp32.json", *TINY_DATA, "--benign-targets", "self", "--max-new-tokens", "8",
+              "--micro-batch-size", "2", "--max-steps", str(TRAIN_STEPS), "--save-every", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +81,12 @@ def read_log(out: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((out.parent / "logs").glob("*.log")))
 
 
+def recipe_args(log: str, recipe: str) -> list[str]:
+    """The arguments of `recipe` in the srun command a DRY_RUN=1 job logged."""
+    command = next(line for line in log.splitlines() if line.startswith("=== command:"))
+    return command.split(f" -u {recipe} ")[1].split()
+
+
 def events_files(tb_dir: Path) -> list[Path]:
     return sorted(tb_dir.glob("events.out.tfevents.*"))
 
@@ -104,14 +110,14 @@ def identify_job(tiny_env, tmp_path_factory) -> dict:
     """slurm/identify.sh on 2 CPU ranks (the README command); its neurons feed the train jobs."""
     tmp = tmp_path_factory.mktemp("identify-job")
     out = tmp / "identify"
-    env = dict(tiny_env, OUT=str(out), **IDENTIFY_ENV)
-    job = sbatch([*SCALED_DOWN, f"--output={tmp}/slurm-%j.out", "slurm/identify.sh"], env)
-    return {"job": job, "out": out, "fields": wait_job(job, env, timeout=480)}
+    job = sbatch([*SCALED_DOWN, f"--output={tmp}/slurm-%j.out", "slurm/identify.sh", "--out", str(out), *IDENTIFY_ARGS],
+                 tiny_env)
+    return {"job": job, "out": out, "fields": wait_job(job, tiny_env, timeout=480)}
 
 
 def submit_train(identify: dict, out: Path, env: dict[str, str]) -> str:
-    env = dict(env, NEURONS=str(identify["out"]), OUT=str(out), **TRAIN_ENV)
-    return sbatch([*TRAIN_SCALED_DOWN, f"--output={out.parent}/slurm-%j.out", "slurm/train_70b.sh"], env)
+    return sbatch([*TRAIN_SCALED_DOWN, f"--output={out.parent}/slurm-%j.out", "slurm/train_70b.sh",
+                   "--neurons", str(identify["out"]), "--out", str(out), *TRAIN_ARGS], env)
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +138,8 @@ def test_scontrol_hostnames_agree_with_expand_nodelist(slurm):
 @timeout_above(SLURM_START, SBATCH, 240)
 def test_sbatch_selfcheck_two_tasks(slurm, tmp_path):
     out = tmp_path / "run"
-    env = dict(slurm, OUT=str(out))
-    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh"], env)
-    fields = wait_job(job, env)
+    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh", "--out", str(out)], slurm)
+    fields = wait_job(job, slurm)
     log = read_log(out)
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{log[-4000:]}"
     summary = json.loads((out / "selfcheck.json").read_text())
@@ -146,18 +151,48 @@ def test_sbatch_selfcheck_two_tasks(slurm, tmp_path):
 
 @timeout_above(SLURM_START, SBATCH, 240)
 def test_train_70b_scaled_down_command(slurm, tmp_path):
+    """The recipe's flags after the script reach every rank after the script's default --out, so the user's win
+    (argparse keeps the last), in the recipe's own parser too; the log goes beside the user's --out."""
+    from shield_ds.cli import read_config
+    from shield_ds.train import TrainConfig
+
     out = tmp_path / "t70"
-    env = dict(slurm, DRY_RUN="1", MODEL="/models/m", NEURONS="/runs/n", OUT=str(out), RESUME="1",
-               EXTRA_ARGS="--max-grad-norm 1.0 --seed 3")
-    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/train_70b.sh"], env)
+    user = ["--model", "/models/m", "--neurons", "/runs/n", "--out", str(out), "--ds-config", "ds_configs/zero3_offload.json",
+            "--harmful", "a.jsonl", "--harmful", "b.csv", "--grad-accum", "2", "--seed", "3"]
+    env = dict(slurm, DRY_RUN="1", RESUME="1")
+    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/train_70b.sh", *user], env)
     fields = wait_job(job, env)
     assert fields["JobState"] == "COMPLETED", fields
-    command = next(line for line in read_log(out).splitlines() if line.startswith("=== command:"))
-    assert "srun --nodes=1 --ntasks-per-node=2 --ntasks=2 --kill-on-bad-exit=1 " in command
-    assert command.endswith("recipes/train.py --neurons /runs/n --out " + str(out) +
-                            " --ds-config ds_configs/zero3_bf16.json --model /models/m --resume"
-                            " --max-grad-norm 1.0 --seed 3")
+    log = read_log(out)
+    assert "srun --nodes=1 --ntasks-per-node=2 --ntasks=2 --kill-on-bad-exit=1 " in log
+    args = recipe_args(log, "recipes/train.py")
+    assert args == ["--out", "runs/train-70b", *user, "--resume"]
+    cfg = read_config(TrainConfig, args)[0]
+    assert (cfg.model, cfg.neurons, cfg.out, cfg.ds_config) == ("/models/m", "/runs/n", str(out),
+                                                                 "ds_configs/zero3_offload.json")
+    assert cfg.harmful == ["a.jsonl", "b.csv"] and cfg.grad_accum == 2 and cfg.seed == 3 and cfg.resume
     assert fields["TimeLimit"] == "00:10:00" and fields["Requeue"] == "1"
+
+
+@timeout_above(SLURM_START, SBATCH, 240)
+def test_a_config_file_takes_no_script_defaults(slurm, tmp_path):
+    """With --config the script passes no defaults of its own (as flags they would beat the file's values);
+    the file's out is invisible to the script, so LOG_DIR says where the log goes."""
+    from shield_ds.cli import read_config
+    from shield_ds.train import TrainConfig
+
+    preset = tmp_path / "x.yaml"
+    preset.write_text(f"model: /models/m\nout: {tmp_path / 'from-yaml'}\nds_config: ds_configs/zero3_offload.json\n")
+    logs = tmp_path / "logs"
+    env = dict(slurm, DRY_RUN="1", LOG_DIR=str(logs))
+    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/train_7b.sh", f"--config={preset}",
+                  "--seed", "3"], env)
+    assert wait_job(job, env)["JobState"] == "COMPLETED"
+    log = "\n".join(p.read_text() for p in logs.glob("*.log"))
+    args = recipe_args(log, "recipes/train.py")
+    assert args == [f"--config={preset}", "--seed", "3"]
+    cfg = read_config(TrainConfig, args)[0]
+    assert (cfg.out, cfg.ds_config, cfg.seed) == (str(tmp_path / "from-yaml"), "ds_configs/zero3_offload.json", 3)
 
 
 @timeout_above(SLURM_START, IDENTIFY_JOB)
@@ -229,8 +264,8 @@ def test_a_dead_rank_ends_the_job_at_once(slurm, tmp_path):
     """Rank 1 exits 1 while rank 0 is stuck for 10 minutes (as in a collective with a dead NCCL peer):
     srun --kill-on-bad-exit=1 (the default of slurm/common.sh) ends the job within seconds."""
     out = tmp_path / "run"
-    env = dict(slurm, OUT=str(out), SHIELD_DS_FAULT_EXIT="1:600")
-    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh"], env)
+    env = dict(slurm, SHIELD_DS_FAULT_EXIT="1:600")
+    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh", "--out", str(out)], env)
     fields = wait_job(job, env, timeout=120)
     log = read_log(out)
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", f"{fields}\n{log[-4000:]}"
@@ -255,14 +290,14 @@ def test_crashed_rank_fails_the_job_without_requeue(identify_job, tiny_env, tmp_
 def test_requeue_on_pre_timeout_signal(slurm, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@600 sends) -> ranks exit 3 -> requeue -> --resume."""
     out = tmp_path / "run"
-    env = dict(slurm, OUT=str(out), EXTRA_ARGS="--wait-for-preemption 180")
-    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh"], env)
+    job = sbatch([*SCALED_DOWN, f"--output={tmp_path}/slurm-%j.out", "slurm/selfcheck.sh", "--out", str(out),
+                  "--wait-for-preemption", "180"], slurm)
     # Signal once both ranks are in their step loop.
     waiting = "selfcheck waiting up to"
-    wait_job(job, env, timeout=120, until=lambda f: waiting in read_log(out)
+    wait_job(job, slurm, timeout=120, until=lambda f: waiting in read_log(out)
              or f.get("JobState") in DONE)
-    run_cmd(["scancel", "--batch", "--signal=USR1", job], env=env, timeout=60)
-    fields = wait_job(job, env, timeout=240,
+    run_cmd(["scancel", "--batch", "--signal=USR1", job], env=slurm, timeout=60)
+    fields = wait_job(job, slurm, timeout=240,
                       until=lambda f: f.get("JobState") in DONE and f.get("Restarts") == "1")
     log = read_log(out)
     assert fields["JobState"] == "COMPLETED", f"{fields}\n{log[-4000:]}"
@@ -286,7 +321,7 @@ def test_submitit_identify(tiny_env, identify_job, tmp_path):
     out = tmp_path / "identify"
     # --time 30: submitit's pre-timeout signal comes at half of a short limit, and identify does not resume.
     job, stdout = submit(["--out", str(out), "--wait", "--time", "30", "--", "--ds-config", "ds_configs/zero3_infer.json",
-                          *IDENTIFY_ENV["EXTRA_ARGS"].split()], tiny_env, timeout=600, recipe="identify")
+                          *IDENTIFY_ARGS], tiny_env, timeout=600, recipe="identify")
     assert "finished: exit codes [0, 0]" in stdout, stdout
     # submitit reads the results as the tasks end; Slurm marks the job done a moment later.
     assert wait_job(job, tiny_env, timeout=120)["JobState"] == "COMPLETED"
