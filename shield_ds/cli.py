@@ -25,11 +25,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
-import yaml
 from transformers import HfArgumentParser
 
 from shield_ds.config import default_model_path, unwrap_optional
 from shield_ds.errors import ShieldError
+from shield_ds.io import read_mapping
 
 T = TypeVar("T")
 
@@ -112,14 +112,7 @@ class ConfigParser(HfArgumentParser):
 
     def yaml_args(self, path: Path) -> list[str]:
         """The YAML file's entries as the flags they name: `ratio: 0.5` -> `--ratio=0.5`."""
-        if not path.is_file():
-            raise ShieldError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ShieldError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ShieldError(f"{path}: a config file must be a mapping of option names to values")
+        data = read_mapping(path, "config file")
         args: list[str] = []
         for key, value in data.items():
             found = self.find(str(key))

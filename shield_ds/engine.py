@@ -24,7 +24,7 @@ import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
-from shield_ds.io import read_json, write_json
+from shield_ds.io import read_json, read_mapping, write_json
 from shield_ds.zero_internals import is_partitioned
 
 log = dist.get_logger("engine")
@@ -152,15 +152,7 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict) -> dict:
     path = Path(path_or_dict)
     if not path.exists() and (DS_CONFIG_DIR / path).exists():
         path = DS_CONFIG_DIR / path
-    if not path.is_file():
-        raise ShieldError(f"{path}: DeepSpeed config not found")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ShieldError(f"{path}: malformed DeepSpeed config JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(config, dict):
-        raise ShieldError(f"{path}: a DeepSpeed config must be a JSON object")
-    return config
+    return read_mapping(path, "DeepSpeed config")
 
 
 def _set_dotted(config: dict, dotted: str, value: Any) -> None:

@@ -143,27 +143,33 @@ def test_every_shipped_config_parses(path, monkeypatch):
                 parse(RECIPES[recipe], ["--model", "m", *shlex.split(text)])
 
 
-@pytest.mark.parametrize("script, env", [
-    ("identify.sh", {"EXTRA_ARGS": "--languages en --modalities text --per-group-limit 4 --ratio 0.05 "
-                                   "--max-param-fraction 0 --batch-size 4", "HARMFUL": "a.jsonl b.csv", "BATCH_SIZE": "2"}),
-    ("train_70b.sh", {"DS_CONFIG": "ds_configs/zero3_fp32.json", "MAX_STEPS": "3", "SAVE_EVERY": "1", "RESUME": "1",
-                      "EXTRA_ARGS": "--languages en --modalities text --per-group-limit 4 --benign-targets self "
-                                    "--max-new-tokens 8 --micro-batch-size 2 --max-steps 12 --save-every 1"}),
-    ("train_7b.sh", {"MODEL": "/models/m"}),
-    ("evaluate.sh", {"EXTRA_ARGS": "--zero off --per-group-limit 2"}),
+@pytest.mark.parametrize("script, flags, env", [
+    ("identify.sh", "--languages en --modalities text --per-group-limit 4 --ratio 0.05 --max-param-fraction 0 "
+                    "--batch-size 4 --harmful a.jsonl --harmful b.csv", {}),
+    ("train_70b.sh", "--ds-config ds_configs/zero3_fp32.json --languages en --modalities text --per-group-limit 4 "
+                     "--benign-targets self --max-new-tokens 8 --micro-batch-size 2 --max-steps 12 --save-every 1",
+     {"RESUME": "1"}),
+    ("train_7b.sh", "--model /models/m", {}),
+    ("evaluate.sh", "--zero off --per-group-limit 2", {}),
 ])
-def test_slurm_scripts_pass_known_flags(tmp_path, script, env):
-    """The flags the sbatch scripts pass (DRY_RUN=1 prints the srun command) parse with the recipe's options."""
+def test_slurm_scripts_pass_known_flags(tmp_path, script, flags, env):
+    """The flags an sbatch script passes (its defaults, the user's, --resume; DRY_RUN=1 prints the srun
+    command) parse with the recipe's options, and the user's flags are the ones the recipe gets."""
     import os
 
-    full = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "PYTHON": "python", **env}
+    full = {**os.environ, "DRY_RUN": "1", "PYTHON": "python", **env}
     for key in [k for k in full if k.startswith("SLURM_")]:
         del full[key]
-    out = subprocess.run(["bash", f"slurm/{script}"], cwd=REPO_ROOT, env=full, capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    user = [*shlex.split(flags), "--out", str(tmp_path / "out")]
+    out = subprocess.run(["bash", f"slurm/{script}", *user], cwd=REPO_ROOT, env=full, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
     command = re.search(r"=== command: .* -u (recipes/\w+)\.py(.*)", out)
     recipe, args = command.group(1).split("/")[1], command.group(2).split()
-    parse(RECIPES[recipe], args)
+    cfg = parse(RECIPES[recipe], args)
+    assert cfg.out == str(tmp_path / "out")
+    assert (tmp_path / "logs").is_dir()  # the job log sits beside the user's --out
+    if "--max-steps" in user:
+        assert cfg.max_steps == 12 and cfg.ds_config == "ds_configs/zero3_fp32.json" and cfg.resume
 
 
 def test_every_option_is_declared_once():
