@@ -501,11 +501,11 @@ def planned_model_state(model_dir: str | Path, ds_config: dict, ranks: int, mode
     """Model-state bytes per rank that `shield_ds.plan.plan_memory` predicts for `mode` on `ranks` ranks
     of one node with the run's ds_config (fp32, its bucket sizes and persistence threshold).
 
-    identify: the weights alone (inference holds no gradients or optimizer state); mask and delta:
-    PLAN_MODEL_STATE; None for a mode the planner does not model (lora)."""
+    identify: the weights alone (inference holds no gradients or optimizer state); mask, delta and
+    lora (with bench_lora's rank and targets): PLAN_MODEL_STATE; None for a mode the planner does not model."""
     from shield_ds.plan import PlanSettings, ZeroSettings, inventory, plan_memory
 
-    if mode not in ("identify", "mask", "delta"):
+    if mode not in ("identify", "mask", "delta", "lora"):
         return None
     zero_cfg = ds_config.get("zero_optimization", {})
     defaults = ZeroSettings()
@@ -516,8 +516,10 @@ def planned_model_state(model_dir: str | Path, ds_config: dict, ranks: int, mode
                                                      defaults.param_persistence_threshold)),
         sub_group_size=int(zero_cfg.get("sub_group_size", defaults.sub_group_size)))
     dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
-    settings = PlanSettings(nodes=1, gpus_per_node=ranks, update="delta" if mode == "delta" else "mask", dtype=dtype,
-                            neuron_fraction=neuron_fraction or PARAM_FRACTION, zero=zero)
+    lora = bench_lora()
+    settings = PlanSettings(nodes=1, gpus_per_node=ranks, update=mode if mode in ("delta", "lora") else "mask",
+                            dtype=dtype, neuron_fraction=neuron_fraction or PARAM_FRACTION, lora_rank=lora.rank,
+                            lora_targets=lora.targets, zero=zero)
     plan = plan_memory(inventory(str(model_dir)), settings)
     items = ("weights",) if mode == "identify" else PLAN_MODEL_STATE
     return float(sum(plan.gpu.get(item, 0.0) for item in items))
@@ -545,7 +547,7 @@ def format_scaling_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['size']} | {r['total_params']:,} | {r['ranks']} | {r['mode']} | "
                      f"{r['trainable_params']:,} | {_fmt('s_s', r['median_s'])} | {r['tokens_per_s']:.0f} | "
                      f"{_fmt('b', r['peak_bytes'])} | {_fmt('b', r['peak_bytes'] - r['baseline_bytes'])} | "
-                     f"{'n/a (no LoRA model)' if planned is None else _fmt('b', planned)} |")
+                     f"{'n/a' if planned is None else _fmt('b', planned)} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,10 @@ from typing import Any, Literal, Sequence
 
 from shield_ds.errors import ShieldError
 
+# Leaf names of the decoder-layer projections LoRA adapts unless --lora-targets says otherwise
+# (attention and MLP, what LoRA users pick); the train recipe and the memory planner both use it.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
 Modality = Literal["text", "image", "typographic"]
 Split = Literal["train", "test", "all"]
 

@@ -39,6 +39,9 @@ The two update modes differ only in what is trainable:
   neurons (one gate row + one up row + one down column = 3 x hidden parameters each). Optimizer
   state shrinks by the same factor; weights and activations are the same as in mask mode because
   gradients still flow back through every layer.
+* lora (the baseline arm): the base model is frozen; trainable = rank x (in + out features) of every
+  targeted language-model decoder-layer projection (`--lora-rank`, `--lora-targets`, the train
+  recipe's flags), and the adapters add as many weights.
 
 DeepSpeed's own estimator (estimate_zero3_model_states_mem_needs) assumes every parameter is
 trainable (18 bytes/param on GPU without offload, plus 4 x the largest layer); it is printed as a
@@ -55,6 +58,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shield_ds.config import LORA_TARGETS
 from shield_ds.errors import ShieldError, exit_on_error, first_line
 from shield_ds.plan_presets import PRESETS
 
@@ -69,6 +73,8 @@ DEFAULT_HOST_MEMORY_GIB = 1024.0
 DEFAULT_MICRO_BATCH = 1
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_NEURON_FRACTION = 0.0003
+DEFAULT_LORA_RANK = 8
+DECODER_LINEAR = re.compile(r"\.layers\.\d+\.(?:self_attn|mlp)\.(\w+_proj)$")
 RUNTIME_RESERVE_GIB = 2.0
 HOST_PER_RANK_GIB = 4.0
 LOGIT_BYTES = 14  # bf16 logits 2 + fp32 upcast 4 + fp32 log-softmax 4 + fp32 gradient 4
@@ -102,6 +108,9 @@ class ModelInventory:
     num_layers: int
     kv_dim: int
     vocab: int
+    # in + out features summed over the language model's decoder layers, per projection leaf
+    # ("q_proj", ..., "down_proj"): LoRA of rank r on a projection trains r x this many parameters
+    projection_widths: tuple[tuple[str, int], ...] = ()
 
     def persistent_params(self, threshold: int) -> int:
         """Elements in parameters small enough for ZeRO-3 to keep unpartitioned on every rank."""
@@ -114,7 +123,7 @@ class PlanSettings:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    update: str = "mask"  # "mask" or "delta"
+    update: str = "mask"  # "mask", "delta" or "lora"
     offload: bool = False  # offload_optimizer=cpu
     offload_params: bool = False  # offload_param=cpu as well
     gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB
@@ -122,6 +131,8 @@ class PlanSettings:
     micro_batch: int = DEFAULT_MICRO_BATCH
     seq_len: int = DEFAULT_SEQ_LEN
     neuron_fraction: float = DEFAULT_NEURON_FRACTION
+    lora_rank: int = DEFAULT_LORA_RANK
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     dtype: str = "bf16"
     zero: ZeroSettings = field(default_factory=ZeroSettings)
 
@@ -241,6 +252,11 @@ def count_model(config, name: str = "") -> ModelInventory:
             ffn_matrices += 1
             largest_ffn = max(largest_ffn, param.numel())
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    widths: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        found = DECODER_LINEAR.search(module_name)
+        if found and isinstance(module, torch.nn.Linear) and not VISION_PART.search(module_name):
+            widths[found.group(1)] = widths.get(found.group(1), 0) + module.in_features + module.out_features
     if ffn_params == 0:
         raise ShieldError(f"model {name or config.model_type!r}: no language-model gate_proj/up_proj/down_proj "
                           "matrices found (not a gated-FFN model)")
@@ -254,7 +270,8 @@ def count_model(config, name: str = "") -> ModelInventory:
         name=name or config.model_type, total_params=sum(numels), ffn_params=ffn_params,
         ffn_layers=ffn_matrices // 3, largest_module_params=largest_module, largest_ffn_matrix=largest_ffn,
         param_numels=tuple(numels), hidden=hidden, intermediate=text.intermediate_size,
-        num_layers=text.num_hidden_layers, kv_dim=kv_heads * head_dim, vocab=text.vocab_size)
+        num_layers=text.num_hidden_layers, kv_dim=kv_heads * head_dim, vocab=text.vocab_size,
+        projection_widths=tuple(sorted(widths.items())))
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,15 +282,33 @@ def inventory(model: str) -> ModelInventory:
 
 # ---------------------------------------------------------------- the arithmetic
 
+UPDATES = ("mask", "delta", "lora")
+
+
+def lora_widths(model: ModelInventory, targets: tuple[str, ...]) -> dict[str, int]:
+    """{projection: in + out features over all decoder layers} for LoRA `targets` (q or q_proj, ...)."""
+    have = dict(model.projection_widths)
+    widths = {}
+    for target in targets:
+        leaf = target if target.endswith("_proj") else f"{target}_proj"
+        if leaf not in have:
+            raise ShieldError(f"LoRA target {target!r}: model {model.name!r} has no decoder-layer {leaf} "
+                              f"(has {', '.join(sorted(have)) or 'none'})")
+        widths[leaf] = have[leaf]
+    return widths
+
+
 def plan_memory(model: ModelInventory, settings: PlanSettings) -> MemoryPlan:
     """Itemised per-GPU and per-node host memory for one configuration."""
     s, z = settings, settings.zero
-    if s.update not in ("mask", "delta"):
-        raise ShieldError(f"--update must be mask or delta, got {s.update!r}")
+    if s.update not in UPDATES:
+        raise ShieldError(f"--update must be one of {', '.join(UPDATES)}, got {s.update!r}")
     if s.dtype not in DTYPE_BYTES:
         raise ShieldError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {s.dtype!r}")
     if min(s.nodes, s.gpus_per_node, s.micro_batch, s.seq_len) < 1:
         raise ShieldError("--nodes, --gpus-per-node, --micro-batch and --seq-len must be >= 1")
+    if s.lora_rank < 1:
+        raise ShieldError(f"--lora-rank must be >= 1, got {s.lora_rank}")
     if not 0 < s.neuron_fraction < 1:
         raise ShieldError(f"--neuron-fraction must be in (0, 1), got {s.neuron_fraction}")
     world, wb, h = s.world_size, DTYPE_BYTES[s.dtype], model.hidden
@@ -284,6 +319,13 @@ def plan_memory(model: ModelInventory, settings: PlanSettings) -> MemoryPlan:
         neurons = round(s.neuron_fraction * model.total_params / neuron_params)
         largest_trainable = model.largest_ffn_matrix
         extra_weights = 0
+    elif s.update == "lora":
+        neurons = 0
+        widths = lora_widths(model, s.lora_targets)
+        trainable = s.lora_rank * sum(widths.values())
+        # one target's adapters of one layer (A and B), with the widths spread evenly over the layers
+        largest_trainable = s.lora_rank * math.ceil(max(widths.values()) / model.num_layers)
+        extra_weights = trainable
     else:
         neurons = max(1, round(s.neuron_fraction * model.total_params / neuron_params))
         trainable = neurons * neuron_params
@@ -360,8 +402,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"cluster: {s.nodes} node(s) x {s.gpus_per_node} GPUs = {s.world_size} ZeRO-3 ranks, "
         f"{s.gpu_memory_gib:g} GiB/GPU, {s.host_memory_gib:g} GiB host/node, offload {offload}, {s.dtype}",
         f"update {s.update}: {plan.trainable_params / 1e6:,.1f}M trainable params "
-        f"({plan.trainable_params / m.total_params:.4%}); {plan.neurons:,} selected neurons "
-        f"(neuron_fraction {s.neuron_fraction:g})",
+        f"({plan.trainable_params / m.total_params:.4%}); "
+        + (f"rank {s.lora_rank} on {','.join(s.lora_targets)}" if s.update == "lora" else
+           f"{plan.neurons:,} selected neurons (neuron_fraction {s.neuron_fraction:g})"),
         f"workload: micro batch {s.micro_batch} x {s.seq_len} tokens, activation checkpointing per layer",
         "",
         "per GPU:",
@@ -421,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help=f"config.json, checkpoint dir, hub name or preset {list(PRESETS)}")
     parser.add_argument("--nodes", type=int, default=1, help="nodes")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
-    parser.add_argument("--update", choices=("mask", "delta"), default="mask", help="what is trainable")
+    parser.add_argument("--update", choices=UPDATES, default="mask", help="what is trainable")
     parser.add_argument("--offload", action="store_true", help="DeepSpeed offload_optimizer=cpu")
     parser.add_argument("--offload-params", action="store_true", help="also offload_param=cpu (implies --offload)")
     parser.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_MEMORY_GIB, help="GiB per GPU")
@@ -429,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH, help="sequences per GPU")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens incl. image tokens")
     parser.add_argument("--neuron-fraction", type=float, default=DEFAULT_NEURON_FRACTION,
-                        help="trained parameters / total parameters")
+                        help="trained parameters / total parameters (mask, delta)")
+    parser.add_argument("--lora-rank", type=int, default=DEFAULT_LORA_RANK, help="LoRA rank (--update lora)")
+    parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                        help="comma-separated decoder-layer projections LoRA adapts (--update lora)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="training dtype")
     parser.add_argument("--table", action="store_true", help="print the README table for the three presets")
     return parser
@@ -447,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
                             offload=args.offload or args.offload_params, offload_params=args.offload_params,
                             gpu_memory_gib=args.gpu_memory, host_memory_gib=args.host_memory,
                             micro_batch=args.micro_batch, seq_len=args.seq_len,
-                            neuron_fraction=args.neuron_fraction, dtype=args.dtype)
+                            neuron_fraction=args.neuron_fraction, lora_rank=args.lora_rank,
+                            lora_targets=tuple(t for t in args.lora_targets.split(",") if t), dtype=args.dtype)
     print(format_plan(plan_memory(inventory(args.model), settings)))
 
 

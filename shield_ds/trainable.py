@@ -12,13 +12,11 @@ from typing import Any
 
 import torch
 
+from shield_ds.config import LORA_TARGETS
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 
 log = get_logger("train")
-
-# Leaf names of the decoder-layer projections LoRA adapts by default (attention and MLP).
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)

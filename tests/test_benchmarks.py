@@ -94,7 +94,7 @@ def _bench_module(name: str):
 
 def test_scaling_table_rows_and_planner_prediction(tiny_checkpoint):
     """The scaling part's row and table from a worker result (no launch: `run.py --parts scaling` takes minutes
-    here); the planner's model state shrinks with the ranks (ZeRO-3 partitions it) and has no LoRA figure."""
+    here); the planner's model state shrinks with the ranks (ZeRO-3 partitions it), for LoRA too."""
     sb = _bench_module("shield_bench")
     from shield_ds.engine import resolve_ds_config
 
@@ -107,14 +107,13 @@ def test_scaling_table_rows_and_planner_prediction(tiny_checkpoint):
     rows = [sb.scaling_row("tiny", ranks, mode, identify if mode == "identify" else worker, model)
             for ranks in (1, 2) for mode in ("identify", "mask", "delta", "lora")]
     planned = {(r["ranks"], r["mode"]): r["planned_model_state_bytes"] for r in rows}
-    assert planned[(1, "lora")] is None and planned[(2, "lora")] is None
-    for mode in ("identify", "mask", "delta"):
+    for mode in ("identify", "mask", "delta", "lora"):
         assert 0 < planned[(2, mode)] < planned[(1, mode)], mode
     # weights only for identify; mask adds 16 bytes (fp32 grad + master + 2 moments) per FFN parameter
     assert planned[(1, "identify")] == pytest.approx(4 * 309_952, rel=0.01)
-    assert planned[(1, "mask")] > planned[(1, "delta")] > planned[(1, "identify")]
+    assert planned[(1, "mask")] > planned[(1, "lora")] > planned[(1, "delta")] > planned[(1, "identify")]
     assert rows[0]["median_s"] == 0.02  # identify's row times the hooked forward
     table = sb.format_scaling_table(rows)
     assert table.count("\n") == len(rows) + 1
     assert "| tiny | 309,952 | 2 | mask | 1,000 | 100.0 ms | 500 | 600.0 MiB | 100.0 MiB |" in table
-    assert "n/a (no LoRA model)" in table
+    assert "n/a" not in table

@@ -88,6 +88,31 @@ def test_tiny_delta_rounds_to_whole_neurons(tiny):
     assert plan.gpu["optimizer"] == 12 * 6 * 192 / 2
 
 
+def test_tiny_lora_counts_adapters_by_hand(tiny):
+    plan = plan_memory(tiny, PlanSettings(nodes=1, gpus_per_node=2, update="lora", lora_rank=8, zero=TINY_ZERO))
+    per_layer = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128)  # q, k, v, o, gate, up, down: in + out
+    assert plan.trainable_params == 8 * 2 * per_layer == 16_384 and plan.neurons == 0
+    assert plan.gpu["optimizer"] == 12 * 16_384 / 2
+    ffn_only = plan_memory(tiny, PlanSettings(update="lora", lora_rank=2, lora_targets=("gate", "up", "down_proj")))
+    assert ffn_only.trainable_params == 2 * 2 * 3 * (64 + 128)
+    with pytest.raises(ShieldError, match="'w9'.*no decoder-layer w9_proj"):
+        plan_memory(tiny, PlanSettings(update="lora", lora_targets=("w9",)))
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3_text"])
+def test_lora_plan_matches_the_adapters_peft_attaches(tiny_checkpoint, arch):
+    """The planner's LoRA count is what `--update lora` really trains (vision towers never adapted)."""
+    from shield_ds.models import get_adapter
+    from shield_ds.models.loader import load_model
+    from shield_ds.trainable import LoraSettings, attach_lora
+
+    loaded = load_model(tiny_checkpoint(arch))
+    attach_lora(loaded.model, get_adapter(loaded.config), LoraSettings(rank=3))
+    attached = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    plan = plan_memory(inventory(str(tiny_checkpoint(arch))), PlanSettings(update="lora", lora_rank=3))
+    assert plan.trainable_params == attached > 0
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_totals_match_published(name):
     inv = inventory(name)
