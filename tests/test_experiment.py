@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_python, timeout_above
+from shield_ds.defaults import TINY_NOTE
 from shield_ds.errors import ShieldError
 from shield_ds.evaluate.asr import asr_table, wilson_interval, write_asr_reports, write_generations
 from shield_ds.experiment import Experiment, ExperimentConfig
@@ -71,6 +72,8 @@ def test_arm_rows_table_and_drift(tmp_path):
     assert "| 20.0 [10.0, 30.0]" in text  # the seeds' mean with their range
     assert "ASR held-out modalities" not in text  # no held-out modality was evaluated
     assert "+0.250" in text
+    # a tiny generated checkpoint's page says that its numbers cannot move; another model's does not
+    assert TINY_NOTE not in text and TINY_NOTE in results_markdown([base_row, arm_r], "T", model="m", tiny=True)
 
 
 def test_missing_generations_is_one_line_error(tmp_path):
@@ -91,6 +94,7 @@ def test_results_refuse_overlap_unless_allowed(tmp_path):
     Experiment(cfg).write_results()
     text = (tmp_path / "results.md").read_text()
     assert "overlap the trained prompts" in text.splitlines()[0]
+    assert TINY_NOTE not in text  # model "m" is no tiny generated checkpoint
     assert "lang-sw" in text and (tmp_path / "results.png").stat().st_size > 0
     assert (tmp_path / "results.csv").read_text().startswith("arm,kind,budget")
     # the committed page: header, the table, the same prompts for every arm, stage times

@@ -108,8 +108,9 @@ def random_summary(rows: list[dict]) -> dict[str, Any] | None:
     return out
 
 
-def results_markdown(rows: list[dict], title: str, *, model: str) -> str:
-    """The arms table (percent, 95% Wilson intervals) with a note on how to read it."""
+def results_markdown(rows: list[dict], title: str, *, model: str, tiny: bool = False) -> str:
+    """The arms table (percent, 95% Wilson intervals) with a note on how to read it; `tiny`: the model is a
+    tiny generated checkpoint, and the page says that its numbers cannot move."""
     present = [s for s in SLICES if any(r.get(f"{s}_n") for r in rows)]
     header = ["arm", *(SLICE_TITLES[s] + " % [95% CI]" for s in present), "over-refusal % [95% CI]",
               "NLL drift (nats/token)", "trainable params", "trainable %", "train s"]
@@ -128,7 +129,10 @@ def results_markdown(rows: list[dict], title: str, *, model: str) -> str:
              "Intervals are 95% Wilson score intervals per arm (the random-mean row shows the min-max "
              "range over seeds instead). NLL drift: mean per-token NLL of the base model's greedy benign "
              "answers under the arm minus under the base model.")
-    return f"# {title}\n\nModel: `{model}`\n\n{markdown_table(header, body)}\n\n{notes}\n"
+    from shield_ds.defaults import TINY_NOTE
+
+    warning = f"**{TINY_NOTE}**\n\n" if tiny else ""
+    return f"# {title}\n\nModel: `{model}`\n\n{warning}{markdown_table(header, body)}\n\n{notes}\n"
 
 
 def held_out_groups(base_dir: Path, trained: tuple[set[str], set[str]]) -> list[str]:
