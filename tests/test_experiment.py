@@ -72,6 +72,7 @@ def test_arm_rows_table_and_drift(tmp_path):
     assert "| 20.0 [10.0, 30.0]" in text  # the seeds' mean with their range
     assert "ASR held-out modalities" not in text  # no held-out modality was evaluated
     assert "+0.250" in text
+    assert "pooled over the slice's prompts" in text
     # a tiny generated checkpoint's page says that its numbers cannot move; another model's does not
     assert TINY_NOTE not in text and TINY_NOTE in results_markdown([base_row, arm_r], "T", model="m", tiny=True)
 
