@@ -340,6 +340,17 @@ def _assert_provenance(out: Path) -> None:
     assert (prov["split"], prov["split_seed"]) == (summary["split"], summary["split_seed"]) == ("train", 0)
 
 
+def _assert_merged_snapshot(out: Path, base: dict, trained: dict, moved: set[str]) -> None:
+    """--export-steps 1 of a 2-step LoRA / full-FFN run: snapshots/step-1 holds a merged model/ (no patch) in
+    which the same tensors moved, but not as far as the final export; it also carries the provenance."""
+    from shield_ds.data.splits import PROVENANCE_FILE
+
+    snapshot = out / "snapshots" / "step-1"
+    assert not (snapshot / "shield_patch.safetensors").exists() and (snapshot / "model" / PROVENANCE_FILE).is_file()
+    step1 = _weights(snapshot / "model")
+    assert _changed(base, step1) == moved and _changed(step1, trained) == moved
+
+
 def _slice_params(base: dict, ns: NeuronSet) -> int:
     hidden = next(v for k, v in base.items() if k.endswith("layers.0.mlp.gate_proj.weight")).shape[1]
     return ns.count * 3 * hidden  # gate row + up row + down column (the tiny llava has no MLP bias)
@@ -372,7 +383,7 @@ def test_lora_arm_matched_budget_merged_export(setup):
 
     out = setup["tmp"] / "lora"
     run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "lora", "--lora-budget", "match", "--neurons",
-                                   str(setup["neurons"])), num_ranks=2, timeout=600)
+                                   str(setup["neurons"]), "--export-steps", "1"), num_ranks=2, timeout=600)
     base, trained = _weights(setup["model"]), _weights(out / "model")
     summary = json.loads((out / "train.json").read_text())
     lora, budget = summary["lora"], _slice_params(base, NeuronSet.load(setup["neurons"]))
@@ -390,11 +401,12 @@ def test_lora_arm_matched_budget_merged_export(setup):
     model, info = AutoModelForImageTextToText.from_pretrained(out / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     _assert_provenance(out)
+    _assert_merged_snapshot(out, base, trained, targets)
 
 
 def test_full_ffn_arm_changes_only_ffn_tensors(setup):
     out = setup["tmp"] / "full-ffn"
-    run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "full-ffn"), num_ranks=2, timeout=600)
+    run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "full-ffn", "--export-steps", "1"), num_ranks=2, timeout=600)
     base, trained = _weights(setup["model"]), _weights(out / "model")
     ffn = _lm_keys(base, ("gate_proj", "up_proj", "down_proj"))
     assert _changed(base, trained) == ffn
@@ -403,6 +415,7 @@ def test_full_ffn_arm_changes_only_ffn_tensors(setup):
     assert summary["trainable_params"] == sum(base[k].numel() for k in ffn)
     assert summary["trainable_fraction"] == summary["trainable_params"] / summary["total_params"]
     _assert_provenance(out)
+    _assert_merged_snapshot(out, base, trained, ffn)
 
 
 def test_arm_flags_bad_input(setup, tmp_path):
