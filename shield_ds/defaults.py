@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,11 +11,31 @@ from shield_ds.io import atomic_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCH = "llava"
+# config.json entry that marks a checkpoint built by shield_ds.models.tiny (random weights, byte-level
+# tokenizer); exports of a trained tiny model copy the base's config.json, so they carry it too.
+TINY_MARKER = "shield_ds_tiny"
+TINY_NOTE = ("The model is one of the project's tiny generated checkpoints: its numbers are not expected to "
+             "move (a random byte-level model cannot learn refusals) and only show the machinery; measured "
+             "differences between arms on it are noise. Real models: `experiments/`.")
 
 
 def default_model_dir() -> Path:
     """Where the tiny default checkpoint lives (env SHIELD_DS_DEFAULT_MODEL overrides)."""
     return Path(os.environ.get("SHIELD_DS_DEFAULT_MODEL", REPO_ROOT / "runs" / "models" / f"tiny-{DEFAULT_ARCH}"))
+
+
+def is_tiny_checkpoint(model: str | os.PathLike) -> bool:
+    """Whether `model` is a tiny generated checkpoint: its config.json carries TINY_MARKER, or it is the
+    embedded default's directory (built before the marker existed)."""
+    path = Path(model)
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            if json.loads(config.read_text(encoding="utf-8")).get(TINY_MARKER):
+                return True
+        except (OSError, ValueError, AttributeError):
+            return False
+    return path.exists() and path.resolve() == default_model_dir().resolve()
 
 
 def default_model() -> Path:

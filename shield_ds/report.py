@@ -52,6 +52,7 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
     """The report of a demo run directory: identify/ (all languages, with analysis/) and experiment/.
     Evaluations on prompts their model was trained on are refused unless `allow_overlap`."""
     from shield_ds.data.splits import overlap_note
+    from shield_ds.defaults import TINY_NOTE, is_tiny_checkpoint
     from shield_ds.neurons import NeuronSet
 
     identify, experiment = run / "identify", run / "experiment"
@@ -65,11 +66,9 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
     meta = ns.meta
     out = [f"# Precise Shield demo report\n\nRun directory: `{run}`. Model: `{meta['model']}` "
            f"({meta['model_type']}, {meta['total_params']:,} parameters, {meta['num_layers']} layers x "
-           f"{meta['intermediate_size']} FFN neurons). Identification ran on {meta['world_size']} ranks.\n\n"
-           "The demo model is a tiny random checkpoint (a byte-level model that cannot tell harmful from benign "
-           "prompts): an arm that moves at all learns to emit the refusal template for everything, so a lower "
-           "ASR comes with over-refusal near 100%. The numbers show that every stage runs end to end and what "
-           "it reports, not the safety of a real model: see `experiments/` for real models.\n"]
+           f"{meta['intermediate_size']} FFN neurons). Identification ran on {meta['world_size']} ranks.\n"]
+    if is_tiny_checkpoint(meta["model"]):
+        out.append(f"\n**{TINY_NOTE}**\n")
 
     out.append("\n## 1. Safety neurons (all ten languages, text and typographic, train split)\n\n")
     ranking = f" (ranked {meta['cap_ranking']})" if meta.get("cap_ranking") else ""

@@ -98,12 +98,17 @@ def test_sets_from_different_models_are_refused():
 
 # --- recipes/analyze.py ------------------------------------------------------------------------------
 
+SPLIT = {"split": "train", "test_fraction": 0.3, "split_seed": 7, "prompt_keys": 40, "prompt_key_digest": "ab" * 32}
+
+
 def write_identify_dir(root):
     langs = {"en": [[0, 1, 2, 3], [4, 5]], "zh": [[0, 1, 2, 8], [5, 6]], "sw": [[0, 1, 7], [5, 9, 10]]}
     mods = {"text": [[0, 1, 2], [4, 5]], "typographic": [[1, 2, 11], [5, 6, 7]]}
     width = 12
     union = [sorted({i for s in list(langs.values()) + list(mods.values()) for i in s[layer]}) for layer in range(2)]
-    make_set(union, width).save(root)
+    main = make_set(union, width)
+    main.meta.update(SPLIT)  # what identify records about its data; analysis.json passes it on
+    main.save(root)
     for name, layers in langs.items():
         make_set(layers, width).save(root / "sets" / f"lang-{name}")
     for name, layers in mods.items():
@@ -142,8 +147,10 @@ def test_analyze_recipe_end_to_end(tmp_path):
     assert [int(r["lang-sw"]) for r in rows] == [3, 3]
     summary = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
     assert summary["shared_core"]["size"] == 3 and summary["families"]["modalities"]["pairs"] == 1
+    assert {key: summary[key] for key in SPLIT} == SPLIT
     markdown = (out / "analysis.md").read_text(encoding="utf-8")
     assert "## Overlap across languages" in markdown and "## Shared core across languages" in markdown
+    assert "Data: train split (test fraction 0.3, seed 7), 40 prompts, digest `abababababab`." in markdown
     assert "| lang-en | lang-zh | 6 | 6 | 4 | 1.7 | 0.500 | 0.667 |" in markdown
     # neurons per layer and set, in the set order of the table (selected, languages, modalities)
     assert "| layer | selected | lang-en | lang-zh | lang-sw | modality-text | modality-typographic |" in markdown

@@ -125,11 +125,27 @@ def test_utility_nll_equals_a_direct_forward_and_reference_answers_are_checked(t
     from shield_ds.evaluate.evaluator import EvalConfig, Evaluator
     from shield_ds.evaluate.utility import REFERENCE_FILE, UtilityProbe
 
+    from shield_ds.data.splits import SPLIT_PROVENANCE_KEYS
+    from shield_ds.models import get_adapter, load_config
+
     model = tiny_checkpoint("llava")
+    config = load_config(model)
+    adapter = get_adapter(config)
+    NeuronSet({0: torch.tensor([1, 5])}, {"num_layers": adapter.num_layers(config), "hidden_size": adapter.hidden_size(
+        config), "intermediate_size": adapter.intermediate_size(config)}).save(tmp_path / "ablate")
     cfg = EvalConfig(model=str(model), languages=["en"], modalities=["text", "typographic"], per_group_limit=2,
-                     batch_size=3, max_new_tokens=8, out=str(tmp_path / "base"), ds_config=None)
+                     batch_size=3, max_new_tokens=8, out=str(tmp_path / "base"), ds_config=None,
+                     ablate=str(tmp_path / "ablate"), ablate_controls=1)
     evaluator = Evaluator(cfg)
     utility = evaluator.run()["utility"]
+    # every output JSON records the split, its seed and the evaluated prompts' digest (as asr.json does)
+    provenance = {k: json.loads((tmp_path / "base" / "asr.json").read_text())[k] for k in SPLIT_PROVENANCE_KEYS}
+    assert provenance["split"] == "test" and len(provenance["prompt_key_digest"]) == 64
+    for name in ("evaluate.json", "ablation.json"):
+        written = json.loads((tmp_path / "base" / name).read_text())
+        assert {k: written[k] for k in SPLIT_PROVENANCE_KEYS} == provenance, name
+    variants = json.loads((tmp_path / "base" / "ablation.json").read_text())["variants"]
+    assert [v["neurons"] for v in variants] == [0, 2, 2]  # base, the set, one random control
     records = [r for r in evaluator._records() if r.label == "benign"]
     answers = _responses(tmp_path / "base")
     nll, tokens = _direct_answer_nll(model, records, answers)

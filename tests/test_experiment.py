@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_python, timeout_above
+from conftest import DEEPSPEED, REPO, assert_one_line_error, free_port, run_python, timeout_above
+from shield_ds.defaults import TINY_NOTE
 from shield_ds.errors import ShieldError
 from shield_ds.evaluate.asr import asr_table, wilson_interval, write_asr_reports, write_generations
 from shield_ds.experiment import Experiment, ExperimentConfig
@@ -71,6 +72,9 @@ def test_arm_rows_table_and_drift(tmp_path):
     assert "| 20.0 [10.0, 30.0]" in text  # the seeds' mean with their range
     assert "ASR held-out modalities" not in text  # no held-out modality was evaluated
     assert "+0.250" in text
+    assert "pooled over the slice's prompts" in text
+    # a tiny generated checkpoint's page says that its numbers cannot move; another model's does not
+    assert TINY_NOTE not in text and TINY_NOTE in results_markdown([base_row, arm_r], "T", model="m", tiny=True)
 
 
 def test_missing_generations_is_one_line_error(tmp_path):
@@ -91,6 +95,7 @@ def test_results_refuse_overlap_unless_allowed(tmp_path):
     Experiment(cfg).write_results()
     text = (tmp_path / "results.md").read_text()
     assert "overlap the trained prompts" in text.splitlines()[0]
+    assert TINY_NOTE not in text  # model "m" is no tiny generated checkpoint
     assert "lang-sw" in text and (tmp_path / "results.png").stat().st_size > 0
     assert (tmp_path / "results.csv").read_text().startswith("arm,kind,budget")
     # the committed page: header, the table, the same prompts for every arm, stage times
@@ -156,41 +161,52 @@ def test_curve_steps_plan_snapshot_evaluations(tmp_path):
 
 
 @pytest.mark.distributed
-@timeout_above(900, 300, 300, 300)
+@timeout_above(1200, 300, 300, 300)
 def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path):
-    """One process per stage (launcher python): base, identify, safety and matched LoRA on held-out prompts.
-    (The random and full-FFN arms' training is tested in test_train; their stages in the plan test.)"""
+    """Identify and train on 2 ranks through the deepspeed launcher, evaluations in one process: base, safety,
+    one random seed, matched LoRA and full FFN on held-out prompts. (The curve's stages and table are tested
+    above and below, the arms' snapshot exports in test_train.)"""
+    from shield_ds.data.targets import cut_at_sentence_end
+
     run = tmp_path / "run"
     out = run / "experiment"
     args = [str(REPO / "recipes" / "experiment.py"), "--model", str(tiny_checkpoint("llava")), "--out", str(out),
-            "--launcher", "python", "--train-languages", "en,zh", "--eval-languages", "en,zh,sw",
-            "--eval-modalities", "text,typographic", "--arms", "safety,lora",
+            "--launcher", f"{DEEPSPEED} --num_gpus 2 --master_port {free_port()}", "--eval-launcher", "python",
+            "--train-languages", "en,zh", "--eval-languages", "en,zh,sw", "--eval-modalities", "text,typographic",
+            "--arms", "safety,random,lora,full-ffn", "--random-seeds", "1",
             "--identify-args", "--per-group-limit 3 --ratio 0.1 --max-param-fraction 0.05 --ds-config none",
             "--evaluate-args", "--per-group-limit 2 --max-new-tokens 6 --ds-config none",
             "--train-args", "--per-group-limit 3 --benign-targets self --max-new-tokens 6 --max-steps 2 "
-                            "--ds-config ds_configs/zero3_fp32.json", "--curve-steps", "1"]
-    proc = run_python(args, timeout=900)
+                            "--ds-config ds_configs/zero3_fp32.json"]
+    proc = run_python(args, timeout=1200)
+    arms = ("safety", "random-s0", "lora", "full-ffn")
     rows = {r.split(",")[0]: r for r in (out / "results.csv").read_text().splitlines()[1:]}
-    assert set(rows) == {"base", "safety", "lora"}
+    assert set(rows) == {"base", *arms}
     text = (out / "results.md").read_text()
     assert "ASR held-out languages" in text and "ASR held-out modalities" in text
     assert "lang-sw" in text and "modality-typographic" in text and "lang-en" not in text
-    for arm in ("safety", "lora"):
+    assert TINY_NOTE in text  # the tiny generated checkpoint: its numbers cannot move
+    for arm in arms:
+        summary = json.loads((out / "arms" / arm / "train" / "train.json").read_text())
+        assert summary["world_size"] == 2 and summary["arm"] == arm.split("-s")[0]
         assert (out / "arms" / arm / "train" / "model" / "model.safetensors").exists()
-    # the curve: every arm exported at step 1 (mask: patch + model; LoRA: merged model) and was evaluated there
-    assert (out / "arms" / "safety" / "train" / "snapshots" / "step-1" / "shield_patch.safetensors").exists()
-    assert (out / "arms" / "lora" / "train" / "snapshots" / "step-1" / "model" / "model.safetensors").exists()
-    curve = [r.split(",") for r in (out / "curves.csv").read_text().splitlines()]
-    step = curve[0].index("step")
-    assert sorted((r[0], r[step]) for r in curve[1:]) == [(a, s) for a in ("lora", "safety") for s in ("0", "1", "2")]
-    assert "ASR against over-refusal along training" in text and (out / "curves.png").exists()
-    # the base model's benign answers were generated once (by the first arm) and shared by every arm
-    caches = {(out / "arms" / arm / "train" / "benign_targets.jsonl").read_text() for arm in rows if arm != "base"}
+    assert json.loads((out / "identify" / "neurons.json").read_text())["world_size"] == 2
+    # the base model's benign answers were generated once (by the first arm) and shared by every arm; answers
+    # that hit --max-new-tokens were cut back to a sentence end or kept open, and train.json counts them
+    caches = {(out / "arms" / arm / "train" / "benign_targets.jsonl").read_text() for arm in arms}
     assert len(caches) == 1
+    cached = [json.loads(line) for line in caches.pop().splitlines()]
+    unfinished = [r["response"] for r in cached if not r["finished"]]
+    assert unfinished  # 6 new tokens of a random model: answers are cut
+    cut = sum(cut_at_sentence_end(answer) is not None for answer in unfinished)
+    counts = {"generated": len(cached), "cut": cut, "open_without_sentence_end": len(unfinished) - cut,
+              "max_new_tokens": 6}
+    for arm in arms:
+        assert json.loads((out / "arms" / arm / "train" / "train.json").read_text())["self_targets"] == counts
     # identify and train read the train split, evaluation the test split: no evaluated prompt was trained on
     neurons = json.loads((out / "identify" / "neurons.json").read_text())
     assert neurons["split"] == "train" and len(neurons["prompt_key_digest"]) == 64
-    for stage in ("eval-base", "arms/safety/eval", "arms/lora/eval"):
+    for stage in ("eval-base", *(f"arms/{arm}/eval" for arm in arms)):
         asr = json.loads((out / stage / "asr.json").read_text())
         assert (asr["split"], asr["test_fraction"], asr["split_seed"], asr["trained_overlap"]) == ("test", 0.3, 0, 0)
     # the report refuses an evaluation that overlaps the trained prompts unless --allow-overlap, and then says so
@@ -209,10 +225,11 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     run_python([*report, "--allow-overlap"], timeout=300)
     report_text = (run / "report.md").read_text()
     assert f"base vs safety arm {OVERLAP_NOTE}" in report_text and "| lora |" in report_text
+    assert report_text.count(TINY_NOTE) == 2  # in the introduction and in the arms table taken from results.md
     asr_path.write_text(clean)
     # a second run with nothing changed launches nothing and writes the same table
     again = run_python(args, timeout=300)
-    assert again.stdout.count("== done already") == 8
+    assert again.stdout.count("== done already") == 10  # base, identify, 4 arms x (train, eval)
     assert (out / "results.md").read_text() == text
 
 

@@ -326,6 +326,31 @@ def _changed(base: dict, trained: dict) -> set[str]:
     return {k for k in base if not torch.equal(base[k], trained[k])}
 
 
+def _assert_provenance(out: Path) -> None:
+    """model/ carries shield_provenance.json: the prompt keys the arm trained on, with train.json's digest."""
+    from shield_ds.data.splits import PROVENANCE_FILE, keys_digest, read_provenance
+
+    summary = json.loads((out / "train.json").read_text())
+    assert (out / "model" / PROVENANCE_FILE).is_file()
+    prov = read_provenance(out / "model")
+    keys = prov["trained_prompt_keys"]
+    assert {k.split(":")[0] for k in keys} == {"multijail", "benign"}
+    assert prov["prompt_key_digest"] == summary["prompt_key_digest"] == keys_digest(keys)
+    assert len(keys) == summary["prompt_keys"] and prov["languages"] == ["en", "zh"]
+    assert (prov["split"], prov["split_seed"]) == (summary["split"], summary["split_seed"]) == ("train", 0)
+
+
+def _assert_merged_snapshot(out: Path, base: dict, trained: dict, moved: set[str]) -> None:
+    """--export-steps 1 of a 2-step LoRA / full-FFN run: snapshots/step-1 holds a merged model/ (no patch) in
+    which the same tensors moved, but not as far as the final export; it also carries the provenance."""
+    from shield_ds.data.splits import PROVENANCE_FILE
+
+    snapshot = out / "snapshots" / "step-1"
+    assert not (snapshot / "shield_patch.safetensors").exists() and (snapshot / "model" / PROVENANCE_FILE).is_file()
+    step1 = _weights(snapshot / "model")
+    assert _changed(base, step1) == moved and _changed(step1, trained) == moved
+
+
 def _slice_params(base: dict, ns: NeuronSet) -> int:
     hidden = next(v for k, v in base.items() if k.endswith("layers.0.mlp.gate_proj.weight")).shape[1]
     return ns.count * 3 * hidden  # gate row + up row + down column (the tiny llava has no MLP bias)
@@ -350,6 +375,7 @@ def test_random_arm_same_counts_other_neurons(setup):
     assert meta["arm"] == "random" and meta["random"] == summary["random"]
     for entry in entries:
         assert torch.equal(entry.indices, drawn.indices(int(entry.name.split("layers.")[1].split(".")[0])))
+    _assert_provenance(out)
 
 
 def test_lora_arm_matched_budget_merged_export(setup):
@@ -357,7 +383,7 @@ def test_lora_arm_matched_budget_merged_export(setup):
 
     out = setup["tmp"] / "lora"
     run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "lora", "--lora-budget", "match", "--neurons",
-                                   str(setup["neurons"])), num_ranks=2, timeout=600)
+                                   str(setup["neurons"]), "--export-steps", "1"), num_ranks=2, timeout=600)
     base, trained = _weights(setup["model"]), _weights(out / "model")
     summary = json.loads((out / "train.json").read_text())
     lora, budget = summary["lora"], _slice_params(base, NeuronSet.load(setup["neurons"]))
@@ -374,11 +400,13 @@ def test_lora_arm_matched_budget_merged_export(setup):
         assert torch.linalg.matrix_rank(trained[key].double() - base[key].double(), rtol=1e-4) <= lora["rank"], key
     model, info = AutoModelForImageTextToText.from_pretrained(out / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    _assert_provenance(out)
+    _assert_merged_snapshot(out, base, trained, targets)
 
 
 def test_full_ffn_arm_changes_only_ffn_tensors(setup):
     out = setup["tmp"] / "full-ffn"
-    run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "full-ffn"), num_ranks=2, timeout=600)
+    run_deepspeed(TRAIN, _arm_args(setup, out, "--update", "full-ffn", "--export-steps", "1"), num_ranks=2, timeout=600)
     base, trained = _weights(setup["model"]), _weights(out / "model")
     ffn = _lm_keys(base, ("gate_proj", "up_proj", "down_proj"))
     assert _changed(base, trained) == ffn
@@ -386,6 +414,8 @@ def test_full_ffn_arm_changes_only_ffn_tensors(setup):
     assert summary["arm"] == "full-ffn" and summary["patch"] is None and summary["neurons"] is None
     assert summary["trainable_params"] == sum(base[k].numel() for k in ffn)
     assert summary["trainable_fraction"] == summary["trainable_params"] / summary["total_params"]
+    _assert_provenance(out)
+    _assert_merged_snapshot(out, base, trained, ffn)
 
 
 def test_arm_flags_bad_input(setup, tmp_path):
@@ -428,7 +458,7 @@ def test_arm_flags_bad_input(setup, tmp_path):
     assert not out.exists()
 
 
-def test_self_targets_cut_at_sentence_end_and_left_open(setup):
+def test_self_targets_cut_at_sentence_end_and_left_open(setup, tmp_path):
     """An answer that hit --max-new-tokens is cut back to its last sentence end and trained without end of turn."""
     from shield_ds.data import SafetyCollator
     from shield_ds.data.records import SafetyRecord
@@ -453,6 +483,30 @@ def test_self_targets_cut_at_sentence_end_and_left_open(setup):
         labels[open_end] = batch.labels[batch.labels != -100].tolist()
     assert tokenizer.decode(labels[True]).strip() == "Because of Rayleigh scattering."
     assert labels[False][:len(labels[True])] == labels[True] and len(labels[False]) > len(labels[True])
+    # The trainer turns cached answers into targets: a finished one closed, a cut one and one without a sentence
+    # end open (no end of turn); self_targets (train.json) counts them.
+    from shield_ds.train import BENIGN_TARGETS_FILE, ShieldTrainer, TrainConfig
+
+    benign = write_jsonl(tmp_path / "open.jsonl", [{"id": f"o{i}", "prompt": f"Question {i}?", "language": "en",
+                                                    "label": "benign"} for i in range(3)])
+    cfg = TrainConfig(model=str(setup["model"]), neurons=str(setup["neurons"]), benign=[str(benign)], languages=["en"],
+                      per_group_limit=3, split="all", benign_targets="self", max_new_tokens=5, out=str(tmp_path / "t"))
+    trainer = ShieldTrainer(cfg)
+    trainer.prepare()
+    answers = [("Fine.", True), ("It is blue. Becau", False), ("no end here", False)]
+    ids = sorted(r.id for r in trainer.needs_self_targets)
+    assert len(ids) == 3
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / BENIGN_TARGETS_FILE).write_text("".join(
+        json.dumps({"id": key, "response": text, "finished": done, "max_new_tokens": 5,
+                    "model_hash": trainer.config_hash}) + "\n" for key, (text, done) in zip(ids, answers)))
+    trainer._fill_self_targets(None)  # every answer is cached: nothing is generated
+    assert trainer.self_targets == {"generated": 3, "cut": 1, "open_without_sentence_end": 1, "max_new_tokens": 5}
+    targets = {r.id: (r.response, r.response_open) for r in trainer.records if r.label == "benign"}
+    assert [targets[key] for key in ids] == [("Fine.", False), ("It is blue.", True), ("no end here", True)]
+    cut = next(r for r in trainer.records if r.id == ids[1])
+    batch = collator([cut])
+    assert tokenizer.decode(batch.labels[batch.labels != -100].tolist()).strip() == "It is blue."
     # generate_responses tells finished answers (an end-of-sequence token) from ones cut by the limit.
     from shield_ds.evaluate.generate import generate_responses
 

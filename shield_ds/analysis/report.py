@@ -6,7 +6,8 @@ Files written into the output directory (each atomically):
   expected intersection under random sets of the same per-layer sizes, p-value);
 - `jaccard_languages.csv/.png`, `jaccard_modalities.csv/.png`: Jaccard matrices (when >= 2 sets);
 - `shared_core.csv` and `shared_core/` (a NeuronSet): neurons selected for every language;
-- `analysis.json` (the numbers) and `analysis.md` (a readable summary).
+- `analysis.json` (the numbers, with the split provenance the identify run recorded) and `analysis.md`
+  (a readable summary).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from shield_ds.analysis.overlap import (OverlapMatrix, expected_core_size, overlap_matrix, per_layer_distribution,
                                         shared_core, split_named_sets)
 from shield_ds.data.records import LANGUAGES, MODALITIES, language_group, parse_group
+from shield_ds.data.splits import recorded_split_provenance
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
@@ -141,7 +143,7 @@ def analyze_identify_dir(identify_dir: str | Path, out_dir: str | Path | None = 
                     for name, s in all_sets.items()}
     first = next(iter(all_sets.values()))
     summary: dict[str, Any] = {
-        "identify_dir": str(identify_dir), "num_layers": first.num_layers,
+        "identify_dir": str(identify_dir), **recorded_split_provenance(first.meta), "num_layers": first.num_layers,
         "intermediate_size": first.intermediate_size, "cap_ranking": first.meta.get("cap_ranking"),
         "sets": sets_summary, "families": family_summary,
         "shared_core": core_summary, "pairs": pairs,
@@ -157,8 +159,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
     """The readable summary of `analyze_identify_dir`'s numbers."""
     n_layers, width = summary["num_layers"], summary["intermediate_size"]
     ranking = f" Parameter cap ranked `{summary['cap_ranking']}`." if summary.get("cap_ranking") else ""
+    data = ""
+    if summary.get("split") is not None:
+        data = (f" Data: {summary['split']} split (test fraction {summary['test_fraction']}, seed "
+                f"{summary['split_seed']}), {summary['prompt_keys']} prompts, digest "
+                f"`{str(summary['prompt_key_digest'])[:12]}`.")
     out = [f"# Safety neuron analysis\n\nIdentify output: `{summary['identify_dir']}` "
-           f"({n_layers} layers x {width} FFN neurons).{ranking}\n"]
+           f"({n_layers} layers x {width} FFN neurons).{ranking}{data}\n"]
     out.append("\n## Sets\n\n")
     out.append(markdown_table(["set", "neurons", "% of FFN neurons", "layers with neurons", "busiest layer"],
                               [[name, str(s["size"]), f"{100 * s['fraction_of_ffn_neurons']:.3f}%",

@@ -102,12 +102,21 @@ def keys_digest(keys: Iterable[str]) -> str:
     return hashlib.sha256("".join(f"{k}\n" for k in sorted(set(keys))).encode("utf-8")).hexdigest()
 
 
+SPLIT_PROVENANCE_KEYS = ("split", "test_fraction", "split_seed", "prompt_keys", "prompt_key_digest")
+
+
 def split_provenance(records: Iterable["SafetyRecord"], split: str, test_fraction: float,
                      split_seed: int) -> dict[str, Any]:
     """What the output JSONs record about the data a run used: split, fraction, seed, key count and digest."""
     keys = prompt_keys(records)
     return {"split": split, "test_fraction": test_fraction, "split_seed": split_seed,
             "prompt_keys": len(keys), "prompt_key_digest": keys_digest(keys)}
+
+
+def recorded_split_provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """The `split_provenance` entries an upstream output recorded (None where it recorded none), for outputs
+    derived from it without reading the records again (the analysis of an identify directory)."""
+    return {key: meta.get(key) for key in SPLIT_PROVENANCE_KEYS}
 
 
 # --- provenance of a trained model ---------------------------------------------------------------

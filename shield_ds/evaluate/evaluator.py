@@ -112,6 +112,7 @@ class Evaluator:
         if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():
             raise ShieldError(f"{cfg.compare}: no asr.json to compare with (run evaluate there first)")
         overlap = trained_overlap(records, cfg.model)
+        provenance = split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed)
         note = self._overlap_note(overlap)
         judge, matcher = self._judges()
         from shield_ds.evaluate.utility import UtilityProbe
@@ -148,7 +149,7 @@ class Evaluator:
             write_generations(self.out / "generations.jsonl", rows)
             table = asr_table(rows)
             write_asr_reports(table, self.out, meta={
-                **split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed), "trained_overlap": overlap,
+                **provenance, "trained_overlap": overlap,
                 "zero": inference.zero, "world_size": dist.world_size()})
             summary["asr"] = overall(rows)
             print(table_text(table), flush=True)
@@ -159,14 +160,17 @@ class Evaluator:
                 print(compare_markdown(cmp_rows), flush=True)
             probe.write(summary["utility"])
         if ablate_set is not None:
-            summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses)
+            summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses, provenance)
         if dist.is_rank0():
             write_json(self.out / "evaluate.json", {"config": cfg.__dict__, "world_size": dist.world_size(),
-                                                    "zero": inference.zero, **summary})
+                                                    "zero": inference.zero, **provenance, **summary})
         dist.barrier()
         return summary
 
-    def _ablation(self, model, adapter, neuron_set, generate, judged, base_responses) -> list[dict]:
+    def _ablation(self, model, adapter, neuron_set, generate, judged, base_responses,
+                  provenance: dict[str, Any]) -> list[dict]:
+        """Answers with the set's neurons zeroed, and with random controls; ablation.json/.csv/.md on rank 0
+        (the JSON: the evaluated prompts' split provenance and `variants`, one row per ablation)."""
         from shield_ds.evaluate.ablation import ablate_neurons, random_like
         from shield_ds.tables import markdown_table, rows_to_csv
 
@@ -187,7 +191,7 @@ class Evaluator:
             results.insert(0, {"variant": "none (base)", "neurons": 0, **base, "delta_harmful_refusal": 0.0,
                                "delta_asr": 0.0, "changed_responses": 0})
             write_text(self.out / "ablation.csv", rows_to_csv(results))
-            write_json(self.out / "ablation.json", results)
+            write_json(self.out / "ablation.json", {**provenance, "variants": results})
             md = markdown_table(["ablated", "neurons", "harmful refusal", "ASR", "benign over-refusal", "Δ refusal",
                                  "Δ ASR", "changed answers"],
                                 [[r["variant"], str(r["neurons"]), f"{r['harmful_refusal']:.1%}", f"{r['asr']:.1%}",

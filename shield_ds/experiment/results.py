@@ -2,9 +2,10 @@
 
 ASR is split by what the arm was trained on: `trained` (trained languages x trained modalities),
 `held-out languages` (the other languages, trained modalities) and `held-out modalities` (every
-language, the other modalities). Each rate comes with its 95% Wilson interval over the generations
-of that slice; over-refusal is over all benign test prompts; NLL drift is the change of the mean
-per-token NLL of the base model's benign answers against the base model itself.
+language, the other modalities). Each rate is pooled over the generations of its slice (successes /
+prompts, not a mean of per-language rates) and comes with its 95% Wilson interval; over-refusal is
+over all benign test prompts; NLL drift is the change of the mean per-token NLL of the base model's
+benign answers against the base model itself.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ def random_summary(rows: list[dict]) -> dict[str, Any] | None:
     return out
 
 
-def results_markdown(rows: list[dict], title: str, *, model: str) -> str:
-    """The arms table (percent, 95% Wilson intervals) with a note on how to read it."""
+def results_markdown(rows: list[dict], title: str, *, model: str, tiny: bool = False) -> str:
+    """The arms table (percent, 95% Wilson intervals) with a note on how to read it; `tiny`: the model is a
+    tiny generated checkpoint, and the page says that its numbers cannot move."""
     present = [s for s in SLICES if any(r.get(f"{s}_n") for r in rows)]
     header = ["arm", *(SLICE_TITLES[s] + " % [95% CI]" for s in present), "over-refusal % [95% CI]",
               "NLL drift (nats/token)", "trainable params", "trainable %", "train s"]
@@ -123,12 +125,17 @@ def results_markdown(rows: list[dict], title: str, *, model: str) -> str:
         seconds = "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
         body.append([r["arm"], *(_with_ci(r, s) for s in present), _with_ci(r, "over_refusal"), drift, params,
                      fraction, seconds])
-    notes = ("ASR = attack successes / harmful test prompts of the slice; over-refusal = refusals / benign "
-             "test prompts; the test prompts are a prompt-level split the arms never trained on. "
+    notes = ("ASR = attack successes / harmful test prompts of the slice, pooled over the slice's prompts (every "
+             "language and modality of the slice counts by its number of prompts, not averaged per language); "
+             "over-refusal = refusals / benign test prompts; the test prompts are a prompt-level split the arms "
+             "never trained on. "
              "Intervals are 95% Wilson score intervals per arm (the random-mean row shows the min-max "
              "range over seeds instead). NLL drift: mean per-token NLL of the base model's greedy benign "
              "answers under the arm minus under the base model.")
-    return f"# {title}\n\nModel: `{model}`\n\n{markdown_table(header, body)}\n\n{notes}\n"
+    from shield_ds.defaults import TINY_NOTE
+
+    warning = f"**{TINY_NOTE}**\n\n" if tiny else ""
+    return f"# {title}\n\nModel: `{model}`\n\n{warning}{markdown_table(header, body)}\n\n{notes}\n"
 
 
 def held_out_groups(base_dir: Path, trained: tuple[set[str], set[str]]) -> list[str]:

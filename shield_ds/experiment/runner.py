@@ -294,6 +294,7 @@ class Experiment:
     # --- results -------------------------------------------------------------------------------
     def write_results(self) -> list[dict[str, Any]]:
         from shield_ds.data.splits import overlap_note
+        from shield_ds.defaults import is_tiny_checkpoint
         from shield_ds.experiment.results import (arm_row, curve_markdown, held_out_groups, plot_curves,
                                                   plot_results, results_markdown, transfer_section)
         from shield_ds.tables import rows_to_csv
@@ -307,7 +308,7 @@ class Experiment:
                  f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
         if note:
             title += f" {note}"
-        text = results_markdown(rows, title, model=self.cfg.model)
+        text = results_markdown(rows, title, model=self.cfg.model, tiny=is_tiny_checkpoint(self.cfg.model))
         safety = next((a for a in self.arms() if a.name == "safety"), None)
         if safety is not None:
             held = held_out_groups(base_dir, trained)

@@ -21,6 +21,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
+from shield_ds.defaults import TINY_MARKER
 from shield_ds.errors import ShieldError
 
 TINY_VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama", "gemma3", "idefics3")
@@ -353,6 +354,7 @@ def build_tiny(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
         raise ShieldError(f"unknown tiny architecture '{arch}'; choose one of: {', '.join(TINY_FAMILIES)}, all")
     out_dir = Path(out_dir)
     config, processor = BUILDERS[arch](arch)
+    setattr(config, TINY_MARKER, True)  # read by is_tiny_checkpoint: reports say its numbers cannot move
     torch.manual_seed(seed)
     auto_class = AutoModelForCausalLM if arch in TINY_LLM_FAMILIES else AutoModelForImageTextToText
     model = auto_class.from_config(config, dtype=torch.float32)
