@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,14 +26,17 @@ def default_model_dir() -> Path:
 def is_tiny_checkpoint(model: str | os.PathLike) -> bool:
     """Whether `model` is a tiny generated checkpoint: its config.json carries TINY_MARKER, or it is the
     embedded default's directory (built before the marker existed)."""
+    from shield_ds.errors import ShieldError
+    from shield_ds.io import read_json
+
     path = Path(model)
-    config = path / "config.json"
-    if config.is_file():
+    if (path / "config.json").is_file():
         try:
-            if json.loads(config.read_text(encoding="utf-8")).get(TINY_MARKER):
-                return True
-        except (OSError, ValueError, AttributeError):
+            config = read_json(path / "config.json")
+        except ShieldError:
             return False
+        if isinstance(config, dict) and config.get(TINY_MARKER):
+            return True
     return path.exists() and path.resolve() == default_model_dir().resolve()
 
 
