@@ -135,6 +135,25 @@ def test_plan_reruns_a_stage_when_its_input_ran_again(tmp_path):
     assert not any(exp._done(s) for s in stages)
 
 
+def test_plan_gives_each_arm_its_flags(tmp_path):
+    """Every arm's train stage: its selection flags, the shared train args, its own out; full FFN needs no identify."""
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random", "lora", "full-ffn"],
+                           random_seeds=1, train_args="--max-steps 3")
+    trains = {s.out.parent.name: s for s in Experiment(cfg).plan() if s.recipe == "train.py"}
+    identify = str(tmp_path / "identify")
+    expected = {"safety": ["--neurons", identify], "random-s0": ["--neurons", f"random:0:{identify}"],
+                "lora": ["--update", "lora", "--neurons", identify, "--lora-budget", "match"],
+                "full-ffn": ["--update", "full-ffn"]}
+    assert set(trains) == set(expected)
+    for name, flags in expected.items():
+        args = trains[name].args
+        start = args.index(flags[0])
+        assert args[start:start + len(flags)] == flags, (name, args)
+        assert args[-2:] == ["--max-steps", "3"] and args[args.index("--out") + 1] == str(tmp_path / "arms" / name / "train")
+        assert trains[name].depends == ([] if name == "full-ffn" else [tmp_path / "identify"])
+    assert "--neurons" not in trains["full-ffn"].args
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ShieldError, match="--arms must be one of safety, random, lora, full-ffn, not 'dropout'"):
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))
@@ -163,9 +182,10 @@ def test_curve_steps_plan_snapshot_evaluations(tmp_path):
 @pytest.mark.distributed
 @timeout_above(1200, 300, 300, 300)
 def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path):
-    """Identify and train on 2 ranks through the deepspeed launcher, evaluations in one process: base, safety,
-    one random seed, matched LoRA and full FFN on held-out prompts. (The curve's stages and table are tested
-    above and below, the arms' snapshot exports in test_train.)"""
+    """Identify and train on 2 ranks through the deepspeed launcher, evaluations in one process: base, safety
+    and one random seed on held-out prompts. (The LoRA and full-FFN arms train on 2 ranks in test_train, and
+    their flags from this driver are checked in test_plan_gives_each_arm_its_flags; the curve's stages and
+    table are tested above and below, the arms' snapshot exports in test_train.)"""
     from shield_ds.data.targets import cut_at_sentence_end
 
     run = tmp_path / "run"
@@ -173,13 +193,13 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     args = [str(REPO / "recipes" / "experiment.py"), "--model", str(tiny_checkpoint("llava")), "--out", str(out),
             "--launcher", f"{DEEPSPEED} --num_gpus 2 --master_port {free_port()}", "--eval-launcher", "python",
             "--train-languages", "en,zh", "--eval-languages", "en,zh,sw", "--eval-modalities", "text,typographic",
-            "--arms", "safety,random,lora,full-ffn", "--random-seeds", "1",
+            "--arms", "safety,random", "--random-seeds", "1",
             "--identify-args", "--per-group-limit 3 --ratio 0.1 --max-param-fraction 0.05 --ds-config none",
             "--evaluate-args", "--per-group-limit 2 --max-new-tokens 6 --ds-config none",
             "--train-args", "--per-group-limit 3 --benign-targets self --max-new-tokens 6 --max-steps 2 "
                             "--ds-config ds_configs/zero3_fp32.json"]
     proc = run_python(args, timeout=1200)
-    arms = ("safety", "random-s0", "lora", "full-ffn")
+    arms = ("safety", "random-s0")
     rows = {r.split(",")[0]: r for r in (out / "results.csv").read_text().splitlines()[1:]}
     assert set(rows) == {"base", *arms}
     text = (out / "results.md").read_text()
@@ -224,12 +244,12 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     assert not (run / "report.md").exists()
     run_python([*report, "--allow-overlap"], timeout=300)
     report_text = (run / "report.md").read_text()
-    assert f"base vs safety arm {OVERLAP_NOTE}" in report_text and "| lora |" in report_text
+    assert f"base vs safety arm {OVERLAP_NOTE}" in report_text and "| random-s0 |" in report_text
     assert report_text.count(TINY_NOTE) == 2  # in the introduction and in the arms table taken from results.md
     asr_path.write_text(clean)
     # a second run with nothing changed launches nothing and writes the same table
     again = run_python(args, timeout=300)
-    assert again.stdout.count("== done already") == 10  # base, identify, 4 arms x (train, eval)
+    assert again.stdout.count("== done already") == 6  # base, identify, 2 arms x (train, eval)
     assert (out / "results.md").read_text() == text
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import child_env, run_cmd
+from test_benchmarks import check_results
 
 pytestmark = pytest.mark.distributed
 
@@ -40,4 +41,7 @@ def test_dry_run_passes_every_stage(tmp_path):
     assert "backend gloo" in rows["selfcheck"][1]
     report = tmp_path / "report"
     assert (report / "summary.md").read_text().strip() == proc.stdout.strip()
-    assert json.loads((report / "gpu_7b.json").read_text())["toy"] is True
+    # gpu_7b.py --toy: every train mode in one process, delta and LoRA again at full depth, every ratio printed
+    results = json.loads((report / "gpu_7b.json").read_text())
+    assert results["toy"] is True and set(results["full_depth"]) == {"delta", "lora"}
+    check_results((tmp_path / "work" / "logs" / "gpu_7b.log").read_text(), results)
