@@ -270,6 +270,21 @@ def fits_replicated(checkpoint_dir: str | os.PathLike, dtype: torch.dtype, share
     return need <= share * free
 
 
+def replica_fits_on_every_rank(model: str | os.PathLike, dtype: torch.dtype) -> bool:
+    """`fits_replicated` for a model name or directory, agreed by all ranks (a collective: call it on every rank).
+
+    Free memory differs between ranks, and a rank that takes the replica path while another takes ZeRO-3
+    would wait forever in the next collective; so one "no" anywhere is "no" everywhere.
+    """
+    from shield_ds.patch import resolve_checkpoint_dir
+
+    try:
+        fits = fits_replicated(resolve_checkpoint_dir(model), dtype)
+    except ShieldError:
+        fits = False  # a hub name outside the local cache: size unknown
+    return bool(dist.all_reduce(torch.tensor([int(fits)]), op="min")[0])
+
+
 # --- inference: ZeRO-3 or a replica per rank --------------------------------------------------
 ZERO_MODES = ("auto", "on", "off")
 
@@ -301,14 +316,7 @@ def choose_zero(zero: str, ds_config: dict | None, model: str | os.PathLike, dty
         return zero
     if offloads_params(ds_config):
         return "on"
-    from shield_ds.patch import resolve_checkpoint_dir
-
-    try:
-        fits = fits_replicated(resolve_checkpoint_dir(model), dtype)
-    except ShieldError:
-        fits = False  # a hub name outside the local cache: size unknown
-    # Free memory differs between ranks: all of them must take the same path (collectives follow).
-    fits = bool(dist.all_reduce(torch.tensor([int(fits)]), op="min")[0])
+    fits = replica_fits_on_every_rank(model, dtype)
     mode = "off" if fits else "on"
     log.info("--zero auto: %s (%s)", mode, "a replica fits on every rank" if fits else "the model needs ZeRO-3")
     return mode

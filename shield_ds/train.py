@@ -581,7 +581,7 @@ class ShieldTrainer:
         """Generate missing benign answers with the (still untrained) model once; cache them in OUT.
 
         Without `engine` (before the ZeRO-3 load): only when a full replica of the base fits on every
-        rank (`fits_replicated`); each rank then generates its shard on a plain copy, which avoids
+        rank (`replica_fits_on_every_rank`, all ranks agreeing); each rank then generates its shard on a plain copy, which avoids
         ZeRO-3's per-token parameter gathers. Otherwise the partitioned engine generates, in lockstep.
 
         An answer that reached --max-new-tokens without ending is cut back to its last sentence end
@@ -602,10 +602,9 @@ class ShieldTrainer:
                     responses[row["id"]] = (row["response"], row["finished"])
         todo = [r for r in self.needs_self_targets if r.id not in responses]
         if todo and engine is None:
-            from shield_ds.engine import fits_replicated
-            from shield_ds.patch import resolve_checkpoint_dir
+            from shield_ds.engine import replica_fits_on_every_rank
 
-            if not fits_replicated(resolve_checkpoint_dir(self.cfg.model), self.dtype):
+            if not replica_fits_on_every_rank(self.cfg.model, self.dtype):
                 return  # generated after the ZeRO-3 load
         if todo:
             from shield_ds.evaluate.generate import generate_responses
