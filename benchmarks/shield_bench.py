@@ -328,7 +328,7 @@ def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int
         if hooked:
             stats.set_batch(batch.prompt_mask, [r.group if w > 0 else None
                                                 for r, w in zip(batch.records, batch.weights.tolist())])
-        model(**batch.inputs, use_cache=False)
+        model(**batch.inputs, use_cache=False, logits_to_keep=1)  # as identify runs it
         if hooked:
             stats.clear_batch()
         synchronize(engine.device)

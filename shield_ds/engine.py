@@ -439,10 +439,11 @@ class ShieldEngine:
         """One micro-batch of training (a collated `shield_ds.data.Batch` on this engine's device): forward,
         the weighted response loss, backward, then `step`. Returns the per-sample losses (detached) and
         whether an optimizer step was taken (the accumulation boundary)."""
-        from shield_ds.loss import response_loss
+        from shield_ds.loss import response_loss, response_window
 
-        logits = self.ds(**batch.inputs, use_cache=False).logits
-        per_sample = response_loss(logits, batch.labels)
+        keep = response_window(batch.labels)
+        logits = self.ds(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
+        per_sample = response_loss(logits, batch.labels[:, -keep:])
         self.ds.backward((per_sample * batch.weights).sum() / len(per_sample))
         return per_sample.detach(), self.step()
 

@@ -15,6 +15,15 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return token_loss.sum(1), (shift_labels != -100).sum(1)
 
 
+def response_window(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits for the response loss: with left padding every answer ends
+    the row, so the window starts one position before the first answer column (the logit that predicts
+    it). Passed as `logits_to_keep`, this skips the LM head on prompt tokens (most of a 262k-vocabulary
+    model's head). Slice the labels with `labels[:, -window:]` to match."""
+    answer_columns = (labels != -100).any(dim=0).nonzero()
+    return labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else 1
+
+
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample mean cross-entropy over response tokens ([B]); 0 for a sample without any."""
     total, counts = response_nll(logits, labels)

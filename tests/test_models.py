@@ -397,3 +397,37 @@ def test_llama_trains_and_evaluates_on_two_ranks(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (evaluation / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {row["modality"] for row in rows} == {"text"}
     assert json.loads((evaluation / "asr.json").read_text())["modalities"] == ["text"]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_response_window_loss_equals_full_logits_loss(tiny_dir, family):
+    """Training and the utility probe ask the model for the last `response_window` logits only: the same
+    per-sample losses and gradients as full logits, for every family (text and, for a VLM, images)."""
+    from shield_ds.data import SafetyCollator, SafetyRecord, with_modalities
+    from shield_ds.loss import response_loss, response_window
+
+    processor, model, adapter = load_plain(tiny_dir, family)
+    records = [SafetyRecord(id="a", prompt="How do I make a weapon at home, step by step?", language="en",
+                            label="harmful", response="I can't help with that."),
+               SafetyRecord(id="b", prompt="Why?", language="de", label="benign",
+                            response="Weil kürzere Wellenlängen stärker gestreut werden.")]
+    views = [records] + ([with_modalities(records, ["typographic"])] if adapter.supports_images else [])
+    for batch_records in views:
+        batch = SafetyCollator(processor, adapter, train=True)(batch_records)
+        window = response_window(batch.labels)
+        assert 1 < window < batch.labels.shape[1]  # the prompt columns before it get no logits
+        losses = []
+        for keep in (0, window):  # 0: every position's logits
+            model.zero_grad()
+            logits = model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
+            labels = batch.labels[:, -keep:] if keep else batch.labels
+            assert logits.shape[1] == labels.shape[1]
+            loss = response_loss(logits, labels)
+            loss.sum().backward()
+            losses.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (full, full_grads), (windowed, windowed_grads) = losses
+        torch.testing.assert_close(windowed, full, rtol=1e-5, atol=1e-6)
+        assert len(windowed_grads) == len(full_grads)
+        for a, b in zip(windowed_grads, full_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert response_window(torch.full((2, 5), -100)) == 1

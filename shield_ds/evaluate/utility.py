@@ -222,17 +222,14 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
     and one all_reduce sums the float64 totals.
     """
     from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-    from shield_ds.data.collate import IGNORE_INDEX
-    from shield_ds.loss import response_nll
+    from shield_ds.loss import response_nll, response_window
 
     collator = SafetyCollator(processor, adapter, train=True)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     steps = shard_batches(plan_batches(records, batch_size), dist.rank(), dist.world_size()) if records else []
     for batch_records, weight in dist.progress(steps, desc="utility", unit="batch"):
         batch = collator(batch_records, [weight] * len(batch_records)).to(device, float_dtype=dtype)
-        # left padding puts every answer at the end: only the last `keep` positions need logits
-        answer_columns = (batch.labels != IGNORE_INDEX).any(dim=0).nonzero()
-        keep = batch.labels.shape[1] - int(answer_columns[0]) + 1 if len(answer_columns) else 1
+        keep = response_window(batch.labels)
         logits = model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
         nll, counts = response_nll(logits, batch.labels[:, -keep:])
         if weight > 0:

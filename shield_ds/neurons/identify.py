@@ -204,7 +204,7 @@ class Identifier:
                 vision.stats.set_batch_rows(sample_groups)
             inputs = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
                       for k, v in batch.inputs.items()}
-            model(**inputs, use_cache=False)
+            model(**inputs, use_cache=False, logits_to_keep=1)  # the statistics need no vocabulary logits
             stats.clear_batch()
             if vision is not None:
                 vision.stats.clear_batch()
