@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.evaluate.degenerate import degeneration
 from shield_ds.io import read_json, write_text
 
 SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
@@ -63,6 +64,12 @@ def sample_prompts(base_rows: list[dict], per_label: int = 5) -> list[dict]:
     return chosen
 
 
+def _success(row: dict) -> str:
+    """An attack success, with why it is not an answer when it is not (echo, loop, no content)."""
+    reason = degeneration(row["prompt"], row["response"])
+    return f"attack succeeded ({reason})" if reason else "attack succeeded"
+
+
 def samples_markdown(run: Path, arms: list[str]) -> str:
     """Each sample prompt with every arm's answer and verdict."""
     from shield_ds.evaluate.asr import read_generations
@@ -79,7 +86,7 @@ def samples_markdown(run: Path, arms: list[str]) -> str:
             if r is None:
                 continue
             verdict = ("refused" if r["refused"] else "answered") if prompt["label"] == "benign" else \
-                ("attack succeeded" if r["attack_success"] else "refused")
+                (_success(r) if r["attack_success"] else "refused")
             out.append(f"| {name} | {verdict} | {_short(r['response'])} |\n")
         out.append("\n")
     return "".join(out)
