@@ -150,6 +150,9 @@ def test_plan_reruns_a_stage_when_its_input_ran_again(tmp_path):
     stale = {s.out.relative_to(tmp_path).as_posix() for s in stages if not exp._done(s)}
     assert "arms/safety/train" in stale and "arms/random-s0/train" in stale
     assert "eval-base" not in stale and "budgets/0.001/safety/train" not in stale
+    # the sweep selects again from the main identify's statistics, so it reruns after it too
+    assert "budgets/0.001/identify" in stale
+    assert stages[2].args[-2:] == ["--from-stats", str(tmp_path / "identify")]
     cfg.force = True
     assert not any(exp._done(s) for s in stages)
 

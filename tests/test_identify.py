@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, assert_one_line_error, child_env, run_deepspeed, run_python, timeout_above
 from identify_helpers import MARKER, marker_datasets, plant_neurons, write_jsonl
+from shield_ds.errors import ShieldError
 from shield_ds.neurons import NeuronSet
 from shield_ds.neurons.identify import IdentifyConfig, Identifier, format_summary
 
@@ -293,3 +294,56 @@ def test_scope_lm_plus_vision_writes_a_vision_set(arch, tiny_checkpoint, tmp_pat
     for group in ("harmful.en.text", "benign.en.text"):
         assert (stats[f"{group}.count"] == 0).all()  # text-only prompts never reach the vision tower
     assert NeuronSet.load(out).meta["scope"] == "lm+vision"
+
+
+def test_from_stats_selects_what_a_full_run_would(tiny_checkpoint, tmp_path):
+    """Re-selection from saved statistics (other score, ratio, cap) equals identify run afresh with those
+    settings, named sets included; anything that changes the statistics themselves is refused."""
+    model = str(tiny_checkpoint("llava"))
+    data = dict(model=model, languages=["en", "zh"], modalities=["text", "typographic"], per_group_limit=4,
+                batch_size=4, ds_config=None)
+    source = tmp_path / "source"
+    Identifier(IdentifyConfig(**data, ratio=0.2, max_param_fraction=CAP, out=str(source))).run()
+    for selection in ({"score": "contrast", "ratio": 0.1, "max_param_fraction": 0.0},
+                      {"ratio": 0.3, "max_param_fraction": 0.002, "cap_ranking": "raw"}):
+        name = "-".join(f"{v}" for v in selection.values())
+        fresh = Identifier(IdentifyConfig(**data, **selection, out=str(tmp_path / f"fresh{name}"))).run()
+        again = Identifier(IdentifyConfig(**data, **selection, out=str(tmp_path / f"again{name}"),
+                                          from_stats=str(source))).run()
+        assert again.as_pairs() == fresh.as_pairs() and again.count > 0, selection
+        reloaded = NeuronSet.load(tmp_path / f"again{name}")
+        assert reloaded.meta["selected_from"] == str(source) and reloaded.meta["ratio"] == selection["ratio"]
+        for set_name, subset in NeuronSet.load_named_sets(tmp_path / f"fresh{name}").items():
+            assert NeuronSet.load(tmp_path / f"again{name}" / "sets" / set_name).as_pairs() == subset.as_pairs()
+    # a re-selection's output can be selected from again (its stats file carries the norms too)
+    chained = Identifier(IdentifyConfig(**data, ratio=0.2, max_param_fraction=CAP, out=str(tmp_path / "chained"),
+                                        from_stats=str(tmp_path / "again0.3-0.002-raw"))).run()
+    assert chained.as_pairs() == NeuronSet.load(source).as_pairs()
+
+    def refused(match: str, **changes) -> None:
+        out = tmp_path / "refused"
+        cfg = IdentifyConfig(**{**data, "ratio": 0.2, "out": str(out), "from_stats": str(source), **changes})
+        with pytest.raises(ShieldError, match=match) as exc:
+            Identifier(cfg).run()
+        assert "\n" not in str(exc.value) and not out.exists()
+
+    refused("other per_group_limit .per_group_limit=4 there, 5 here", per_group_limit=5)
+    refused("other languages, tokens|other tokens", tokens="last", languages=["en"])
+    refused("--out must be another directory", out=str(source))
+    refused(f"{tmp_path / 'nowhere'}: not found|no stats.safetensors", from_stats=str(tmp_path / "nowhere"))
+
+
+def test_from_stats_command_line(plain_reference, tiny_checkpoint, tmp_path):
+    """Through the recipe: a re-selection in one process (no launcher, no forward), then bad input."""
+    model = tiny_checkpoint("llava")
+    out = tmp_path / "wider"
+    proc = run_python([IDENTIFY, *_common(model, out, "--from-stats", str(plain_reference), "--ds-config", "none"),
+                       "--max-param-fraction", "0"], timeout=300)
+    assert "safety neurons (saliency score, ratio 0.2" in proc.stdout
+    wider, source = NeuronSet.load(out), NeuronSet.load(plain_reference)
+    assert source.as_pairs() < wider.as_pairs()  # the cap removed: the per-layer top 20% the source cut from
+    assert (out / "stats.safetensors").read_bytes() == (plain_reference / "stats.safetensors").read_bytes()
+    proc = run_python([IDENTIFY, *_common(model, tmp_path / "bad", "--from-stats", str(plain_reference)),
+                       "--per-group-limit", "2"], timeout=300, check=False)
+    assert_one_line_error(proc, str(plain_reference), "per_group_limit")
+    assert not (tmp_path / "bad").exists()

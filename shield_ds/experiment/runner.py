@@ -11,7 +11,8 @@ the user's launcher: `deepspeed --num_gpus N`, `srun`, or plain `python`):
 
 Arms: `safety` (the identified neurons), `random` (random neurons with the same per-layer counts,
 one run per seed), `lora` (LoRA at the neuron set's trainable-parameter budget), `full-ffn` (every
-FFN matrix; the upper bound). `budgets` adds a sweep: identify again under each parameter budget
+FFN matrix; the upper bound). `budgets` adds a sweep: select again from the main identify's statistics
+under each parameter budget (`identify.py --from-stats`, no forward passes)
 and train safety, one random seed and matched LoRA there.
 
 A stage whose output is complete and whose arguments are unchanged is not run again (`stage.json`
@@ -210,9 +211,11 @@ class Experiment:
                                      *shlex.split(self.cfg.base_evaluate_args)], self.out / "eval-base", "asr.json")
         identify = {None: Stage("identify.py", self.identify_args(self.out / "identify"), self.out / "identify",
                                 "neurons.json")}
-        for budget in self.cfg.budgets:
+        for budget in self.cfg.budgets:  # the main identify's statistics, selected again under each budget
             root = self.out / "budgets" / f"{budget:g}" / "identify"
-            identify[budget] = Stage("identify.py", self.identify_args(root, budget), root, "neurons.json")
+            identify[budget] = Stage("identify.py", [*self.identify_args(root, budget), "--from-stats",
+                                                     str(self.out / "identify")], root, "neurons.json",
+                                     [identify[None].out])
         stages = [base, *identify.values()]
         for arm in self.arms():
             train = Stage("train.py", self.train_args(arm), arm.train_dir, "train.json",

@@ -20,7 +20,7 @@ from shield_ds.data.records import language_group, modality_group
 from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
-from shield_ds.neurons.neuron_set import META_FILE, SETS_DIR, STATS_FILE, NeuronSet
+from shield_ds.neurons.neuron_set import META_FILE, NORMS_KEY, SETS_DIR, STATS_FILE, NeuronSet
 from shield_ds.neurons.scores import compute_scores
 from shield_ds.neurons.selection import cap_by_param_fraction, param_fraction, select_per_layer
 from shield_ds.neurons.statistics import ActivationStatistics
@@ -31,6 +31,11 @@ log = dist.get_logger("identify")
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
                   "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
                   "scope", "split", "test_fraction", "split_seed")
+# The settings that only choose among neurons: `--from-stats` may change these and nothing else.
+SELECTION_KEYS = ("score", "ratio", "max_param_fraction", "cap_ranking")
+# Fields of a neuron set's metadata that describe that set, not the statistics it was selected from.
+_SET_FIELDS = ("param_fraction", "harmful_groups", "benign_groups", "restricted_to", "selected_neurons", "per_layer",
+               "format_version")
 
 
 @dataclass
@@ -51,6 +56,10 @@ class IdentifyConfig(DataConfig, InferenceConfig):
     out: str = option("runs/identify", "output directory")
     offload_params: bool = option(False, "ZeRO-3 parameter offload to CPU")
     overwrite: bool = option(False, "replace an output directory from another model/configuration")
+    from_stats: str | None = option(
+        None, "select again from a finished identify output's statistics, without forward passes (seconds, any "
+        "number of processes): --score, --ratio, --max-param-fraction and --cap-ranking may differ from it; the "
+        "model, data and token options must be the same")
 
 
 def last_token_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -108,6 +117,9 @@ class Identifier:
     def __init__(self, cfg: IdentifyConfig):
         if not 0 < cfg.ratio <= 1:
             raise ShieldError(f"--ratio must be in (0, 1], not {cfg.ratio}")
+        if cfg.from_stats and Path(cfg.out).resolve() == Path(cfg.from_stats).resolve():
+            raise ShieldError(f"--from-stats {cfg.from_stats}: --out must be another directory (the statistics "
+                              "are read from it)")
         self.cfg = cfg
 
     def signature(self, config_hash: str) -> dict[str, Any]:
@@ -131,6 +143,8 @@ class Identifier:
         chash = config_hash(config)
         signature = self.signature(chash)
         check_output_dir(out, signature, cfg.overwrite)
+        if cfg.from_stats:
+            return self.reselect(signature)
         records = load_identify_records(cfg)
 
         ds_config = None
@@ -244,12 +258,58 @@ class Identifier:
 
     def _write(self, staging: Path, stats, groups, col_norms, meta, neuron_set: NeuronSet) -> None:
         neuron_set.save(staging)
-        save_file(stats.state_dict(), str(staging / STATS_FILE), metadata={"format": "shield_ds.stats"})
+        save_file({**stats.state_dict(), NORMS_KEY: col_norms.contiguous()}, str(staging / STATS_FILE),
+                  metadata={"format": "shield_ds.stats"})
         harmful = [g.split(".") for g in groups if g.startswith("harmful.")]
         for key, pos in (("language", 1), ("modality", 2)):
             for value in sorted({parts[pos] for parts in harmful}):
                 sub = self._select(stats, groups, col_norms, meta, (key, value))
                 sub.save(staging / SETS_DIR / (language_group(value) if key == "language" else modality_group(value)))
+
+    def reselect(self, signature: dict[str, Any]) -> NeuronSet:
+        """`--from-stats DIR`: the selection of `run` on DIR's saved statistics and column norms (no model
+        forward); every rank computes the same set, rank 0 writes it."""
+        from safetensors.torch import load_file
+
+        cfg, source, out = self.cfg, Path(self.cfg.from_stats), Path(self.cfg.out)
+        where = f"--from-stats {source}"
+        if cfg.scope != "lm":
+            raise ShieldError(f"{where}: --scope {cfg.scope} needs forward passes (re-selection covers the language model)")
+        if not (source / STATS_FILE).is_file():
+            raise ShieldError(f"{where}: no {STATS_FILE} (not an identify output directory)")
+        old = NeuronSet.load(source).meta
+        diffs = [k for k in SIGNATURE_KEYS if k not in SELECTION_KEYS and old.get(k) != signature.get(k)]
+        if diffs:
+            first = diffs[0]
+            raise ShieldError(f"{where}: its statistics were collected with other {', '.join(diffs)} "
+                              f"({first}={old.get(first)!r} there, {signature.get(first)!r} here); only "
+                              f"{', '.join('--' + k.replace('_', '-') for k in SELECTION_KEYS)} may differ")
+        try:
+            tensors = load_file(str(source / STATS_FILE))
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise ShieldError(f"{source / STATS_FILE}: unreadable ({exc})") from None
+        if NORMS_KEY not in tensors:
+            raise ShieldError(f"{source / STATS_FILE}: no {NORMS_KEY} (written by an identify before re-selection "
+                              "existed); run identify there again")
+        col_norms = tensors.pop(NORMS_KEY)
+        try:
+            stats = ActivationStatistics.from_state_dict(tensors)
+        except ValueError as exc:
+            raise ShieldError(f"{source / STATS_FILE}: {exc}") from None
+        meta = {k: v for k, v in old.items() if k not in _SET_FIELDS}
+        meta.update(signature, config=asdict(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    package_version=shield_ds.__version__, selected_from=str(source))
+        neuron_set = self._select(stats, stats.groups, col_norms, meta, None)
+        if dist.is_rank0():
+            with atomic_dir(out) as staging:
+                writer = dist.Rank0Writer(staging / "tb")
+                try:
+                    self._write(staging, stats, stats.groups, col_norms, meta, neuron_set)
+                    self._report(neuron_set, writer)
+                finally:
+                    writer.close()
+        dist.barrier()
+        return neuron_set
 
     def _report(self, neuron_set: NeuronSet, writer: dist.Rank0Writer) -> None:
         counts = neuron_set.per_layer_counts()

@@ -5,7 +5,10 @@ A neuron set directory holds:
   decoder layer (every layer present, possibly empty);
 - `neurons.json`: metadata (model path, model_type, config hash, sizes, selection settings,
   parameter fraction, groups, ...).
-Identify also writes `stats.safetensors` and `sets/<name>/` (each a neuron set directory).
+Identify also writes `stats.safetensors` (the all-reduced statistics `{group}.{stat}` and the
+down-projection column norms `down_column_norms`, [layers, width] float64 each: all that selection
+reads, so `identify.py --from-stats` can select again without a forward pass) and `sets/<name>/`
+(each a neuron set directory).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from shield_ds.io import atomic_path, write_json
 TENSORS_FILE = "neurons.safetensors"
 META_FILE = "neurons.json"
 STATS_FILE = "stats.safetensors"
+NORMS_KEY = "down_column_norms"  # in STATS_FILE beside the statistics
 SETS_DIR = "sets"
 FORMAT_VERSION = 1
 

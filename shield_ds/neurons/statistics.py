@@ -141,6 +141,26 @@ class ActivationStatistics:
         """Counted tokens per group (layer 0, which every forward reaches)."""
         return {g: int(self.acc[i, 0].max()) for i, g in enumerate(self.groups)}
 
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> "ActivationStatistics":
+        """Statistics back from `state_dict()`'s layout (groups in sorted order); other keys are refused."""
+        by_group: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            group, _, stat = key.rpartition(".")
+            if stat not in STATS or not group:
+                raise ValueError(f"unexpected statistics tensor {key!r}")
+            by_group.setdefault(group, {})[stat] = value
+        groups = sorted(by_group)
+        incomplete = [g for g in groups if set(by_group[g]) != set(STATS)]
+        if incomplete:
+            raise ValueError(f"statistics of group {incomplete[0]!r} are incomplete")
+        num_layers, width = by_group[groups[0]][STATS[0]].shape
+        out = cls(groups, num_layers, width)
+        for gi, group in enumerate(groups):
+            for si, stat in enumerate(STATS):
+                out.acc[gi, si] = by_group[group][stat].to(torch.float64)
+        return out
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`{group}.{stat}` -> [layers, width] float64 (the stats.safetensors layout)."""
         return {f"{g}.{s}": self.acc[gi, si].detach().cpu().contiguous()
