@@ -285,6 +285,11 @@ def _signed_points(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}"
 
 
+def compare_page(rows: list[dict[str, Any]], note: str = "") -> str:
+    """compare.md: the `compare` table, titled with `note` (e.g. the trained-prompt overlap) when there is one."""
+    return (f"**ASR base vs shielded {note}**\n\n" if note else "") + compare_markdown(rows) + "\n"
+
+
 def compare_markdown(rows: list[dict[str, Any]]) -> str:
     """The `compare` rows as a markdown table (rates in %, deltas in percentage points)."""
     header = ["language", "modality", "n", "ASR base", "ASR shielded", "Δ ASR (pp)",

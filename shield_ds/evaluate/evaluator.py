@@ -96,7 +96,7 @@ class Evaluator:
         return judge, matcher
 
     def run(self) -> dict[str, Any]:
-        from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, write_asr_reports,
+        from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, compare_page, write_asr_reports,
                                             write_generations)
         from shield_ds.evaluate.generate import generate_responses
         from shield_ds.data.splits import split_provenance, trained_overlap
@@ -155,8 +155,7 @@ class Evaluator:
             print(table_text(table), flush=True)
             if cfg.compare:
                 cmp_rows = compare(cfg.compare, self.out, out_dir=self.out)
-                title = f"**ASR base vs shielded {note}**\n\n" if note else ""
-                write_text(self.out / "compare.md", title + compare_markdown(cmp_rows) + "\n")
+                write_text(self.out / "compare.md", compare_page(cmp_rows, note))
                 print(compare_markdown(cmp_rows), flush=True)
             probe.write(summary["utility"])
         if ablate_set is not None:

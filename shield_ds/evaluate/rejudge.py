@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from shield_ds.data.splits import overlap_note
 from shield_ds.errors import ShieldError, exit_on_error
-from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, asr_table, compare, compare_markdown, read_generations,
+from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, asr_table, compare, compare_page, read_generations,
                                     write_asr_reports, write_generations)
 from shield_ds.evaluate.judges import Judge, annotate
 from shield_ds.evaluate.refusal import RefusalMatcher
@@ -58,10 +59,9 @@ def rejudge(directories: list[Path], judge: Judge, matcher: RefusalMatcher) -> l
                         "attack_success_changed": sum(a["attack_success"] != b["attack_success"]
                                                       for a, b in zip(rows, judged)),
                         "refused_changed": sum(a["refused"] != b["refused"] for a, b in zip(rows, judged))})
-    for directory, base in comparisons.items():
-        old = (directory / "compare.md").read_text(encoding="utf-8") if (directory / "compare.md").is_file() else ""
-        title = old.split("\n\n", 1)[0] + "\n\n" if old.startswith("**ASR base vs shielded") else ""  # overlap note
-        write_text(directory / "compare.md", title + compare_markdown(compare(base, directory, out_dir=directory)) + "\n")
+    for directory, base in comparisons.items():  # evaluate already refused an overlap it did not allow
+        note = overlap_note([directory, base], allow_overlap=True)
+        write_text(directory / "compare.md", compare_page(compare(base, directory, out_dir=directory), note))
     return changes
 
 
