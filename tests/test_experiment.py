@@ -187,6 +187,40 @@ def test_bad_config_is_refused():
         Experiment(ExperimentConfig(model="m", curve_steps=[10, 40], train_args="--lr 1e-3 --max-steps 40"))
 
 
+def test_budget_sweep_table_figure_and_published_page(tmp_path):
+    """Main arms plus one swept budget: the sweep's table orders caps with the main budget's safety, seed-0
+    random and LoRA rows among them; the figure and the split wall time reach the published page."""
+    import torch
+
+    from shield_ds.experiment.publish import publish
+    from shield_ds.neurons import NeuronSet
+
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random", "lora"], random_seeds=2,
+                           budgets=[0.001], train_languages=["en", "zh"])
+    exp = Experiment(cfg)
+    NeuronSet({0: torch.tensor([1, 2])}, {"num_layers": 1, "intermediate_size": 8, "hidden_size": 4,
+                                          "max_param_fraction": 0.003}).save(tmp_path / "identify")
+    _eval_dir(tmp_path / "eval-base", _rows({("en", "text"): 9, ("sw", "text"): 9}), nll=1.0)
+    for k, arm in enumerate(exp.arms()):
+        _eval_dir(arm.eval_dir, _rows({("en", "text"): k, ("sw", "text"): 5}, benign_refused=k), nll=1.0)
+        arm.train_dir.mkdir(parents=True)
+        params = 30 if arm.budget is None else 10
+        write_json(arm.train_dir / "train.json", {"trainable_params": params + k, "total_params": 10_000})
+        write_json(arm.eval_dir / "stage.json", {"seconds": 60.0 if arm.budget is None else 120.0})
+    exp.write_results()
+    text = (tmp_path / "results.md").read_text()
+    sweep = text.split("## Neuron budget sweep", 1)[1]
+    lines = [line for line in sweep.splitlines() if line.startswith("| 0.")]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| 0.1%", "safety@0.001"], ["| 0.1%", "random-s0@0.001"], ["| 0.1%", "lora@0.001"],
+        ["| 0.3%", "safety"], ["| 0.3%", "random-s0"], ["| 0.3%", "lora"]]  # random-s1 only in the main table
+    assert "| random-s1 |" in text.split("## Neuron budget sweep")[0]
+    assert "![ASR and over-refusal against the trainable fraction](budgets.png)" in text
+    write_json(tmp_path / "experiment.json", {"config": {"model": "m", "launcher": "python"}})
+    page = publish(tmp_path, tmp_path / "published").read_text()
+    assert "main arms 4.0 min, budget sweep 6.0 min" in page and "## Neuron budget sweep" in page
+    assert (tmp_path / "published" / "budgets.png").stat().st_size > 0
+
 def test_curve_steps_plan_snapshot_evaluations(tmp_path):
     cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "lora"], budgets=[0.01], curve_steps=[5, 10],
                            train_args="--max-steps=20")

@@ -109,3 +109,15 @@ def test_statistics_count_only_masked_tokens():
     assert stats.get("g1", "abssum")[0].tolist() == [4.0, 6.0, 1.0]
     assert stats.get("g1", "poscount")[0].tolist() == [2.0, 1.0, 0.0]
     assert stats.get("g2", "sum")[0].tolist() == [-5.0, 6.0, 2.0]  # the padded token is not counted
+
+
+def test_summary_says_when_the_cap_is_not_reached():
+    """4 neurons of 10 parameters each in 1000: a cap of 4% binds, a cap of 10% (10 neurons) is not reached."""
+    from shield_ds.neurons.identify import format_summary
+
+    meta = dict(META, ratio=0.05, params_per_neuron=10, total_params=1000, param_fraction=0.04)
+    ns = {0: torch.tensor([1, 2]), 2: torch.tensor([3, 4])}
+    assert "not reached" not in format_summary(NeuronSet(ns, dict(meta, max_param_fraction=0.04)))
+    line = format_summary(NeuronSet(ns, dict(meta, max_param_fraction=0.1))).splitlines()[-1]
+    assert line.startswith("the cap 0.1 is not reached: the per-layer top-0.05 selection has only these 4 candidates")
+    assert "not reached" not in format_summary(NeuronSet(ns, dict(meta, max_param_fraction=0.0)))  # no cap

@@ -3,8 +3,8 @@
     python -m shield_ds.experiment.publish --run runs/real/smollm2-135m --out experiments/smollm2-135m
 
 Writes OUT/RESULTS.md (how it was run: command, machine, wall time per stage; the arms table and
-transfer from results.md; sample generations of every arm on the same prompts), copies
-results.csv and results.png, and leaves weights and generations files behind.
+transfer from results.md; sample generations of every arm on the same prompts), copies the
+results' csv and figures (`FIGURES`), and leaves weights and generations files behind.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from shield_ds.evaluate.degenerate import degeneration
 from shield_ds.io import read_json, write_text
 
 SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
+FIGURES = ("results.csv", "results.png", "budgets.png", "curves.csv", "curves.png")
 
 
 def _stage_seconds(run: Path) -> list[tuple[str, float]]:
@@ -93,7 +94,7 @@ def samples_markdown(run: Path, arms: list[str]) -> str:
 
 
 def publish(run: Path, out: Path, notes: str | None = None) -> Path:
-    """Write OUT/RESULTS.md (+ results.csv, results.png) from a finished experiment run."""
+    """Write OUT/RESULTS.md (+ the `FIGURES` the run has) from a finished experiment run."""
     if not (run / "results.md").is_file():
         raise ShieldError(f"{run}: no results.md (run recipes/experiment.py there first)")
     config = read_json(run / "experiment.json")["config"]
@@ -101,10 +102,12 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
         if (run / "arms").is_dir() else []
     stages = _stage_seconds(run)
     total = sum(s for _, s in stages)
+    sweep = sum(s for name, s in stages if name.startswith("budgets/"))
+    split = f"; main arms {(total - sweep) / 60:.1f} min, budget sweep {sweep / 60:.1f} min" if sweep else ""
     results = (run / "results.md").read_text(encoding="utf-8").split("\n", 1)[1]
     parts = [f"# Experiment: {Path(config['model']).name}\n\n",
              f"Command: `python recipes/experiment.py --config CONFIG` with the config recorded below; run dir "
-             f"`{run}`.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min "
+             f"`{run}`.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min{split} "
              f"(launcher `{config['launcher']}`, evaluations `{config.get('eval_launcher') or config['launcher']}`).\n\n"]
     if notes:
         parts.append(Path(notes).read_text(encoding="utf-8").strip() + "\n\n")
@@ -114,7 +117,7 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
                  + "".join(f"| {name} | {sec:.0f} |\n" for name, sec in stages))
     parts.append("\n## Config\n\n```json\n" + json.dumps(config, indent=2) + "\n```\n")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("results.csv", "results.png"):
+    for name in FIGURES:
         if (run / name).is_file():
             shutil.copyfile(run / name, out / name)
     write_text(out / "RESULTS.md", "".join(parts))

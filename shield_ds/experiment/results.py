@@ -184,19 +184,15 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
 
 
 def plot_results(rows: list[dict], path: Path) -> Path | None:
-    """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals; with a
-    budget sweep, a second panel of trained-language ASR against trainable fraction per arm kind."""
+    """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals (the budget
+    sweep has its own figure: `plot_budgets`)."""
     from shield_ds.plots import plt, save_figure
 
     main = [r for r in rows if r["budget"] is None]
     keys = [k for k in (*SLICES, "over_refusal") if any(r.get(k) is not None for r in main)]
     if not main or not keys:
         return None
-    sweep = [r for r in rows if r["kind"] in ("safety", "random", "lora") and r.get("trainable_fraction")
-             and r.get("trained") is not None]
-    panels = 2 if any(r["budget"] is not None for r in rows) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(max(6.0, 1.3 * len(main) * len(keys) / 2) + 5 * (panels - 1), 4.2))
-    ax = axes[0] if panels > 1 else axes
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(main) * len(keys) / 2), 4.2))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
         xs, ys, err = [], [], [[], []]
@@ -213,20 +209,63 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate (95% Wilson CI)")
     ax.legend(fontsize=7)
-    if panels > 1:
-        ax2 = axes[1]
-        for kind, marker in (("safety", "o"), ("random", "s"), ("lora", "^")):
-            points = sorted((r["trainable_fraction"], r["trained"], r["trained_low"], r["trained_high"])
-                            for r in sweep if r["kind"] == kind)
+    save_figure(fig, path)
+    return path
+
+
+SWEEP_KINDS = ("safety", "random", "lora")
+
+
+def budget_rows(rows: list[dict], main_budget: float) -> list[dict]:
+    """The sweep's rows ordered by budget then arm kind, with the main budget's safety, random seed 0 (the
+    sweep's one seed) and LoRA rows among them; `budget` is the identify cap of each row."""
+    out = [dict(r, budget=main_budget) for r in rows if r["budget"] is None
+           and (r["kind"] in ("safety", "lora") or (r["kind"] == "random" and r["arm"] == "random-s0"))]
+    out += [r for r in rows if r["budget"] is not None and r["kind"] in SWEEP_KINDS]
+    return sorted(out, key=lambda r: (r["budget"], SWEEP_KINDS.index(r["kind"])))
+
+
+def budget_markdown(rows: list[dict]) -> str:
+    """The budget sweep as one table: per cap and arm kind, what it trained and what it did."""
+    present = [s for s in ("trained", "held_out_languages") if any(r.get(f"{s}_n") for r in rows)]
+    header = ["budget (cap)", "arm", "trainable params", "trainable %", *(SLICE_TITLES[s] + " % [95% CI]" for s in present),
+              "over-refusal % [95% CI]", "NLL drift", *(f"substantive {SLICE_TITLES[s]} %" for s in present)]
+    body = [[f"{100 * r['budget']:g}%", r["arm"], "–" if r.get("trainable_params") is None else f"{int(r['trainable_params']):,}",
+             "–" if r.get("trainable_fraction") is None else f"{100 * r['trainable_fraction']:.4f}",
+             *(_with_ci(r, s) for s in present), _with_ci(r, "over_refusal"),
+             "–" if r.get("nll_drift") is None else f"{r['nll_drift']:+.3f}",
+             *(_pct(r.get(s + SUBSTANTIVE)) for s in present)] for r in rows]
+    return ("## Neuron budget sweep\n\nEach budget caps the selection from the same identify statistics "
+            "(`identify.py --from-stats`); the random arm has the same per-layer counts (seed 0); LoRA's rank "
+            "is the one whose trainable count is closest to the set's (at least rank 1, so below one rank's "
+            "parameters LoRA trains more than the neurons). A cap the selection does not reach (too few "
+            "candidates at the identify ratio) shows as a trainable % below it.\n\n"
+            + markdown_table(header, body) + "\n")
+
+
+def plot_budgets(rows: list[dict], path: Path) -> Path | None:
+    """ASR on trained and held-out languages and over-refusal against the trainable fraction, one line per
+    arm kind through `budget_rows` (95% Wilson intervals; log x)."""
+    from shield_ds.plots import plt, save_figure
+
+    keys = [k for k in ("trained", "held_out_languages", "over_refusal") if any(r.get(k) is not None for r in rows)]
+    if not keys or len({r["budget"] for r in rows}) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for kind, marker in zip(SWEEP_KINDS, "os^"):
+            points = sorted((r["trainable_fraction"], r[key], r[f"{key}_low"], r[f"{key}_high"]) for r in rows
+                            if r["kind"] == kind and r.get(key) is not None and r.get("trainable_fraction"))
             if points:
                 fx, fy, lo, hi = zip(*points)
-                ax2.errorbar(fx, fy, yerr=[[y - lo_ for y, lo_ in zip(fy, lo)], [h - y for y, h in zip(fy, hi)]],
-                             marker=marker, capsize=2, label=kind)
-        ax2.set_xscale("log")
-        ax2.set_xlabel("trainable fraction of parameters")
-        ax2.set_ylabel("ASR trained languages")
-        ax2.set_ylim(0, 1.05)
-        ax2.legend(fontsize=7)
+                ax.errorbar(fx, fy, yerr=[[y - low for y, low in zip(fy, lo)], [h - y for y, h in zip(fy, hi)]],
+                            marker=marker, capsize=2, label=kind)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable fraction of parameters")
+        ax.set_title(SLICE_TITLES.get(key, "over-refusal"), fontsize=9)
+        ax.set_ylim(-0.02, 1.05)
+    axes[0][0].set_ylabel("rate (95% Wilson CI)")
+    axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
     return path
 

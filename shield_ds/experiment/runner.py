@@ -298,8 +298,9 @@ class Experiment:
     def write_results(self) -> list[dict[str, Any]]:
         from shield_ds.data.splits import overlap_note
         from shield_ds.defaults import is_tiny_checkpoint
-        from shield_ds.experiment.results import (arm_row, curve_markdown, held_out_groups, plot_curves,
-                                                  plot_results, results_markdown, transfer_section)
+        from shield_ds.experiment.results import (arm_row, budget_markdown, budget_rows, curve_markdown,
+                                                  held_out_groups, plot_budgets, plot_curves, plot_results,
+                                                  results_markdown, transfer_section)
         from shield_ds.tables import rows_to_csv
 
         base_dir = self.out / "eval-base"
@@ -319,6 +320,12 @@ class Experiment:
         plot = plot_results(rows, self.out / "results.png")
         if plot is not None:
             text += f"\n![ASR per arm]({plot.name})\n"
+        if self.cfg.budgets:
+            sweep = budget_rows(rows, self.main_budget())
+            text += "\n" + budget_markdown(sweep)
+            figure = plot_budgets(sweep, self.out / "budgets.png")
+            if figure is not None:
+                text += f"\n![ASR and over-refusal against the trainable fraction]({figure.name})\n"
         if self.cfg.curve_steps:
             curve = self.curve_rows(rows, base_dir, trained)
             text += "\n" + curve_markdown(curve)
@@ -330,6 +337,13 @@ class Experiment:
         write_text(self.out / "results.csv", rows_to_csv(rows))
         print(text, flush=True)
         return rows
+
+    def main_budget(self) -> float:
+        """The main identify's parameter cap (its selected fraction when it had none)."""
+        from shield_ds.neurons.neuron_set import NeuronSet
+
+        meta = NeuronSet.load(self.out / "identify").meta
+        return float(meta.get("max_param_fraction") or meta["param_fraction"])
 
     def curve_rows(self, rows: list[dict[str, Any]], base_dir: Path,
                    trained: tuple[set[str], set[str]]) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
 from shield_ds.neurons.neuron_set import META_FILE, NORMS_KEY, SETS_DIR, STATS_FILE, NeuronSet
 from shield_ds.neurons.scores import compute_scores
-from shield_ds.neurons.selection import cap_by_param_fraction, param_fraction, select_per_layer
+from shield_ds.neurons.selection import cap_by_param_fraction, cap_neurons, param_fraction, select_per_layer
 from shield_ds.neurons.statistics import ActivationStatistics
 
 log = dist.get_logger("identify")
@@ -375,6 +375,10 @@ def format_summary(neuron_set: NeuronSet) -> str:
         lines.append(f"{layer:>5}  {n:>8}  {width:>6}  {n / width:6.2%}")
     lines.append(f"total {neuron_set.count} neurons = {neuron_set.param_fraction:.6%} of "
                  f"{meta.get('total_params')} parameters, in {sum(n > 0 for n in counts)} of {len(counts)} layers")
+    cap, per_neuron, total = meta.get("max_param_fraction"), meta.get("params_per_neuron"), meta.get("total_params")
+    if cap and per_neuron and total and meta.get("scope") != "vision" and neuron_set.count < cap_neurons(cap, total, per_neuron):
+        lines.append(f"the cap {cap} is not reached: the per-layer top-{meta.get('ratio')} selection has only these "
+                     f"{neuron_set.count} candidates (a larger --ratio gives more, and another set)")
     groups = meta.get("groups", {})
     if groups:
         lines.append("groups: " + ", ".join(f"{g}={v['records']}" for g, v in sorted(groups.items())))

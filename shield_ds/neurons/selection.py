@@ -47,6 +47,11 @@ def within_layer_rank(harmful_score: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def cap_neurons(max_fraction: float, total_params: int, params_per_neuron: int) -> int:
+    """How many neurons fit in `max_fraction` of all parameters."""
+    return math.floor(max_fraction * total_params / params_per_neuron + 1e-9)
+
+
 def cap_by_param_fraction(selected: dict[int, torch.Tensor], harmful_score: torch.Tensor, params_per_neuron: int,
                           total_params: int, max_fraction: float,
                           ranking: str = "layer-normalized") -> dict[int, torch.Tensor]:
@@ -71,7 +76,7 @@ def cap_by_param_fraction(selected: dict[int, torch.Tensor], harmful_score: torc
         raise ShieldError(f"--cap-ranking must be one of {', '.join(CAP_RANKINGS)}, not {ranking!r}")
     if max_fraction <= 0:
         return selected
-    budget = math.floor(max_fraction * total_params / params_per_neuron + 1e-9)
+    budget = cap_neurons(max_fraction, total_params, params_per_neuron)
     pairs = [(layer, i) for layer, idx in selected.items() for i in idx.tolist()]
     if len(pairs) <= budget:
         return selected
