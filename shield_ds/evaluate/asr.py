@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from shield_ds.data.records import LABELS, LANGUAGES, MODALITIES, ordered, parse_group
 from shield_ds.errors import ShieldError
+from shield_ds.evaluate.degenerate import substantive_success
 from shield_ds.io import read_json, read_jsonl, write_json, write_text
 from shield_ds.tables import markdown_table, rows_to_csv
 
@@ -112,28 +113,35 @@ class Rate:
 
 @dataclass
 class AsrCell:
-    """One (language, modality) cell: attacks on harmful prompts, refusals on benign ones."""
+    """One (language, modality) cell: attacks on harmful prompts, the substantive ones among them (answers at
+    all: `degeneration` is None), refusals on benign ones."""
 
     language: str
     modality: str
     attacks: Rate = field(default_factory=Rate)
     over_refusal: Rate = field(default_factory=Rate)
+    substantive: Rate = field(default_factory=Rate)  # n 0: not counted (an asr.json written before it was)
 
     def to_row(self) -> dict[str, Any]:
         asr_low, asr_high = self.attacks.interval
         ref_low, ref_high = self.over_refusal.interval
+        sub_low, sub_high = self.substantive.interval
         return {
             "language": self.language, "modality": self.modality,
             "harmful_n": self.attacks.n, "attack_successes": self.attacks.successes,
             "asr": self.attacks.rate, "asr_low": asr_low, "asr_high": asr_high,
             "benign_n": self.over_refusal.n, "benign_refusals": self.over_refusal.successes,
             "over_refusal": self.over_refusal.rate, "over_refusal_low": ref_low, "over_refusal_high": ref_high,
+            "substantive_successes": self.substantive.successes, "substantive_asr": self.substantive.rate,
+            "substantive_asr_low": sub_low, "substantive_asr_high": sub_high,
         }
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "AsrCell":
+        substantive = row.get("substantive_successes")
         return cls(row["language"], row["modality"], Rate(int(row["attack_successes"]), int(row["harmful_n"])),
-                   Rate(int(row["benign_refusals"]), int(row["benign_n"])))
+                   Rate(int(row["benign_refusals"]), int(row["benign_n"])),
+                   Rate() if substantive is None else Rate(int(substantive), int(row["harmful_n"])))
 
 
 @dataclass
@@ -169,17 +177,22 @@ class AsrTable:
 
 
 def asr_table(records: Iterable[dict]) -> AsrTable:
-    """Count attack successes (harmful prompts) and refusals (benign prompts) per cell and aggregate."""
+    """Count attack successes (harmful prompts), the substantive ones, and refusals (benign prompts) per cell
+    and aggregate."""
     cells: dict[tuple[str, str], AsrCell] = {}
     judges: set[str] = set()
     for record in records:
         lang, mod = record["language"], record["modality"]
         judges.add(record["judge"])
+        harmful = record["label"] == "harmful"
+        answered = harmful and substantive_success(record)
         for key in ((lang, mod), (lang, ALL), (ALL, mod), (ALL, ALL)):
             cell = cells.setdefault(key, AsrCell(*key))
-            if record["label"] == "harmful":
+            if harmful:
                 cell.attacks.n += 1
                 cell.attacks.successes += int(record["attack_success"])
+                cell.substantive.n += 1
+                cell.substantive.successes += int(answered)
             else:
                 cell.over_refusal.n += 1
                 cell.over_refusal.successes += int(record["refused"])
@@ -268,12 +281,14 @@ def compare(base: "AsrTable | str | Path", shielded: "AsrTable | str | Path",
                 continue
             b_asr, a_asr = (b.attacks.rate if b else None), (a.attacks.rate if a else None)
             b_ref, a_ref = (b.over_refusal.rate if b else None), (a.over_refusal.rate if a else None)
+            b_sub, a_sub = (b.substantive.rate if b else None), (a.substantive.rate if a else None)
             rows.append({
                 "language": lang, "modality": mod,
                 "base_harmful_n": b.attacks.n if b else 0, "shielded_harmful_n": a.attacks.n if a else 0,
                 "base_asr": b_asr, "shielded_asr": a_asr, "delta_asr": _delta(a_asr, b_asr),
                 "base_over_refusal": b_ref, "shielded_over_refusal": a_ref,
                 "delta_over_refusal": _delta(a_ref, b_ref),
+                "base_substantive_asr": b_sub, "shielded_substantive_asr": a_sub,
             })
     if out_dir is not None:
         write_text(Path(out_dir) / COMPARE_CSV, rows_to_csv(rows))
@@ -293,11 +308,13 @@ def compare_page(rows: list[dict[str, Any]], note: str = "") -> str:
 def compare_markdown(rows: list[dict[str, Any]]) -> str:
     """The `compare` rows as a markdown table (rates in %, deltas in percentage points)."""
     header = ["language", "modality", "n", "ASR base", "ASR shielded", "Δ ASR (pp)",
-              "over-refusal base", "over-refusal shielded", "Δ over-refusal (pp)"]
+              "over-refusal base", "over-refusal shielded", "Δ over-refusal (pp)",
+              "substantive ASR base", "substantive ASR shielded"]
     body = [[r["language"], r["modality"], str(r["shielded_harmful_n"] or r["base_harmful_n"]),
              _percent(r["base_asr"]), _percent(r["shielded_asr"]), _signed_points(r["delta_asr"]),
              _percent(r["base_over_refusal"]), _percent(r["shielded_over_refusal"]),
-             _signed_points(r["delta_over_refusal"])] for r in rows]
+             _signed_points(r["delta_over_refusal"]), _percent(r.get("base_substantive_asr")),
+             _percent(r.get("shielded_substantive_asr"))] for r in rows]
     return markdown_table(header, body)
 
 
@@ -339,6 +356,7 @@ def transfer_table(before: "AsrTable | str | Path | list[dict]", after: "AsrTabl
             "before_n": b.attacks.n, "before_asr": b.attacks.rate, "before_low": b_low, "before_high": b_high,
             "after_n": a.attacks.n, "after_asr": a.attacks.rate, "after_low": a_low, "after_high": a_high,
             "delta_asr": a.attacks.rate - b.attacks.rate,
+            "before_substantive_asr": b.substantive.rate, "after_substantive_asr": a.substantive.rate,
         })
     return rows
 
@@ -348,7 +366,9 @@ def transfer_markdown(rows: list[dict[str, Any]]) -> str:
     def with_ci(rate: float, low: float, high: float) -> str:
         return f"{_percent(rate)} [{_percent(low)}, {_percent(high)}]"
 
-    header = ["held-out group", "n", "ASR before [95% CI]", "ASR after [95% CI]", "Δ ASR (pp)"]
+    header = ["held-out group", "n", "ASR before [95% CI]", "ASR after [95% CI]", "Δ ASR (pp)",
+              "substantive ASR before", "substantive ASR after"]
     body = [[r["group"], str(r["after_n"]), with_ci(r["before_asr"], r["before_low"], r["before_high"]),
-             with_ci(r["after_asr"], r["after_low"], r["after_high"]), _signed_points(r["delta_asr"])] for r in rows]
+             with_ci(r["after_asr"], r["after_low"], r["after_high"]), _signed_points(r["delta_asr"]),
+             _percent(r.get("before_substantive_asr")), _percent(r.get("after_substantive_asr"))] for r in rows]
     return markdown_table(header, body)

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.degenerate import degeneration
+from shield_ds.evaluate.degenerate import substantive_success
 from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, Rate, read_generations, transfer_markdown, transfer_table
 from shield_ds.io import read_json
 from shield_ds.tables import markdown_table
@@ -45,7 +45,7 @@ def rates(rows: Iterable[dict], trained: tuple[set[str], set[str]]) -> dict[str,
             name = slice_of(row, trained)
             success = bool(row["attack_success"])
             for key, counted in ((name, success),
-                                 (name + SUBSTANTIVE, success and degeneration(row["prompt"], row["response"]) is None)):
+                                 (name + SUBSTANTIVE, substantive_success(row))):
                 out[key].n += 1
                 out[key].successes += int(counted)
         else:
