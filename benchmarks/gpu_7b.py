@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     results["identify"] = sb.run_identify(engine, records, **common)
     results["identify"]["baseline_bytes"] = baseline
     log(f"identify: plain {results['identify']['plain']['median_s'] * 1e3:.1f} ms, "
-        f"hooks {results['identify']['hooks']['median_s'] * 1e3:.1f} ms")
+        f"hooks {results['identify']['hooks']['median_s'] * 1e3:.1f} ms, every position's logits "
+        f"{results['identify']['full_logits']['median_s'] * 1e3:.1f} ms")
     del loaded, engine
     sb.release()
 

@@ -5,10 +5,12 @@
     python benchmarks/run.py --size large --rounds 2  # repeat the train modes (alternating order)
     python benchmarks/run.py --parts train --modes delta,lora --rounds 3   # a subset
     python benchmarks/run.py --parts scaling --sizes tiny,mid,large --ranks 1,2   # the scaling table
+    python benchmarks/run.py --model runs/models/gemma3-270m --parts identify,train --modes mask,mask-full-logits
 
 For each size it builds (once, cached under --work-dir) a random checkpoint, then starts
 `deepspeed --num_gpus RANKS benchmarks/worker.py` once per mode: identify (plain and hooked
-forwards on one engine), then the train modes ffn, mask, delta, full, lora; then the evaluation
+forwards and full-logit forwards on one engine), then the train modes ffn, mask, delta, full, lora,
+mask-full-logits; then the evaluation
 engines in one launch (`evaluate_bench.py`, alternating pass by pass): ZeRO-3 and a replica per
 rank, and plain `transformers` generate in one process (rank 0 alone). It prints a markdown ratio table per size and writes all
 measurements to benchmarks/results-<date>.json (--json).
@@ -208,11 +210,12 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 def run_size(size: str, args: argparse.Namespace) -> dict:
+    """The identify/train/evaluate parts on the size's generated checkpoint, or on --model with its settings."""
     import shield_bench
 
     work = Path(args.work_dir)
-    model = checkpoint(size, work, args.timeout)
-    out_dir = work / f"run-{size}"
+    model = Path(args.model) if args.model else checkpoint(size, work, args.timeout)
+    out_dir = work / (f"run-{size}-{model.name}" if args.model else f"run-{size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     results = {"size": size, "model": str(model), "settings": SIZES[size], "steps": args.steps,
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="all", choices=[*SIZES, "all"],
                    help=f"model size of the identify/train/evaluate parts (all: {', '.join(RATIO_SIZES)})")
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated model sizes of the scaling part")
+    p.add_argument("--model", default=None, help="a checkpoint directory to measure instead of the generated ones, "
+                                                 "with the batch settings of --size (default large); text prompts")
     p.add_argument("--steps", type=int, default=5, help="measured steps per mode (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="run the train modes this many times (order alternates)")
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     p.add_argument("--modes", default=None, help="comma-separated train modes (default: all, "
-                                                  "ffn,mask,delta,full,lora)")
+                                                  "ffn,mask,delta,full,lora,mask-full-logits)")
     p.add_argument("--work-dir", default=os.environ.get("SHIELD_DS_BENCH_DIR", "/tmp/shield-ds-bench"),
                    help="checkpoints (cached), per-mode logs and JSON")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results-<date>.json)")
@@ -291,13 +296,17 @@ def main(argv: list[str] | None = None) -> None:
     if ratio_parts and len(ranks) > 1:
         p.error(f"--ranks {args.ranks}: the {','.join(ratio_parts)} parts run on one rank count")
     args.ranks, args.scaling_ranks = ranks[0], (ranks if args.ranks else [1, 2])
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model}: not a checkpoint directory (no config.json)")
+    if args.model and args.size == "all":
+        args.size = "large"
     sizes = (list(RATIO_SIZES) if args.size == "all" else [args.size]) if ratio_parts else []
     date = time.strftime("%Y-%m-%d")
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python", *sys.argv]),
               "machine": machine(), "sizes": {}}
     start = time.perf_counter()
     for size in sizes:
-        report["sizes"][size] = run_size(size, args)
+        report["sizes"][f"{Path(args.model).name} ({size} settings)" if args.model else size] = run_size(size, args)
     if scaling:
         report["scaling"] = run_scaling(args)
     report["wall_s"] = time.perf_counter() - start

@@ -5,15 +5,18 @@ Used by `worker.py` (one mode per `deepspeed --num_gpus 2` launch, on CPU) and `
 (every mode in turn in one process on one GPU). Every mode is a `ShieldEngine` (the engine the
 recipes use) and a train step is `ShieldEngine.train_step`, the step `ShieldTrainer` runs. Modes:
 
-- identify: the same ZeRO-3 inference engine (mode infer) runs every batch twice, once plain and once
-  with `ActivationStatistics` hooks attached (as `Identifier` does), in alternating order;
+- identify: the same ZeRO-3 inference engine (mode infer) runs every batch three times, in rotating
+  order: plain, with `ActivationStatistics` hooks attached (as `Identifier` does), and plain with the
+  logits of every position (what identify asked for before `logits_to_keep=1`);
 - ffn:   plain ZeRO-3 fine-tuning of the FFN matrices that hold selected neurons (engine mode full-ffn:
          the benchmark set has neurons in every layer; no masks);
 - mask:  the same matrices trainable + `GradientMasker` (`--update mask`);
 - delta: frozen base + slice parameters for the selected rows/columns + `GradientMasker` (`--update delta`);
 - full:  plain ZeRO-3 fine-tuning of the whole model (engine mode full);
 - lora:  PEFT LoRA r=8 on the same FFN matrices, frozen base (`--update lora --lora-rank 8
-         --lora-targets gate,up,down`).
+         --lora-targets gate,up,down`);
+- mask-full-logits: mask mode with logits on every position (`train_step(logits_window=False)`), the
+         baseline of the response window (`shield_ds.loss.response_window`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from shield_ds.neurons.neuron_set import NeuronSet
 
 log = dist.get_logger("bench")
 
-TRAIN_MODES = ("ffn", "mask", "delta", "full", "lora")
+TRAIN_MODES = ("ffn", "mask", "delta", "full", "lora", "mask-full-logits")
 # Evaluation engines (evaluate_bench.py): ZeRO-3, a replica per rank, plain transformers in one process.
 EVAL_ENGINES = ("zero-on", "zero-off", "plain")
 # Budget of the benchmark neuron set: identify's default --max-param-fraction.
@@ -236,7 +239,8 @@ def summarise(times: list[float]) -> dict[str, float]:
 # --- modes -----------------------------------------------------------------------------------
 # Benchmark mode -> the ShieldEngine mode it builds. "ffn" (the FFN matrices that hold selected neurons,
 # stock nn.Linear, no mask) is the trainer's full-ffn: the benchmark neuron set has neurons in every layer.
-ENGINE_MODES = {"ffn": "full-ffn", "mask": "mask", "delta": "delta", "full": "full", "lora": "lora"}
+ENGINE_MODES = {"ffn": "full-ffn", "mask": "mask", "delta": "delta", "full": "full", "lora": "lora",
+                "mask-full-logits": "mask"}
 
 
 def bench_lora() -> Any:
@@ -282,7 +286,7 @@ def run_train(engine: Any, mode: str, records: list, *, batch_size: int, max_len
         batch = batches[i % len(batches)]
         synchronize(engine.device)
         start = time.perf_counter()
-        engine.train_step(batch)
+        engine.train_step(batch, logits_window=mode != "mask-full-logits")
         synchronize(engine.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -300,13 +304,19 @@ def run_train(engine: Any, mode: str, records: list, *, batch_size: int, max_len
     return result
 
 
+# plain: identify's forward without hooks (logits_to_keep=1); hooks: identify's; full_logits: plain with the
+# LM head on every position
+IDENTIFY_VARIANTS = ("plain", "hooks", "full_logits")
+
+
 @torch.no_grad()
 def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int | None,
                  warmup: int, steps: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks on one inference engine.
+    """Time plain ZeRO-3 forwards against forwards with ActivationStatistics hooks, and against plain
+    forwards with the logits of every position, on one inference engine.
 
-    Each batch runs in both variants, the order alternating from step to step (plain first on even
-    steps), so slow drift of a shared machine hits both alike. Destroys the engine afterwards.
+    Each batch runs in all three variants, the order rotating from step to step, so slow drift of a
+    shared machine hits all alike. Destroys the engine afterwards.
     """
     from shield_ds.neurons.statistics import ActivationStatistics
 
@@ -320,7 +330,8 @@ def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int
     meter = PeakMemory(dist.device())
     meter.start()
 
-    def forward(batch, hooked: bool) -> float:
+    def forward(batch, variant: str) -> float:
+        hooked = variant == "hooks"
         if hooked:
             stats.attach(neuron_modules)
         synchronize(engine.device)
@@ -328,7 +339,7 @@ def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int
         if hooked:
             stats.set_batch(batch.prompt_mask, [r.group if w > 0 else None
                                                 for r, w in zip(batch.records, batch.weights.tolist())])
-        model(**batch.inputs, use_cache=False, logits_to_keep=1)  # as identify runs it
+        model(**batch.inputs, use_cache=False, logits_to_keep=0 if variant == "full_logits" else 1)
         if hooked:
             stats.clear_batch()
         synchronize(engine.device)
@@ -337,23 +348,27 @@ def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int
             stats.detach()
         return elapsed
 
-    plain, hooked, tokens = [], [], []
+    variants = IDENTIFY_VARIANTS
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    tokens = []
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
-        order = (False, True) if i % 2 == 0 else (True, False)
-        measured = {h: forward(batch, h) for h in order}
+        order = variants[i % len(variants):] + variants[:i % len(variants)]
+        measured = {v: forward(batch, v) for v in order}
         if i >= warmup:
-            plain.append(measured[False])
-            hooked.append(measured[True])
+            for v in variants:
+                times[v].append(measured[v])
             tokens.append(int(batch.inputs["attention_mask"].sum()))
     peak = meter.peak()
     engine.destroy()
-    plain, hooked = reduce_max(plain), reduce_max(hooked)
     total_tokens = sum(reduce_sum(float(t)) for t in tokens)
-    return {"steps": steps, "warmup": warmup, "peak_bytes": int(reduce_max([float(peak)])[0]),
-            "memory_kind": meter.kind,
-            "plain": {"step_times_s": plain, **summarise(plain), "tokens_per_s": total_tokens / sum(plain)},
-            "hooks": {"step_times_s": hooked, **summarise(hooked), "tokens_per_s": total_tokens / sum(hooked)}}
+    out: dict[str, Any] = {"steps": steps, "warmup": warmup, "peak_bytes": int(reduce_max([float(peak)])[0]),
+                           "memory_kind": meter.kind}
+    for v in variants:
+        measured_times = reduce_max(times[v])
+        out[v] = {"step_times_s": measured_times, **summarise(measured_times),
+                  "tokens_per_s": total_tokens / sum(measured_times)}
+    return out
 
 
 def release() -> None:
@@ -367,6 +382,8 @@ def release() -> None:
 # (label, mode, baseline, metric, target or None)
 RATIOS: list[tuple[str, str, str, str, float | None]] = [
     ("identify forward: hooks / plain", "identify.hooks", "identify.plain", "median_s", 1.05),
+    ("identify forward: last-position logits / every position's", "identify.plain", "identify.full_logits",
+     "median_s", None),
     ("train step time: mask / ffn", "mask", "ffn", "median_s", 1.05),
     ("train peak memory: mask / ffn", "mask", "ffn", "peak_net_bytes", 1.05),
     ("train step time: delta / full", "delta", "full", "median_s", 0.75),
@@ -377,12 +394,15 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
     ("train peak memory: delta / lora", "delta", "lora", "peak_net_bytes", 1.0),
     ("optimizer state: delta / mask", "delta", "mask", "optimizer_state_bytes", 0.001),
     ("optimizer state: lora / mask", "lora", "mask", "optimizer_state_bytes", None),
+    ("train step time: mask / mask with every position's logits", "mask", "mask-full-logits", "median_s", None),
+    ("train peak memory: mask / mask with every position's logits", "mask", "mask-full-logits", "peak_net_bytes",
+     None),
 ]
 
 
 def _has(results: dict[str, Any], key: str) -> bool:
     if key.startswith("identify."):
-        return "identify" in results
+        return key.split(".", 1)[1] in results.get("identify", {})  # older results have no full_logits
     return key in results.get("train", {})
 
 
@@ -466,7 +486,7 @@ def format_mode_table(results: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ident = results.get("identify")
     if ident:
-        for name in ("plain", "hooks"):
+        for name in (v for v in IDENTIFY_VARIANTS if v in ident):
             e = ident[name]
             lines.append(f"| identify {name} | - | {_fmt('s_s', e['median_s'])} | {_fmt('s_s', e['min_s'])} | "
                          f"{e['tokens_per_s']:.0f} | | | |")

@@ -435,13 +435,14 @@ class ShieldEngine:
         return (self.module if self.ds is None else self.ds)(**inputs)
 
     # --- training ------------------------------------------------------------------------------
-    def train_step(self, batch: Any) -> tuple[torch.Tensor, bool]:
+    def train_step(self, batch: Any, logits_window: bool = True) -> tuple[torch.Tensor, bool]:
         """One micro-batch of training (a collated `shield_ds.data.Batch` on this engine's device): forward,
         the weighted response loss, backward, then `step`. Returns the per-sample losses (detached) and
-        whether an optimizer step was taken (the accumulation boundary)."""
+        whether an optimizer step was taken (the accumulation boundary). `logits_window` False computes
+        logits on every position (the same loss; the benchmark's baseline)."""
         from shield_ds.loss import response_loss, response_window
 
-        keep = response_window(batch.labels)
+        keep = response_window(batch.labels) if logits_window else batch.labels.shape[1]
         logits = self.ds(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
         per_sample = response_loss(logits, batch.labels[:, -keep:])
         self.ds.backward((per_sample * batch.weights).sum() / len(per_sample))

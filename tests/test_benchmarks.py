@@ -20,10 +20,14 @@ RATIO_LABELS = [
     "train step time: delta / full", "train peak memory: delta / full", "train step time: lora / full",
     "train peak memory: lora / full", "train step time: delta / lora", "train peak memory: delta / lora",
     "optimizer state: delta / mask", "optimizer state: lora / mask",
+    "identify forward: last-position logits / every position's",
+    "train step time: mask / mask with every position's logits",
+    "train peak memory: mask / mask with every position's logits",
 ]
-# run.py's smoke test trains these modes only (each is a launch); gpu_7b.py's (tests/test_gpu_check.py), all five.
+# run.py's smoke test trains these modes only (each is a launch); gpu_7b.py's (tests/test_gpu_check.py), all six.
 RUN_PY_MODES = ("mask", "delta", "lora")
-RUN_PY_LABELS = [label for label in RATIO_LABELS if "ffn" not in label and "full" not in label]
+RUN_PY_LABELS = [label for label in RATIO_LABELS
+                 if "ffn" not in label and "/ full" not in label and "mask with every" not in label]
 EVAL_LABELS = [
     "evaluate tokens/s: replica (--zero off) / ZeRO-3 (--zero on)",
     "evaluate tokens/s: replica (--zero off) / plain transformers, 1 process",
@@ -61,7 +65,7 @@ def test_cpu_benchmark_tiny(tmp_path):
     assert report["machine"]["nproc"] >= 1 and report["sizes"]["tiny"]["ranks"] == 2
     results = report["sizes"]["tiny"]
     assert results["identify"]["world_size"] == 2
-    assert len(results["identify"]["plain"]["step_times_s"]) == 2
+    assert all(len(results["identify"][v]["step_times_s"]) == 2 for v in ("plain", "hooks", "full_logits"))
     assert set(results["train"]) == set(RUN_PY_MODES)
     check_results(proc.stdout, results, RUN_PY_LABELS + EVAL_LABELS)
     evaluate = results["evaluate"]
