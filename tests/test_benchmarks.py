@@ -111,3 +111,10 @@ def test_scaling_table_rows_and_planner_prediction(tiny_checkpoint):
     assert table.count("\n") == len(rows) + 1
     assert "| tiny | 309,952 | 2 | mask | 1,000 | 100.0 ms | 500 | 600.0 MiB | 100.0 MiB |" in table
     assert "n/a" not in table
+
+
+def test_run_py_refuses_a_model_that_is_no_checkpoint(tmp_path):
+    proc = run_python([str(REPO / "benchmarks" / "run.py"), "--model", str(tmp_path / "nothing"), "--parts", "train",
+                       "--work-dir", str(tmp_path / "work")], timeout=120, check=False)
+    assert proc.returncode == 2 and f"--model {tmp_path / 'nothing'}: not a checkpoint directory" in proc.stderr
+    assert not (tmp_path / "work").exists()
