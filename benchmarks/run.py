@@ -159,10 +159,16 @@ def run_evaluate(model: Path, size: str, args: argparse.Namespace, out_dir: Path
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+def settings_of(size: str, args: argparse.Namespace) -> dict:
+    """The size's batch settings with --batch-size / --max-length / --records applied."""
+    overrides = {k: getattr(args, k, None) for k in ("batch_size", "max_length", "records")}
+    return {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
+
+
 def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir: Path, ranks: int | None = None) -> dict:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     out = out_dir / f"{mode}.json"
-    settings = SIZES[size]
+    settings = settings_of(size, args)
     port = free_port()
     cmd = [deepspeed, "--num_gpus", str(ranks or args.ranks), "--master_port", str(port), str(BENCH_DIR / "worker.py"),
            "--model", str(model), "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -218,7 +224,7 @@ def run_size(size: str, args: argparse.Namespace) -> dict:
     out_dir = work / (f"run-{size}-{model.name}" if args.model else f"run-{size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    results = {"size": size, "model": str(model), "settings": SIZES[size], "steps": args.steps,
+    results = {"size": size, "model": str(model), "settings": settings_of(size, args), "steps": args.steps,
                "warmup": args.warmup, "ranks": args.ranks, "rounds": args.rounds}
     if "identify" in args.parts:
         results["identify"] = launch("identify", model, size, args, out_dir)
@@ -259,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="a checkpoint directory to measure instead of the generated ones, "
                                                  "with the batch settings of --size (default large); text prompts")
     p.add_argument("--steps", type=int, default=5, help="measured steps per mode (after --warmup)")
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch per rank (default: the size's)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence at most; prompts of at most "
+                                                               "half as many UTF-8 bytes (default: the size's)")
+    p.add_argument("--records", type=int, default=None, help="records the steps cycle through (default: the size's)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="run the train modes this many times (order alternates)")
     p.add_argument("--ranks", default=None, help="ranks (default 2); the scaling part takes a comma-separated "

@@ -59,10 +59,11 @@ def test_cpu_benchmark_tiny(tmp_path):
     out_json = tmp_path / "results.json"
     proc = run_python([str(REPO / "benchmarks" / "run.py"), "--size", "tiny", "--steps", "2", "--warmup", "1",
                        "--modes", ",".join(RUN_PY_MODES), "--work-dir", str(tmp_path / "work"), "--json", str(out_json),
-                       "--timeout", "400"],
+                       "--timeout", "400", "--records", "12"],
                       timeout=1200)
     report = json.loads(out_json.read_text())
     assert report["machine"]["nproc"] >= 1 and report["sizes"]["tiny"]["ranks"] == 2
+    assert report["sizes"]["tiny"]["settings"]["records"] == 12  # --records overrides the size's 16
     results = report["sizes"]["tiny"]
     assert results["identify"]["world_size"] == 2
     assert all(len(results["identify"][v]["step_times_s"]) == 2 for v in ("plain", "hooks", "full_logits"))

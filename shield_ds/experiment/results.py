@@ -269,17 +269,24 @@ def plot_budgets(rows: list[dict], path: Path) -> Path | None:
     keys = [k for k in ("trained", "held_out_languages", *refusals) if any(r.get(k) is not None for r in rows)]
     if not keys or len({r["budget"] for r in rows}) < 2:
         return None
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({r["trainable_fraction"] for r in rows if r["kind"] == "safety" and r.get("trainable_fraction")})
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for kind, marker in zip(SWEEP_KINDS, "os^"):
-            points = sorted((r["trainable_fraction"], r[key], r[f"{key}_low"], r[f"{key}_high"]) for r in rows
-                            if r["kind"] == kind and r.get(key) is not None and r.get("trainable_fraction"))
+            # one point per trainable count (LoRA's rank 1 can serve two caps)
+            points = sorted({r["trainable_fraction"]: (r["trainable_fraction"], r[key], r[f"{key}_low"], r[f"{key}_high"])
+                             for r in rows if r["kind"] == kind and r.get(key) is not None
+                             and r.get("trainable_fraction")}.values())
             if points:
                 fx, fy, lo, hi = zip(*points)
                 ax.errorbar(fx, fy, yerr=[[y - low for y, low in zip(fy, lo)], [h - y for y, h in zip(fy, hi)]],
                             marker=marker, capsize=2, label=kind)
         ax.set_xscale("log")
-        ax.set_xlabel("trainable fraction of parameters")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ticks, labels=[f"{100 * t:.2g}%" for t in ticks])
+        ax.set_xlabel("trainable parameters (log)")
         ax.set_title(SLICE_TITLES.get(key) or REFUSAL_TITLES[key].split(" %")[0], fontsize=9)
         ax.set_ylim(-0.02, 1.05)
     axes[0][0].set_ylabel("rate (95% Wilson CI)")
