@@ -348,7 +348,7 @@ def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int
             stats.detach()
         return elapsed
 
-    variants = IDENTIFY_VARIANTS
+    variants = IDENTIFY_VARIANTS  # rotated per step below
     times: dict[str, list[float]] = {v: [] for v in variants}
     tokens = []
     for i in range(warmup + steps):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shield_ds.errors import ShieldError, exit_on_error
 from shield_ds.evaluate.degenerate import degeneration
+from shield_ds.experiment.runner import BUDGETS_DIR
 from shield_ds.io import read_json, write_text
 
 SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
@@ -102,7 +103,7 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
         if (run / "arms").is_dir() else []
     stages = _stage_seconds(run)
     total = sum(s for _, s in stages)
-    sweep = sum(s for name, s in stages if name.startswith("budgets/"))
+    sweep = sum(s for name, s in stages if name.startswith(BUDGETS_DIR + "/"))
     split = f"; main arms {(total - sweep) / 60:.1f} min, budget sweep {sweep / 60:.1f} min" if sweep else ""
     results = (run / "results.md").read_text(encoding="utf-8").split("\n", 1)[1]
     parts = [f"# Experiment: {Path(config['model']).name}\n\n",

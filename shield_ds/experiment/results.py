@@ -126,28 +126,38 @@ REFUSAL_TITLES = {"over_refusal": "over-refusal % [95% CI]",
                   OVER_REFUSAL_TRAINED: "over-refusal trained % [95% CI]"}
 
 
-def held_out(rows: list[dict]) -> bool:
-    """Whether any row has held-out test prompts (else the trained slice is everything)."""
-    return any(r.get(f"{s}_n") for r in rows for s in SLICES if s != "trained")
+def refusal_keys(rows: list[dict]) -> list[str]:
+    """Over-refusal over all benign prompts, and on the trained slice's when some rows have held-out prompts
+    (else the two are the same)."""
+    held_out = any(r.get(f"{s}_n") for r in rows for s in SLICES if s != "trained")
+    return ["over_refusal", *([OVER_REFUSAL_TRAINED] if held_out else [])]
+
+
+def _drift(row: dict) -> str:
+    return "–" if row.get("nll_drift") is None else f"{row['nll_drift']:+.3f}"
+
+
+def _trainable(row: dict) -> list[str]:
+    """Trainable parameters and their percentage of all parameters."""
+    params = "–" if row.get("trainable_params") is None else f"{int(row['trainable_params']):,}"
+    fraction = "–" if row.get("trainable_fraction") is None else f"{100 * row['trainable_fraction']:.4f}"
+    return [params, fraction]
 
 
 def results_markdown(rows: list[dict], title: str, *, model: str, tiny: bool = False) -> str:
     """The arms table (percent, 95% Wilson intervals) with a note on how to read it; `tiny`: the model is a
     tiny generated checkpoint, and the page says that its numbers cannot move."""
     present = [s for s in SLICES if any(r.get(f"{s}_n") for r in rows)]
-    refusals = ["over_refusal", *([OVER_REFUSAL_TRAINED] if held_out(rows) else [])]
+    refusals = refusal_keys(rows)
     header = ["arm", *(SLICE_TITLES[s] + " % [95% CI]" for s in present), *(REFUSAL_TITLES[k] for k in refusals),
               "NLL drift (nats/token)", "trainable params", "trainable %", "train s"]
     summary = random_summary(rows)
     shown = rows + ([summary] if summary else [])
     body = []
     for r in shown:
-        drift = "–" if r.get("nll_drift") is None else f"{r['nll_drift']:+.3f}"
-        params = "–" if r.get("trainable_params") is None else f"{int(r['trainable_params']):,}"
-        fraction = "–" if r.get("trainable_fraction") is None else f"{100 * r['trainable_fraction']:.4f}"
         seconds = "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
-        body.append([r["arm"], *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals), drift,
-                     params, fraction, seconds])
+        body.append([r["arm"], *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals), _drift(r),
+                     *_trainable(r), seconds])
     notes = ("ASR = attack successes / harmful test prompts of the slice, pooled over the slice's prompts (every "
              "language and modality of the slice counts by its number of prompts, not averaged per language); "
              "over-refusal = refusals / benign test prompts (all, and those of the trained languages x "
@@ -244,14 +254,12 @@ def budget_rows(rows: list[dict], main_budget: float) -> list[dict]:
 def budget_markdown(rows: list[dict]) -> str:
     """The budget sweep as one table: per cap and arm kind, what it trained and what it did."""
     present = [s for s in ("trained", "held_out_languages") if any(r.get(f"{s}_n") for r in rows)]
-    refusals = ["over_refusal", *([OVER_REFUSAL_TRAINED] if held_out(rows) else [])]
+    refusals = refusal_keys(rows)
     header = ["budget (cap)", "arm", "trainable params", "trainable %", *(SLICE_TITLES[s] + " % [95% CI]" for s in present),
               *(REFUSAL_TITLES[k] for k in refusals), "NLL drift", *(f"substantive {SLICE_TITLES[s]} %" for s in present)]
-    body = [[f"{100 * r['budget']:g}%", r["arm"], "–" if r.get("trainable_params") is None else f"{int(r['trainable_params']):,}",
-             "–" if r.get("trainable_fraction") is None else f"{100 * r['trainable_fraction']:.4f}",
-             *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals),
-             "–" if r.get("nll_drift") is None else f"{r['nll_drift']:+.3f}",
-             *(_pct(r.get(s + SUBSTANTIVE)) for s in present)] for r in rows]
+    body = [[f"{100 * r['budget']:g}%", r["arm"], *_trainable(r), *(_with_ci(r, s) for s in present),
+             *(_with_ci(r, k) for k in refusals), _drift(r), *(_pct(r.get(s + SUBSTANTIVE)) for s in present)]
+            for r in rows]
     return ("## Neuron budget sweep\n\nEach budget caps the selection from the same identify statistics "
             "(`identify.py --from-stats`); the random arm has the same per-layer counts (seed 0); LoRA's rank "
             "is the one whose trainable count is closest to the set's (at least rank 1, so below one rank's "
@@ -265,8 +273,7 @@ def plot_budgets(rows: list[dict], path: Path) -> Path | None:
     against the trainable fraction, one line per arm kind through `budget_rows` (95% Wilson intervals; log x)."""
     from shield_ds.plots import plt, save_figure
 
-    refusals = ("over_refusal", *([OVER_REFUSAL_TRAINED] if held_out(rows) else []))
-    keys = [k for k in ("trained", "held_out_languages", *refusals) if any(r.get(k) is not None for r in rows)]
+    keys = [k for k in ("trained", "held_out_languages", *refusal_keys(rows)) if any(r.get(k) is not None for r in rows)]
     if not keys or len({r["budget"] for r in rows}) < 2:
         return None
     from matplotlib.ticker import NullFormatter
@@ -302,8 +309,7 @@ def curve_markdown(rows: list[dict]) -> str:
     header = ["arm", "step", *(SLICE_TITLES[s] + " %" for s in present), "over-refusal %", "NLL drift",
               *(f"substantive {SLICE_TITLES[s]} %" for s in present)]
     body = [[r["arm"], str(r["step"]), *(_with_ci(r, s) for s in present), _with_ci(r, "over_refusal"),
-             "–" if r.get("nll_drift") is None else f"{r['nll_drift']:+.3f}",
-             *(_pct(r.get(s + SUBSTANTIVE)) for s in present)] for r in rows]
+             _drift(r), *(_pct(r.get(s + SUBSTANTIVE)) for s in present)] for r in rows]
     return ("## ASR against over-refusal along training\n\nEvery main arm exported at the curve steps and "
             "was evaluated on the same test prompts; an arm whose curve lies below and left of another's "
             "buys the same ASR with less over-refusal.\n\n" + markdown_table(header, body) + "\n")

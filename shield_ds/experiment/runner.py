@@ -41,6 +41,7 @@ log = dist.get_logger("experiment")
 ArmKind = Literal["safety", "random", "lora", "full-ffn"]
 ARMS = get_args(ArmKind)
 STAGE_FILE = "stage.json"
+BUDGETS_DIR = "budgets"  # OUT/budgets/<cap>/: the budget sweep's identify and arms
 
 
 @dataclass
@@ -178,7 +179,7 @@ class Experiment:
             else:
                 arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn"))
         for budget in cfg.budgets:
-            root = self.out / "budgets" / f"{budget:g}"
+            root = self.out / BUDGETS_DIR / f"{budget:g}"
             ident = root / "identify"
             arms.append(Arm(f"safety@{budget:g}", "safety", ["--neurons", str(ident)], root / "safety", budget=budget))
             arms.append(Arm(f"random-s0@{budget:g}", "random", ["--neurons", f"random:0:{ident}"], root / "random-s0",
@@ -212,7 +213,7 @@ class Experiment:
         identify = {None: Stage("identify.py", self.identify_args(self.out / "identify"), self.out / "identify",
                                 "neurons.json")}
         for budget in self.cfg.budgets:  # the main identify's statistics, selected again under each budget
-            root = self.out / "budgets" / f"{budget:g}" / "identify"
+            root = self.out / BUDGETS_DIR / f"{budget:g}" / "identify"
             identify[budget] = Stage("identify.py", [*self.identify_args(root, budget), "--from-stats",
                                                      str(self.out / "identify")], root, "neurons.json",
                                      [identify[None].out])
