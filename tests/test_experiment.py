@@ -226,6 +226,100 @@ def test_budget_sweep_table_figure_and_published_page(tmp_path):
     assert "main arms 4.0 min, budget sweep 6.0 min" in page and "## Neuron budget sweep" in page
     assert (tmp_path / "published" / "budgets.png").stat().st_size > 0
 
+
+def test_selections_plan_their_identify_and_arms(tmp_path):
+    """A selection that changes only the score selects again from the main statistics; one that changes the
+    statistics' tokens runs its own identify; each trains a safety arm and a random arm of its own set."""
+    from shield_ds.experiment.runner import Selection
+
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety"], identify_args="--ratio 0.05",
+                           selections=["contrast=--score contrast", "last=--tokens last --score=frequency"])
+    stages = {s.out.relative_to(tmp_path).as_posix(): s for s in Experiment(cfg).plan()}
+    main = tmp_path / "identify"
+    contrast, last = stages["selections/contrast/identify"], stages["selections/last/identify"]
+    assert contrast.args[-4:] == ["--score", "contrast", "--from-stats", str(main)] and contrast.depends == [main]
+    assert last.args[-3:] == ["--tokens", "last", "--score=frequency"] and "--from-stats" not in last.args
+    assert last.depends == [] and last.args[last.args.index("--out") + 1] == str(tmp_path / "selections/last/identify")
+    for name in ("contrast", "last"):
+        ident = str(tmp_path / "selections" / name / "identify")
+        safety, random = stages[f"selections/{name}/safety/train"], stages[f"selections/{name}/random-s0/train"]
+        assert safety.args[safety.args.index("--neurons") + 1] == ident and safety.depends == [Path(ident)]
+        assert random.args[random.args.index("--neurons") + 1] == f"random:0:{ident}"
+        assert f"selections/{name}/random-s0/eval" in stages
+    assert [a.name for a in Experiment(cfg).arms()] == ["safety", "safety[contrast]", "random-s0[contrast]",
+                                                        "safety[last]", "random-s0[last]"]
+    # the main arms' stages are those of a run without selections (an earlier run's stages stay done)
+    plain = {s.out: s.args for s in Experiment(ExperimentConfig(model="m", out=str(tmp_path), arms=["safety"],
+                                                                identify_args="--ratio 0.05")).plan()}
+    assert all(stages[out.relative_to(tmp_path).as_posix()].args == args for out, args in plain.items())
+    assert Selection.parse("r= --ratio 0.1 --cap-ranking raw").from_stats
+    assert not Selection.parse("b=--batch-size 4").from_stats
+
+
+@pytest.mark.parametrize("text, message", [
+    ("contrast", "expected NAME=IDENTIFY FLAGS"),
+    ("a/b=--score contrast", "expected NAME=IDENTIFY FLAGS"),
+    ("c=", "no identify flags after '='"),
+    ("c=--scor contrast", "--scor is not an identify option"),
+    ("c=--out x", "--out is set by the experiment"),
+    ("c=--from-stats=x", "--from-stats is set by the experiment"),
+    ("c=--score 'contrast", "No closing quotation"),
+])
+def test_bad_selection_is_refused(text, message):
+    with pytest.raises(ShieldError, match=message) as info:
+        Experiment(ExperimentConfig(model="m", selections=[text]))
+    assert repr(text) in str(info.value)
+
+
+def test_selection_named_twice_is_refused():
+    with pytest.raises(ShieldError, match="the name 'c' is given twice"):
+        Experiment(ExperimentConfig(model="m", selections=["c=--score contrast", "c=--score frequency"]))
+
+
+def test_selection_table_and_wall_time(tmp_path):
+    """The selection table: the main safety and seed-0 random rows, then each selection's two arms with its set's
+    size, the neurons it shares with the main set and the trained slice's over-refusal p-value against the main
+    safety arm; the selections' random arms stay out of the random-seed mean and the bar chart."""
+    import torch
+
+    from shield_ds.experiment.publish import publish
+    from shield_ds.neurons import NeuronSet
+
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=2,
+                           selections=["contrast=--score contrast"], train_languages=["en", "zh"])
+    exp = Experiment(cfg)
+    meta = {"num_layers": 1, "intermediate_size": 8, "hidden_size": 4, "score": "saliency", "tokens": "all",
+            "ratio": 0.05, "max_param_fraction": 0.003}
+    NeuronSet({0: torch.tensor([1, 2, 3])}, meta).save(tmp_path / "identify")
+    NeuronSet({0: torch.tensor([3, 4, 5, 6])}, dict(meta, score="contrast")).save(tmp_path / "selections/contrast/identify")
+    _eval_dir(tmp_path / "eval-base", _rows({("en", "text"): 9, ("sw", "text"): 9}), nll=1.0)
+    refused = {"safety": 0, "random-s0": 2, "random-s1": 4, "safety[contrast]": 7, "random-s0[contrast]": 10}
+    for arm in exp.arms():
+        k = refused[arm.name]
+        _eval_dir(arm.eval_dir, _rows({("en", "text"): 1, ("sw", "text"): 5}, benign_refused=k), nll=1.0)
+        arm.train_dir.mkdir(parents=True)
+        write_json(arm.train_dir / "train.json", {"trainable_params": 30, "total_params": 10_000})
+        write_json(arm.eval_dir / "stage.json", {"seconds": 60.0})
+    exp.write_results()
+    text = (tmp_path / "results.md").read_text()
+    main_table, section = text.split("## Selection settings", 1)
+    mean = next(line for line in main_table.splitlines() if line.startswith("| random (mean of 2 seeds"))
+    assert "| 30.0 [20.0, 40.0] (n=10) |" in mean  # over-refusal of s0 and s1 only, not random-s0[contrast]
+    lines = [line for line in section.splitlines() if line.startswith("| main") or line.startswith("| contrast")]
+    assert [line.split(" | ")[2] for line in lines] == ["safety", "random-s0", "safety[contrast]",
+                                                        "random-s0[contrast]"]
+    assert lines[0].startswith("| main: saliency score, all tokens, ratio 0.05, cap 0.3% | 3 (3) |")
+    assert lines[2].startswith("| contrast: contrast score, all tokens, ratio 0.05, cap 0.3% | 4 (1) |")
+    from scipy.stats import fisher_exact
+
+    assert f"| {fisher_exact([[7, 3], [0, 10]]).pvalue:.3g} |" in lines[2]  # 7/10 vs 0/10 benign en refusals
+    assert "| – |" in lines[0]  # no p-value of the reference against itself
+    assert "safety[contrast]" not in text.split("## Substantive ASR")[0].split("| arm |")[0]
+    write_json(tmp_path / "experiment.json", {"config": {"model": "m", "launcher": "python"}})
+    page = publish(tmp_path, tmp_path / "published").read_text()
+    assert "main arms 3.0 min, other selections 2.0 min" in page and "## Selection settings" in page
+
+
 def test_curve_steps_plan_snapshot_evaluations(tmp_path):
     cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "lora"], budgets=[0.01], curve_steps=[5, 10],
                            train_args="--max-steps=20")
@@ -244,7 +338,7 @@ def test_curve_steps_plan_snapshot_evaluations(tmp_path):
 @timeout_above(1200, 300, 300, 300)
 def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path):
     """Identify and train on 2 ranks through the deepspeed launcher, evaluations in one process: base, safety
-    and one random seed on held-out prompts. (The LoRA and full-FFN arms train on 2 ranks in test_train, and
+    and one random seed on held-out prompts, and another selection setting (its own identify) with its two arms. (The LoRA and full-FFN arms train on 2 ranks in test_train, and
     their flags from this driver are checked in test_plan_gives_each_arm_its_flags; the curve's stages and
     table are tested above and below, the arms' snapshot exports in test_train.)"""
     from shield_ds.data.targets import cut_at_sentence_end
@@ -254,7 +348,7 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     args = [str(REPO / "recipes" / "experiment.py"), "--model", str(tiny_checkpoint("llava")), "--out", str(out),
             "--launcher", f"{DEEPSPEED} --num_gpus 2 --master_port {free_port()}", "--eval-launcher", "python",
             "--train-languages", "en,zh", "--eval-languages", "en,zh,sw", "--eval-modalities", "text,typographic",
-            "--arms", "safety,random", "--random-seeds", "1",
+            "--arms", "safety,random", "--random-seeds", "1", "--selections", "last=--tokens last",
             "--identify-args", "--per-group-limit 3 --ratio 0.1 --max-param-fraction 0.05 --ds-config none",
             "--evaluate-args", "--per-group-limit 2 --max-new-tokens 6 --ds-config none",
             "--train-args", "--per-group-limit 3 --benign-targets self --max-new-tokens 6 --max-steps 2 "
@@ -262,8 +356,14 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     proc = run_python(args, timeout=1200)
     arms = ("safety", "random-s0")
     rows = {r.split(",")[0]: r for r in (out / "results.csv").read_text().splitlines()[1:]}
-    assert set(rows) == {"base", *arms}
+    assert set(rows) == {"base", *arms, "safety[last]", "random-s0[last]"}
     text = (out / "results.md").read_text()
+    last = json.loads((out / "selections" / "last" / "identify" / "neurons.json").read_text())
+    assert (last["tokens"], last["world_size"], last["ratio"]) == ("last", 2, 0.1)
+    assert "| last: saliency score, last tokens, ratio 0.1, cap 5% |" in text.split("## Selection settings")[1]
+    for arm in ("safety", "random-s0"):
+        summary = json.loads((out / "selections" / "last" / arm / "train" / "train.json").read_text())
+        assert summary["world_size"] == 2 and summary["trainable_params"] == last["selected_neurons"] * last["params_per_neuron"]
     assert "ASR held-out languages" in text and "ASR held-out modalities" in text
     assert "lang-sw" in text and "modality-typographic" in text and "lang-en" not in text
     assert TINY_NOTE in text  # the tiny generated checkpoint: its numbers cannot move
@@ -310,7 +410,7 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     asr_path.write_text(clean)
     # a second run with nothing changed launches nothing and writes the same table
     again = run_python(args, timeout=300)
-    assert again.stdout.count("== done already") == 6  # base, identify, 2 arms x (train, eval)
+    assert again.stdout.count("== done already") == 11  # base, 2 identify, 4 arms x (train, eval)
     assert (out / "results.md").read_text() == text
 
 

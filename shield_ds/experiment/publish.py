@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shield_ds.errors import ShieldError, exit_on_error
 from shield_ds.evaluate.degenerate import degeneration
-from shield_ds.experiment.runner import BUDGETS_DIR
+from shield_ds.experiment.runner import BUDGETS_DIR, SELECTIONS_DIR
 from shield_ds.io import read_json, write_text
 
 SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
@@ -103,8 +103,10 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
         if (run / "arms").is_dir() else []
     stages = _stage_seconds(run)
     total = sum(s for _, s in stages)
-    sweep = sum(s for name, s in stages if name.startswith(BUDGETS_DIR + "/"))
-    split = f"; main arms {(total - sweep) / 60:.1f} min, budget sweep {sweep / 60:.1f} min" if sweep else ""
+    extra = {what: sum(s for name, s in stages if name.startswith(folder + "/"))
+             for what, folder in (("budget sweep", BUDGETS_DIR), ("other selections", SELECTIONS_DIR))}
+    split = (f"; main arms {(total - sum(extra.values())) / 60:.1f} min"
+             + "".join(f", {what} {s / 60:.1f} min" for what, s in extra.items() if s)) if any(extra.values()) else ""
     results = (run / "results.md").read_text(encoding="utf-8").split("\n", 1)[1]
     parts = [f"# Experiment: {Path(config['model']).name}\n\n",
              f"Command: `python recipes/experiment.py --config CONFIG` with the config recorded below; run dir "

@@ -66,11 +66,12 @@ def _utility_nll(eval_dir: Path) -> float | None:
 
 
 def arm_row(name: str, kind: str, budget: float | None, eval_dir: Path, train_dir: Path | None, base_dir: Path,
-            trained: tuple[set[str], set[str]]) -> dict[str, Any]:
-    """One table row: rates with intervals, NLL drift, trainable parameters, train time."""
+            trained: tuple[set[str], set[str]], selection: str | None = None) -> dict[str, Any]:
+    """One table row: rates with intervals, NLL drift, trainable parameters, train time; `budget` and
+    `selection` say which sweep the arm belongs to (None, None: a main arm)."""
     if not (eval_dir / GENERATIONS_FILE).is_file():
         raise ShieldError(f"{eval_dir}: no {GENERATIONS_FILE} (the arm's evaluation did not run)")
-    row: dict[str, Any] = {"arm": name, "kind": kind, "budget": budget}
+    row: dict[str, Any] = {"arm": name, "kind": kind, "budget": budget, "selection": selection}
     for key, rate in rates(read_generations(eval_dir / GENERATIONS_FILE), trained).items():
         low, high = rate.interval
         row.update({f"{key}_n": rate.n, key: rate.rate, f"{key}_low": low, f"{key}_high": high})
@@ -89,6 +90,11 @@ def arm_row(name: str, kind: str, budget: float | None, eval_dir: Path, train_di
     return row
 
 
+def is_main(row: dict) -> bool:
+    """A main arm's row (not the budget sweep's or another selection's)."""
+    return row["budget"] is None and row.get("selection") is None
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -101,7 +107,7 @@ def _with_ci(row: dict, key: str) -> str:
 
 def random_summary(rows: list[dict]) -> dict[str, Any] | None:
     """Mean and min-max range over the random arms of the main budget (one row per seed)."""
-    seeds = [r for r in rows if r["kind"] == "random" and r["budget"] is None]
+    seeds = [r for r in rows if r["kind"] == "random" and is_main(r)]
     if len(seeds) < 2:
         return None
     out: dict[str, Any] = {"arm": f"random (mean of {len(seeds)} seeds; [min, max])", "kind": "random-mean",
@@ -211,10 +217,10 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
 
 def plot_results(rows: list[dict], path: Path) -> Path | None:
     """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals (the budget
-    sweep has its own figure: `plot_budgets`)."""
+    sweep has its own figure: `plot_budgets`; other selections are in their table)."""
     from shield_ds.plots import plt, save_figure
 
-    main = [r for r in rows if r["budget"] is None]
+    main = [r for r in rows if is_main(r)]
     keys = [k for k in (*SLICES, "over_refusal") if any(r.get(k) is not None for r in main)]
     if not main or not keys:
         return None
@@ -245,7 +251,7 @@ SWEEP_KINDS = ("safety", "random", "lora")
 def budget_rows(rows: list[dict], main_budget: float) -> list[dict]:
     """The sweep's rows ordered by budget then arm kind, with the main budget's safety, random seed 0 (the
     sweep's one seed) and LoRA rows among them; `budget` is the identify cap of each row."""
-    out = [dict(r, budget=main_budget) for r in rows if r["budget"] is None
+    out = [dict(r, budget=main_budget) for r in rows if is_main(r)
            and (r["kind"] in ("safety", "lora") or (r["kind"] == "random" and r["arm"] == "random-s0"))]
     out += [r for r in rows if r["budget"] is not None and r["kind"] in SWEEP_KINDS]
     return sorted(out, key=lambda r: (r["budget"], SWEEP_KINDS.index(r["kind"])))
@@ -300,6 +306,50 @@ def plot_budgets(rows: list[dict], path: Path) -> Path | None:
     axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
     return path
+
+
+def selection_rows(rows: list[dict]) -> list[dict]:
+    """The main safety and random seed-0 rows, then each other selection's, in config order."""
+    main = [r for r in rows if is_main(r) and (r["kind"] == "safety" or r["arm"] == "random-s0")]
+    return main + [r for r in rows if r.get("selection") is not None]
+
+
+def describe_selection(meta: dict[str, Any]) -> str:
+    """What a neuron set's identify chose by: score, tokens, per-layer ratio, cap."""
+    cap = meta.get("max_param_fraction")
+    return (f"{meta.get('score')} score, {meta.get('tokens', 'all')} tokens, ratio {meta.get('ratio')}"
+            + (f", cap {100 * cap:g}%" if cap else ""))
+
+
+def selection_markdown(rows: list[dict], sets: dict[str | None, dict[str, Any]]) -> str:
+    """Other selection settings beside the main one: what each selected, what its safety arm and its random
+    control (same per-layer counts, seed 0) did, and the trained slice's over-refusal against the main safety
+    arm's (two-sided Fisher exact test). `sets`: per selection (None: the main one) its `describe_selection`,
+    neuron count and neurons shared with the main set."""
+    from scipy.stats import fisher_exact
+
+    refusals = refusal_keys(rows)
+    present = [s for s in ("trained", "held_out_languages") if any(r.get(f"{s}_n") for r in rows)]
+    reference = next((r for r in rows if is_main(r) and r["kind"] == "safety"), None)
+    key = refusals[-1]  # the trained slice's over-refusal when held-out prompts were evaluated
+    header = ["selection", "neurons (shared with main)", "arm", "trainable %", *(SLICE_TITLES[s] + " % [95% CI]" for s in present),
+              *(REFUSAL_TITLES[k] for k in refusals), f"{REFUSAL_TITLES[key].split(' %')[0]}: p vs main safety",
+              "NLL drift"]
+    body = []
+    for r in rows:
+        info = sets.get(r.get("selection"), {})
+        p = "–"
+        if reference is not None and r is not reference and r.get(f"{key}_n") and reference.get(f"{key}_n"):
+            table = [[round(x[key] * x[f"{key}_n"]), x[f"{key}_n"] - round(x[key] * x[f"{key}_n"])] for x in (r, reference)]
+            p = f"{fisher_exact(table).pvalue:.3g}"
+        body.append([f"{r.get('selection') or 'main'}: {info.get('description', '?')}",
+                     f"{info.get('neurons', '?')} ({info.get('shared', '?')})", r["arm"], _trainable(r)[1],
+                     *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals), p, _drift(r)])
+    return ("## Selection settings\n\nEach other selection setting (`--selections`) identified its own neurons "
+            "(from the main statistics when only the score, ratio or cap differ) and trained them with the main "
+            "arms' flags; its random arm has that set's per-layer counts (seed 0). The p-value compares the "
+            "trained slice's benign refusals with the main safety arm's (two-sided Fisher exact test); single "
+            "runs per setting.\n\n" + markdown_table(header, body) + "\n")
 
 
 def curve_markdown(rows: list[dict]) -> str:

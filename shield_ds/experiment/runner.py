@@ -13,7 +13,9 @@ Arms: `safety` (the identified neurons), `random` (random neurons with the same 
 one run per seed), `lora` (LoRA at the neuron set's trainable-parameter budget), `full-ffn` (every
 FFN matrix; the upper bound). `budgets` adds a sweep: select again from the main identify's statistics
 under each parameter budget (`identify.py --from-stats`, no forward passes)
-and train safety, one random seed and matched LoRA there.
+and train safety, one random seed and matched LoRA there. `selections` adds other selection settings
+(another score, the last prompt token's statistics, ...): each is identified (from the main statistics
+when only selection flags differ) and trained as a safety arm and a random arm with its per-layer counts.
 
 A stage whose output is complete and whose arguments are unchanged is not run again (`stage.json`
 beside its outputs), so an interrupted experiment continues where it stopped; `--force` reruns all.
@@ -21,6 +23,7 @@ beside its outputs), so an interrupted experiment continues where it stopped; `-
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -42,6 +45,52 @@ ArmKind = Literal["safety", "random", "lora", "full-ffn"]
 ARMS = get_args(ArmKind)
 STAGE_FILE = "stage.json"
 BUDGETS_DIR = "budgets"  # OUT/budgets/<cap>/: the budget sweep's identify and arms
+SELECTIONS_DIR = "selections"  # OUT/selections/<name>/: another selection setting's identify and arms
+# identify's own output and inputs, which the experiment sets for every selection
+_RUNNER_FLAGS = ("out", "model", "languages", "modalities", "from_stats", "overwrite", "config")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Another selection setting: a name and the identify flags that make it (`NAME=FLAGS`)."""
+
+    name: str
+    flags: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "Selection":
+        from dataclasses import fields
+
+        from shield_ds.neurons.identify import IdentifyConfig
+
+        name, sep, flags = text.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ShieldError(f"--selections {text!r}: expected NAME=IDENTIFY FLAGS (NAME: letters, digits, . _ -), "
+                              "e.g. 'contrast=--score contrast'")
+        try:
+            words = tuple(shlex.split(flags))
+        except ValueError as e:
+            raise ShieldError(f"--selections {text!r}: {e}") from None
+        if not words:
+            raise ShieldError(f"--selections {text!r}: no identify flags after '='")
+        known = {f.name for f in fields(IdentifyConfig)}
+        for word in words:
+            if not word.startswith("--"):
+                continue
+            key = word[2:].split("=", 1)[0].replace("-", "_")
+            if key not in known or key in _RUNNER_FLAGS:
+                why = "set by the experiment" if key in known or key == "config" else "not an identify option"
+                raise ShieldError(f"--selections {text!r}: {word.split('=', 1)[0]} is {why}")
+        return cls(name, words)
+
+    @property
+    def from_stats(self) -> bool:
+        """Only flags that choose among neurons differ: select again from the main identify's statistics."""
+        from shield_ds.neurons.identify import SELECTION_KEYS
+
+        keys = {w[2:].split("=", 1)[0].replace("-", "_") for w in self.flags if w.startswith("--")}
+        return keys <= set(SELECTION_KEYS)
 
 
 @dataclass
@@ -59,6 +108,10 @@ class ExperimentConfig(ModelConfig):
     arms: list[ArmKind] = option(list(ARMS), "comma-separated: safety,random,lora,full-ffn")
     random_seeds: int = option(3, "random-neuron arms (one per seed)")
     budgets: list[float] = option([], "extra parameter budgets to sweep, e.g. 0.001,0.003,0.01")
+    selections: list[str] = option([], "other selection settings, each trained as a safety arm and a random arm "
+                                   "with its per-layer counts: NAME=IDENTIFY FLAGS, e.g. 'contrast=--score "
+                                   "contrast' 'last=--tokens last' (flags that only choose among neurons reuse the "
+                                   "main statistics)", commas=False)
     # The final step is the arm's main evaluation.
     curve_steps: list[int] = option([], "optimizer steps before --max-steps at which every main arm is also "
                                     "exported and evaluated (ASR vs over-refusal curves), e.g. 10,20")
@@ -86,6 +139,13 @@ class ExperimentConfig(ModelConfig):
             late = [c for c in self.curve_steps if not 0 < c < int(steps)]
             if late:
                 raise ShieldError(f"--curve-steps: step {late[0]} is not between 0 and --max-steps {steps}")
+        names = [s.name for s in self.parsed_selections()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ShieldError(f"--selections: the name {twice[0]!r} is given twice")
+
+    def parsed_selections(self) -> list[Selection]:
+        return [Selection.parse(text) for text in self.selections]
 
 
 @dataclass
@@ -96,8 +156,15 @@ class Arm:
     kind: str  # one of ARMS
     flags: list[str]
     root: Path
+    identify: Path | None = None  # the neuron set it trains (or whose budget it matches); None: full FFN
     budget: float | None = None
     seed: int | None = None
+    selection: str | None = None
+
+    @property
+    def main(self) -> bool:
+        """An arm of the main identify (not of the budget sweep or another selection)."""
+        return self.budget is None and self.selection is None
 
     @property
     def train_dir(self) -> Path:
@@ -163,34 +230,44 @@ class Experiment:
                 *shlex.split(self.cfg.identify_args), *extra]
 
     def arms(self) -> list[Arm]:
-        """The main arms, then the budget sweep's (safety, random seed 0, matched LoRA per budget)."""
+        """The main arms, then the budget sweep's (safety, random seed 0, matched LoRA per budget), then each
+        other selection's (safety and random seed 0 with its per-layer counts)."""
         cfg, identify = self.cfg, self.out / "identify"
         arms: list[Arm] = []
         for kind in cfg.arms:
             if kind == "safety":
-                arms.append(Arm("safety", kind, ["--neurons", str(identify)], self.out / "arms" / "safety"))
+                arms.append(self._arm("safety", kind, identify, self.out / "arms"))
             elif kind == "random":
-                for seed in range(cfg.random_seeds):
-                    arms.append(Arm(f"random-s{seed}", kind, ["--neurons", f"random:{seed}:{identify}"],
-                                    self.out / "arms" / f"random-s{seed}", seed=seed))
+                arms += [self._arm("random", kind, identify, self.out / "arms", seed=seed)
+                         for seed in range(cfg.random_seeds)]
             elif kind == "lora":
-                arms.append(Arm("lora", kind, ["--update", "lora", "--neurons", str(identify),
-                                               *shlex.split(cfg.lora_args)], self.out / "arms" / "lora"))
+                arms.append(self._arm("lora", kind, identify, self.out / "arms"))
             else:
                 arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn"))
         for budget in cfg.budgets:
             root = self.out / BUDGETS_DIR / f"{budget:g}"
-            ident = root / "identify"
-            arms.append(Arm(f"safety@{budget:g}", "safety", ["--neurons", str(ident)], root / "safety", budget=budget))
-            arms.append(Arm(f"random-s0@{budget:g}", "random", ["--neurons", f"random:0:{ident}"], root / "random-s0",
-                            budget=budget, seed=0))
-            arms.append(Arm(f"lora@{budget:g}", "lora", ["--update", "lora", "--neurons", str(ident),
-                                                          *shlex.split(cfg.lora_args)], root / "lora", budget=budget))
+            arms += [self._arm(kind, kind, root / "identify", root, seed=0 if kind == "random" else None,
+                               suffix=f"@{budget:g}", budget=budget) for kind in ("safety", "random", "lora")]
+        for selection in cfg.parsed_selections():
+            root = self.out / SELECTIONS_DIR / selection.name
+            arms += [self._arm(kind, kind, root / "identify", root, seed=0 if kind == "random" else None,
+                               suffix=f"[{selection.name}]", selection=selection.name) for kind in ("safety", "random")]
         return arms
+
+    def _arm(self, name: str, kind: str, identify: Path, parent: Path, *, seed: int | None = None, suffix: str = "",
+             budget: float | None = None, selection: str | None = None) -> Arm:
+        """A safety, random (one seed) or LoRA arm of the neuron set in `identify`, written to parent/<name>."""
+        if kind == "random":
+            name, flags = f"random-s{seed}", ["--neurons", f"random:{seed}:{identify}"]
+        elif kind == "lora":
+            flags = ["--update", "lora", "--neurons", str(identify), *shlex.split(self.cfg.lora_args)]
+        else:
+            flags = ["--neurons", str(identify)]
+        return Arm(name + suffix, kind, flags, parent / name, identify, budget, seed, selection)
 
     def train_args(self, arm: Arm) -> list[str]:
         curve = (["--export-steps", ",".join(map(str, self.cfg.curve_steps))]
-                 if self.cfg.curve_steps and arm.budget is None else [])
+                 if self.cfg.curve_steps and arm.main else [])
         return [*self._common(), *self._train_selection(), *arm.flags, "--out", str(arm.train_dir),
                 *shlex.split(self.cfg.train_args), *curve]
 
@@ -198,7 +275,7 @@ class Experiment:
         """(step, snapshot model dir, its evaluation dir) per curve step of a main arm (none for the sweep's)."""
         from shield_ds.train import snapshot_dir
 
-        steps = self.cfg.curve_steps if arm.budget is None else []
+        steps = self.cfg.curve_steps if arm.main else []
         return [(step, snapshot_dir(arm.train_dir, step) / "model", arm.root / f"eval-step-{step}") for step in steps]
 
     def evaluate_args(self, model: str, out: Path) -> list[str]:
@@ -210,17 +287,21 @@ class Experiment:
         """Every stage in order, each with the stages whose outputs it reads."""
         base = Stage("evaluate.py", [*self.evaluate_args(self.cfg.model, self.out / "eval-base"),
                                      *shlex.split(self.cfg.base_evaluate_args)], self.out / "eval-base", "asr.json")
-        identify = {None: Stage("identify.py", self.identify_args(self.out / "identify"), self.out / "identify",
-                                "neurons.json")}
+        main = Stage("identify.py", self.identify_args(self.out / "identify"), self.out / "identify", "neurons.json")
+        identify = {main.out: main}
         for budget in self.cfg.budgets:  # the main identify's statistics, selected again under each budget
             root = self.out / BUDGETS_DIR / f"{budget:g}" / "identify"
-            identify[budget] = Stage("identify.py", [*self.identify_args(root, budget), "--from-stats",
-                                                     str(self.out / "identify")], root, "neurons.json",
-                                     [identify[None].out])
+            identify[root] = Stage("identify.py", [*self.identify_args(root, budget), "--from-stats", str(main.out)],
+                                   root, "neurons.json", [main.out])
+        for selection in self.cfg.parsed_selections():
+            root = self.out / SELECTIONS_DIR / selection.name / "identify"
+            reuse = ["--from-stats", str(main.out)] if selection.from_stats else []
+            identify[root] = Stage("identify.py", [*self.identify_args(root), *selection.flags, *reuse], root,
+                                   "neurons.json", [main.out] if reuse else [])
         stages = [base, *identify.values()]
         for arm in self.arms():
             train = Stage("train.py", self.train_args(arm), arm.train_dir, "train.json",
-                          [identify[arm.budget].out] if arm.kind != "full-ffn" else [])
+                          [identify[arm.identify].out] if arm.identify is not None else [])
             stages.append(train)
             stages.append(Stage("evaluate.py", self.evaluate_args(str(arm.train_dir / "model"), arm.eval_dir),
                                 arm.eval_dir, "asr.json", [train.out, base.out]))
@@ -301,14 +382,16 @@ class Experiment:
         from shield_ds.defaults import is_tiny_checkpoint
         from shield_ds.experiment.results import (arm_row, budget_markdown, budget_rows, curve_markdown,
                                                   held_out_groups, plot_budgets, plot_curves, plot_results,
-                                                  results_markdown, transfer_section)
+                                                  results_markdown, selection_markdown, selection_rows,
+                                                  transfer_section)
         from shield_ds.tables import rows_to_csv
 
         base_dir = self.out / "eval-base"
         note = overlap_note([base_dir, *(a.eval_dir for a in self.arms())], self.cfg.allow_overlap)
         trained = (set(self.cfg.train_languages), set(self.cfg.train_modalities))
         rows = [arm_row("base", "base", None, base_dir, None, base_dir, trained)]
-        rows += [arm_row(a.name, a.kind, a.budget, a.eval_dir, a.train_dir, base_dir, trained) for a in self.arms()]
+        rows += [arm_row(a.name, a.kind, a.budget, a.eval_dir, a.train_dir, base_dir, trained, a.selection)
+                 for a in self.arms()]
         title = (f"Arms trained on languages {_csv(self.cfg.train_languages)} x modalities "
                  f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
         if note:
@@ -327,6 +410,8 @@ class Experiment:
             figure = plot_budgets(sweep, self.out / "budgets.png")
             if figure is not None:
                 text += f"\n![ASR and over-refusal against the trainable fraction]({figure.name})\n"
+        if self.cfg.selections:
+            text += "\n" + selection_markdown(selection_rows(rows), self.selection_sets())
         if self.cfg.curve_steps:
             curve = self.curve_rows(rows, base_dir, trained)
             text += "\n" + curve_markdown(curve)
@@ -346,6 +431,20 @@ class Experiment:
         meta = NeuronSet.load(self.out / "identify").meta
         return float(meta.get("max_param_fraction") or meta["param_fraction"])
 
+    def selection_sets(self) -> dict[str | None, dict[str, Any]]:
+        """Per selection (None: the main one): its description, neuron count and neurons shared with the main set."""
+        from shield_ds.experiment.results import describe_selection
+        from shield_ds.neurons.neuron_set import NeuronSet
+
+        main = NeuronSet.load(self.out / "identify")
+        out: dict[str | None, dict[str, Any]] = {}
+        for name, path in [(None, self.out / "identify"),
+                           *((s.name, self.out / SELECTIONS_DIR / s.name / "identify") for s in self.cfg.parsed_selections())]:
+            found = NeuronSet.load(path)
+            out[name] = {"description": describe_selection(found.meta), "neurons": found.count,
+                         "shared": len(found.as_pairs() & main.as_pairs())}
+        return out
+
     def curve_rows(self, rows: list[dict[str, Any]], base_dir: Path,
                    trained: tuple[set[str], set[str]]) -> list[dict[str, Any]]:
         """One row per main arm and step: the snapshots' evaluations, then the final one (and the base at 0)."""
@@ -354,7 +453,7 @@ class Experiment:
         final = {r["arm"]: r for r in rows}
         steps = int(_flag_value(self.cfg.train_args, "--max-steps"))
         out = []
-        for arm in (a for a in self.arms() if a.budget is None):
+        for arm in (a for a in self.arms() if a.main):
             points = [(0, final["base"])]
             points += [(step, arm_row(arm.name, arm.kind, None, d, arm.train_dir, base_dir, trained))
                        for step, _, d in self.curve_points(arm)]
