@@ -181,6 +181,24 @@ def test_plan_gives_each_arm_its_flags(tmp_path):
     assert "--neurons" not in trains["full-ffn"].args
 
 
+def test_sweep_random_seeds_reach_budgets_and_selections(tmp_path):
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=3, budgets=[0.001],
+                           selections=["c=--score contrast"], sweep_random_seeds=2)
+    assert [a.name for a in Experiment(cfg).arms()] == [
+        "safety", "random-s0", "random-s1", "random-s2", "safety@0.001", "random-s0@0.001", "random-s1@0.001",
+        "lora@0.001", "safety[c]", "random-s0[c]", "random-s1[c]"]
+    from shield_ds.experiment.results import budget_rows, selection_rows
+
+    rows = [{"arm": a.name, "kind": a.kind, "budget": a.budget, "selection": a.selection}
+            for a in Experiment(cfg).arms()]
+    assert [r["arm"] for r in budget_rows(rows, 0.003, 2)] == [
+        "safety@0.001", "random-s0@0.001", "random-s1@0.001", "lora@0.001", "safety", "random-s0", "random-s1"]
+    assert [r["arm"] for r in selection_rows(rows, 2)] == [
+        "safety", "random-s0", "random-s1", "safety[c]", "random-s0[c]", "random-s1[c]"]
+    with pytest.raises(ShieldError, match="--sweep-random-seeds must be >= 0, got -1"):
+        Experiment(ExperimentConfig(model="m", sweep_random_seeds=-1))
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ShieldError, match="--arms must be one of safety, random, lora, full-ffn, not 'dropout'"):
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))

@@ -248,11 +248,16 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
 SWEEP_KINDS = ("safety", "random", "lora")
 
 
-def budget_rows(rows: list[dict], main_budget: float) -> list[dict]:
-    """The sweep's rows ordered by budget then arm kind, with the main budget's safety, random seed 0 (the
-    sweep's one seed) and LoRA rows among them; `budget` is the identify cap of each row."""
-    out = [dict(r, budget=main_budget) for r in rows if is_main(r)
-           and (r["kind"] in ("safety", "lora") or (r["kind"] == "random" and r["arm"] == "random-s0"))]
+def _first_seeds(row: dict, seeds: int) -> bool:
+    """A main arm among those the sweeps compare with: safety, LoRA, and the random seeds 0..seeds-1."""
+    return is_main(row) and (row["kind"] in ("safety", "lora") or (row["kind"] == "random" and any(
+        row["arm"] == f"random-s{seed}" for seed in range(seeds))))
+
+
+def budget_rows(rows: list[dict], main_budget: float, seeds: int = 1) -> list[dict]:
+    """The sweep's rows ordered by budget then arm kind, with the main budget's safety, random seeds 0..seeds-1
+    (the sweep's seeds) and LoRA rows among them; `budget` is the identify cap of each row."""
+    out = [dict(r, budget=main_budget) for r in rows if _first_seeds(r, seeds)]
     out += [r for r in rows if r["budget"] is not None and r["kind"] in SWEEP_KINDS]
     return sorted(out, key=lambda r: (r["budget"], SWEEP_KINDS.index(r["kind"])))
 
@@ -267,7 +272,7 @@ def budget_markdown(rows: list[dict]) -> str:
              *(_with_ci(r, k) for k in refusals), _drift(r), *(_pct(r.get(s + SUBSTANTIVE)) for s in present)]
             for r in rows]
     return ("## Neuron budget sweep\n\nEach budget caps the selection from the same identify statistics "
-            "(`identify.py --from-stats`); the random arm has the same per-layer counts (seed 0); LoRA's rank "
+            "(`identify.py --from-stats`); the random arms have the same per-layer counts; LoRA's rank "
             "is the one whose trainable count is closest to the set's (at least rank 1, so below one rank's "
             "parameters LoRA trains more than the neurons). A cap the selection does not reach (too few "
             "candidates at the identify ratio) shows as a trainable % below it.\n\n"
@@ -288,9 +293,10 @@ def plot_budgets(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for kind, marker in zip(SWEEP_KINDS, "os^"):
-            # one point per trainable count (LoRA's rank 1 can serve two caps)
+            # one point per trainable count (LoRA's rank 1 can serve two caps); random: seed 0's line
             points = sorted({r["trainable_fraction"]: (r["trainable_fraction"], r[key], r[f"{key}_low"], r[f"{key}_high"])
                              for r in rows if r["kind"] == kind and r.get(key) is not None
+                             and (kind != "random" or r["arm"].startswith("random-s0"))
                              and r.get("trainable_fraction")}.values())
             if points:
                 fx, fy, lo, hi = zip(*points)
@@ -308,9 +314,10 @@ def plot_budgets(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def selection_rows(rows: list[dict]) -> list[dict]:
-    """The main safety and random seed-0 rows, then each other selection's, in config order."""
-    main = [r for r in rows if is_main(r) and (r["kind"] == "safety" or r["arm"] == "random-s0")]
+def selection_rows(rows: list[dict], seeds: int = 1) -> list[dict]:
+    """The main safety row and random seeds 0..seeds-1 (the selections' seeds), then each other selection's
+    rows, in config order."""
+    main = [r for r in rows if _first_seeds(r, seeds) and r["kind"] != "lora"]
     return main + [r for r in rows if r.get("selection") is not None]
 
 
@@ -323,7 +330,7 @@ def describe_selection(meta: dict[str, Any]) -> str:
 
 def selection_markdown(rows: list[dict], sets: dict[str | None, dict[str, Any]]) -> str:
     """Other selection settings beside the main one: what each selected, what its safety arm and its random
-    control (same per-layer counts, seed 0) did, and the trained slice's over-refusal against the main safety
+    controls (same per-layer counts) did, and the trained slice's over-refusal against the main safety
     arm's (two-sided Fisher exact test). `sets`: per selection (None: the main one) its `describe_selection`,
     neuron count and neurons shared with the main set."""
     from scipy.stats import fisher_exact
@@ -347,7 +354,7 @@ def selection_markdown(rows: list[dict], sets: dict[str | None, dict[str, Any]])
                      *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals), p, _drift(r)])
     return ("## Selection settings\n\nEach other selection setting (`--selections`) identified its own neurons "
             "(from the main statistics when only the score, ratio or cap differ) and trained them with the main "
-            "arms' flags; its random arm has that set's per-layer counts (seed 0). The p-value compares the "
+            "arms' flags; its random arms have that set's per-layer counts. The p-value compares the "
             "trained slice's benign refusals with the main safety arm's (two-sided Fisher exact test); single "
             "runs per setting.\n\n" + markdown_table(header, body) + "\n")
 

@@ -13,7 +13,7 @@ Arms: `safety` (the identified neurons), `random` (random neurons with the same 
 one run per seed), `lora` (LoRA at the neuron set's trainable-parameter budget), `full-ffn` (every
 FFN matrix; the upper bound). `budgets` adds a sweep: select again from the main identify's statistics
 under each parameter budget (`identify.py --from-stats`, no forward passes)
-and train safety, one random seed and matched LoRA there. `selections` adds other selection settings
+and train safety, random seeds (`sweep_random_seeds`, 1) and matched LoRA there. `selections` adds other selection settings
 (another score, the last prompt token's statistics, ...): each is identified (from the main statistics
 when only selection flags differ) and trained as a safety arm and a random arm with its per-layer counts.
 
@@ -107,6 +107,8 @@ class ExperimentConfig(ModelConfig):
     eval_modalities: list[Modality] = option(["text"], "modalities to evaluate")
     arms: list[ArmKind] = option(list(ARMS), "comma-separated: safety,random,lora,full-ffn")
     random_seeds: int = option(3, "random-neuron arms (one per seed)")
+    sweep_random_seeds: int = option(1, "random-neuron arms per swept budget and per other selection (seeds "
+                                     "0..N-1; the main budget has --random-seeds)")
     budgets: list[float] = option([], "extra parameter budgets to sweep, e.g. 0.001,0.003,0.01")
     selections: list[str] = option([], "other selection settings, each trained as a safety arm and a random arm "
                                    "with its per-layer counts: NAME=IDENTIFY FLAGS, e.g. 'contrast=--score "
@@ -129,6 +131,8 @@ class ExperimentConfig(ModelConfig):
             raise ShieldError("--train-languages is empty (the languages identify and train see)")
         if self.random_seeds < 1 and "random" in self.arms:
             raise ShieldError(f"--random-seeds must be >= 1 with the random arm, got {self.random_seeds}")
+        if self.sweep_random_seeds < 0:
+            raise ShieldError(f"--sweep-random-seeds must be >= 0, got {self.sweep_random_seeds}")
         for b in self.budgets:
             if not 0 < b < 1:
                 raise ShieldError(f"budget {b}: a parameter fraction must be in (0, 1)")
@@ -230,8 +234,8 @@ class Experiment:
                 *shlex.split(self.cfg.identify_args), *extra]
 
     def arms(self) -> list[Arm]:
-        """The main arms, then the budget sweep's (safety, random seed 0, matched LoRA per budget), then each
-        other selection's (safety and random seed 0 with its per-layer counts)."""
+        """The main arms, then the budget sweep's (safety, random seeds, matched LoRA per budget), then each
+        other selection's (safety and random seeds with its per-layer counts)."""
         cfg, identify = self.cfg, self.out / "identify"
         arms: list[Arm] = []
         for kind in cfg.arms:
@@ -244,14 +248,18 @@ class Experiment:
                 arms.append(self._arm("lora", kind, identify, self.out / "arms"))
             else:
                 arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn"))
+        seeds = range(cfg.sweep_random_seeds)
         for budget in cfg.budgets:
-            root = self.out / BUDGETS_DIR / f"{budget:g}"
-            arms += [self._arm(kind, kind, root / "identify", root, seed=0 if kind == "random" else None,
-                               suffix=f"@{budget:g}", budget=budget) for kind in ("safety", "random", "lora")]
+            root, suffix = self.out / BUDGETS_DIR / f"{budget:g}", f"@{budget:g}"
+            arms.append(self._arm("safety", "safety", root / "identify", root, suffix=suffix, budget=budget))
+            arms += [self._arm("random", "random", root / "identify", root, seed=seed, suffix=suffix, budget=budget)
+                     for seed in seeds]
+            arms.append(self._arm("lora", "lora", root / "identify", root, suffix=suffix, budget=budget))
         for selection in cfg.parsed_selections():
-            root = self.out / SELECTIONS_DIR / selection.name
-            arms += [self._arm(kind, kind, root / "identify", root, seed=0 if kind == "random" else None,
-                               suffix=f"[{selection.name}]", selection=selection.name) for kind in ("safety", "random")]
+            root, suffix = self.out / SELECTIONS_DIR / selection.name, f"[{selection.name}]"
+            arms.append(self._arm("safety", "safety", root / "identify", root, suffix=suffix, selection=selection.name))
+            arms += [self._arm("random", "random", root / "identify", root, seed=seed, suffix=suffix,
+                               selection=selection.name) for seed in seeds]
         return arms
 
     def _arm(self, name: str, kind: str, identify: Path, parent: Path, *, seed: int | None = None, suffix: str = "",
@@ -405,13 +413,13 @@ class Experiment:
         if plot is not None:
             text += f"\n![ASR per arm]({plot.name})\n"
         if self.cfg.budgets:
-            sweep = budget_rows(rows, self.main_budget())
+            sweep = budget_rows(rows, self.main_budget(), self.cfg.sweep_random_seeds)
             text += "\n" + budget_markdown(sweep)
             figure = plot_budgets(sweep, self.out / "budgets.png")
             if figure is not None:
                 text += f"\n![ASR and over-refusal against the trainable fraction]({figure.name})\n"
         if self.cfg.selections:
-            text += "\n" + selection_markdown(selection_rows(rows), self.selection_sets())
+            text += "\n" + selection_markdown(selection_rows(rows, self.cfg.sweep_random_seeds), self.selection_sets())
         if self.cfg.curve_steps:
             curve = self.curve_rows(rows, base_dir, trained)
             text += "\n" + curve_markdown(curve)
