@@ -339,7 +339,8 @@ def selection_markdown(rows: list[dict], sets: dict[str | None, dict[str, Any]])
     present = [s for s in ("trained", "held_out_languages") if any(r.get(f"{s}_n") for r in rows)]
     reference = next((r for r in rows if is_main(r) and r["kind"] == "safety"), None)
     key = refusals[-1]  # the trained slice's over-refusal when held-out prompts were evaluated
-    header = ["selection", "neurons (shared with main)", "arm", "trainable %", *(SLICE_TITLES[s] + " % [95% CI]" for s in present),
+    header = ["selection", "neurons (shared with main)", "arm", "trainable %",
+              *(SLICE_TITLES[s] + " % [95% CI]" for s in present),
               *(REFUSAL_TITLES[k] for k in refusals), f"{REFUSAL_TITLES[key].split(' %')[0]}: p vs main safety",
               "NLL drift"]
     body = []
@@ -347,8 +348,8 @@ def selection_markdown(rows: list[dict], sets: dict[str | None, dict[str, Any]])
         info = sets.get(r.get("selection"), {})
         p = "–"
         if reference is not None and r is not reference and r.get(f"{key}_n") and reference.get(f"{key}_n"):
-            table = [[round(x[key] * x[f"{key}_n"]), x[f"{key}_n"] - round(x[key] * x[f"{key}_n"])] for x in (r, reference)]
-            p = f"{fisher_exact(table).pvalue:.3g}"
+            refused = [(round(x[key] * x[f"{key}_n"]), x[f"{key}_n"]) for x in (r, reference)]
+            p = f"{fisher_exact([[k, n - k] for k, n in refused]).pvalue:.3g}"
         body.append([f"{r.get('selection') or 'main'}: {info.get('description', '?')}",
                      f"{info.get('neurons', '?')} ({info.get('shared', '?')})", r["arm"], _trainable(r)[1],
                      *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals), p, _drift(r)])

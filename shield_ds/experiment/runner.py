@@ -12,10 +12,10 @@ the user's launcher: `deepspeed --num_gpus N`, `srun`, or plain `python`):
 Arms: `safety` (the identified neurons), `random` (random neurons with the same per-layer counts,
 one run per seed), `lora` (LoRA at the neuron set's trainable-parameter budget), `full-ffn` (every
 FFN matrix; the upper bound). `budgets` adds a sweep: select again from the main identify's statistics
-under each parameter budget (`identify.py --from-stats`, no forward passes)
-and train safety, random seeds (`sweep_random_seeds`, 1) and matched LoRA there. `selections` adds other selection settings
+under each parameter budget (`identify.py --from-stats`, no forward passes) and train safety, random
+neurons (`sweep_random_seeds` seeds) and matched LoRA there. `selections` adds other selection settings
 (another score, the last prompt token's statistics, ...): each is identified (from the main statistics
-when only selection flags differ) and trained as a safety arm and a random arm with its per-layer counts.
+when only selection flags differ) and trained as a safety arm and random arms with its per-layer counts.
 
 A stage whose output is complete and whose arguments are unchanged is not run again (`stage.json`
 beside its outputs), so an interrupted experiment continues where it stopped; `--force` reruns all.
@@ -240,31 +240,32 @@ class Experiment:
         arms: list[Arm] = []
         for kind in cfg.arms:
             if kind == "safety":
-                arms.append(self._arm("safety", kind, identify, self.out / "arms"))
+                arms.append(self._arm(kind, identify, self.out / "arms"))
             elif kind == "random":
-                arms += [self._arm("random", kind, identify, self.out / "arms", seed=seed)
+                arms += [self._arm(kind, identify, self.out / "arms", seed=seed)
                          for seed in range(cfg.random_seeds)]
             elif kind == "lora":
-                arms.append(self._arm("lora", kind, identify, self.out / "arms"))
+                arms.append(self._arm(kind, identify, self.out / "arms"))
             else:
                 arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn"))
         seeds = range(cfg.sweep_random_seeds)
         for budget in cfg.budgets:
             root, suffix = self.out / BUDGETS_DIR / f"{budget:g}", f"@{budget:g}"
-            arms.append(self._arm("safety", "safety", root / "identify", root, suffix=suffix, budget=budget))
-            arms += [self._arm("random", "random", root / "identify", root, seed=seed, suffix=suffix, budget=budget)
+            arms.append(self._arm("safety", root / "identify", root, suffix=suffix, budget=budget))
+            arms += [self._arm("random", root / "identify", root, seed=seed, suffix=suffix, budget=budget)
                      for seed in seeds]
-            arms.append(self._arm("lora", "lora", root / "identify", root, suffix=suffix, budget=budget))
+            arms.append(self._arm("lora", root / "identify", root, suffix=suffix, budget=budget))
         for selection in cfg.parsed_selections():
             root, suffix = self.out / SELECTIONS_DIR / selection.name, f"[{selection.name}]"
-            arms.append(self._arm("safety", "safety", root / "identify", root, suffix=suffix, selection=selection.name))
-            arms += [self._arm("random", "random", root / "identify", root, seed=seed, suffix=suffix,
+            arms.append(self._arm("safety", root / "identify", root, suffix=suffix, selection=selection.name))
+            arms += [self._arm("random", root / "identify", root, seed=seed, suffix=suffix,
                                selection=selection.name) for seed in seeds]
         return arms
 
-    def _arm(self, name: str, kind: str, identify: Path, parent: Path, *, seed: int | None = None, suffix: str = "",
+    def _arm(self, kind: str, identify: Path, parent: Path, *, seed: int | None = None, suffix: str = "",
              budget: float | None = None, selection: str | None = None) -> Arm:
         """A safety, random (one seed) or LoRA arm of the neuron set in `identify`, written to parent/<name>."""
+        name = kind
         if kind == "random":
             name, flags = f"random-s{seed}", ["--neurons", f"random:{seed}:{identify}"]
         elif kind == "lora":
@@ -446,8 +447,8 @@ class Experiment:
 
         main = NeuronSet.load(self.out / "identify")
         out: dict[str | None, dict[str, Any]] = {}
-        for name, path in [(None, self.out / "identify"),
-                           *((s.name, self.out / SELECTIONS_DIR / s.name / "identify") for s in self.cfg.parsed_selections())]:
+        named = [(s.name, self.out / SELECTIONS_DIR / s.name / "identify") for s in self.cfg.parsed_selections()]
+        for name, path in [(None, self.out / "identify"), *named]:
             found = NeuronSet.load(path)
             out[name] = {"description": describe_selection(found.meta), "neurons": found.count,
                          "shared": len(found.as_pairs() & main.as_pairs())}
