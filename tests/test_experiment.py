@@ -199,6 +199,52 @@ def test_sweep_random_seeds_reach_budgets_and_selections(tmp_path):
         Experiment(ExperimentConfig(model="m", sweep_random_seeds=-1))
 
 
+def test_sweep_lora_of_a_trained_rank_is_not_trained_again(tmp_path, monkeypatch):
+    """Rank 1 serves the main budget and the 0.1% cap: the sweep's LoRA arm shares the main one (planned again
+    after each stage, so it is known once both identifies and the main LoRA finished); rank 2 at 0.2% trains."""
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["lora"], budgets=[0.001, 0.002])
+    exp = Experiment(cfg)
+    per_neuron, per_rank = 10, 1000
+    neurons = {tmp_path / "identify": 130, tmp_path / "budgets/0.001/identify": 60,
+               tmp_path / "budgets/0.002/identify": 170}
+    launched = []
+
+    def fake_stage(stage):  # what each recipe would leave behind
+        launched.append(stage.out.relative_to(tmp_path).as_posix())
+        stage.out.mkdir(parents=True, exist_ok=True)
+        if stage.recipe == "identify.py":
+            write_json(stage.out / "neurons.json", {"selected_neurons": neurons[stage.out],
+                                                    "params_per_neuron": per_neuron})
+        elif stage.recipe == "train.py" and "lora" not in stage.args:
+            write_json(stage.out / "train.json", {})
+        elif stage.recipe == "train.py":
+            ident = Path(stage.args[stage.args.index("--neurons") + 1])
+            rank = max(1, round(neurons[ident] * per_neuron / per_rank))
+            write_json(stage.out / "train.json", {"lora": {"rank": rank, "params_per_rank": per_rank},
+                                                  "trainable_params": rank * per_rank, "total_params": 10**6})
+        else:
+            (stage.out / stage.finished).write_text("{}")
+
+    monkeypatch.setattr(exp, "run_stage", fake_stage)
+    monkeypatch.setattr(exp, "write_results", lambda: [])
+    exp.run()
+    assert launched[:6] == ["eval-base", "identify", "budgets/0.001/identify", "budgets/0.002/identify",
+                            "arms/lora/train", "arms/lora/eval"]
+    assert [out for out in launched if "lora" in out] == [
+        "arms/lora/train", "arms/lora/eval", "budgets/0.002/lora/train", "budgets/0.002/lora/eval"]
+    assert "budgets/0.001/safety/eval" in launched and len(launched) == 6 + 2 * 2 + 2 * 3
+    shared = {a.name: a.same_as and a.same_as.name for a in exp.arms() if a.kind == "lora"}
+    assert shared == {"lora": None, "lora@0.001": "lora", "lora@0.002": None}
+    # an arm that trained on its own before keeps its results
+    write_json(tmp_path / "budgets/0.001/lora/train/train.json", {"lora": {"rank": 1, "params_per_rank": per_rank}})
+    assert next(a for a in exp.arms() if a.name == "lora@0.001").same_as is None
+    # the table shows the shared arm with the results of the one it shares
+    from shield_ds.experiment.results import budget_markdown
+
+    row = {"arm": "lora@0.001", "kind": "lora", "budget": 0.001, "same_as": "lora"}
+    assert "| lora@0.001 (= lora) |" in budget_markdown([row])
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ShieldError, match="--arms must be one of safety, random, lora, full-ffn, not 'dropout'"):
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))

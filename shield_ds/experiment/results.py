@@ -95,6 +95,11 @@ def is_main(row: dict) -> bool:
     return row["budget"] is None and row.get("selection") is None
 
 
+def arm_label(row: dict) -> str:
+    """The arm's name, and the arm whose training it shares (a sweep's LoRA of the same rank)."""
+    return row["arm"] + (f" (= {row['same_as']})" if row.get("same_as") else "")
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -162,8 +167,8 @@ def results_markdown(rows: list[dict], title: str, *, model: str, tiny: bool = F
     body = []
     for r in shown:
         seconds = "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
-        body.append([r["arm"], *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals), _drift(r),
-                     *_trainable(r), seconds])
+        body.append([arm_label(r), *(_with_ci(r, s) for s in present), *(_with_ci(r, k) for k in refusals),
+                     _drift(r), *_trainable(r), seconds])
     notes = ("ASR = attack successes / harmful test prompts of the slice, pooled over the slice's prompts (every "
              "language and modality of the slice counts by its number of prompts, not averaged per language); "
              "over-refusal = refusals / benign test prompts (all, and those of the trained languages x "
@@ -268,13 +273,14 @@ def budget_markdown(rows: list[dict]) -> str:
     refusals = refusal_keys(rows)
     header = ["budget (cap)", "arm", "trainable params", "trainable %", *(SLICE_TITLES[s] + " % [95% CI]" for s in present),
               *(REFUSAL_TITLES[k] for k in refusals), "NLL drift", *(f"substantive {SLICE_TITLES[s]} %" for s in present)]
-    body = [[f"{100 * r['budget']:g}%", r["arm"], *_trainable(r), *(_with_ci(r, s) for s in present),
+    body = [[f"{100 * r['budget']:g}%", arm_label(r), *_trainable(r), *(_with_ci(r, s) for s in present),
              *(_with_ci(r, k) for k in refusals), _drift(r), *(_pct(r.get(s + SUBSTANTIVE)) for s in present)]
             for r in rows]
     return ("## Neuron budget sweep\n\nEach budget caps the selection from the same identify statistics "
             "(`identify.py --from-stats`); the random arms have the same per-layer counts; LoRA's rank "
             "is the one whose trainable count is closest to the set's (at least rank 1, so below one rank's "
-            "parameters LoRA trains more than the neurons). A cap the selection does not reach (too few "
+            "parameters LoRA trains more than the neurons); a cap whose rank an earlier LoRA arm trained shows that "
+            "arm's results (`(= arm)`), trained once. A cap the selection does not reach (too few "
             "candidates at the identify ratio) shows as a trainable % below it.\n\n"
             + markdown_table(header, body) + "\n")
 

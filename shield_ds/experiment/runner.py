@@ -164,6 +164,8 @@ class Arm:
     budget: float | None = None
     seed: int | None = None
     selection: str | None = None
+    # a LoRA arm whose rank an earlier LoRA arm already trained: no stages of its own, that arm's results
+    same_as: "Arm | None" = None
 
     @property
     def main(self) -> bool:
@@ -193,6 +195,26 @@ class Stage:
 
 def _csv(values: Sequence[str]) -> str:
     return ",".join(values)
+
+
+def _lora_summary(train_dir: Path) -> dict[str, Any] | None:
+    """The LoRA settings a finished LoRA training recorded (rank, params_per_rank, ...), or None."""
+    try:
+        lora = read_json(train_dir / "train.json").get("lora")
+    except ShieldError:
+        return None
+    return lora if isinstance(lora, dict) and "rank" in lora and "params_per_rank" in lora else None
+
+
+def _neuron_params(identify: Path | None) -> int | None:
+    """Trainable parameters of the neuron set a finished identify selected (LoRA's budget), or None."""
+    try:
+        meta = read_json(identify / "neurons.json") if identify is not None else None
+    except ShieldError:
+        return None
+    if not isinstance(meta, dict) or "selected_neurons" not in meta or "params_per_neuron" not in meta:
+        return None
+    return int(meta["selected_neurons"]) * int(meta["params_per_neuron"])
 
 
 def _flag_value(args: str, flag: str) -> str | None:
@@ -260,7 +282,26 @@ class Experiment:
             arms.append(self._arm("safety", root / "identify", root, suffix=suffix, selection=selection.name))
             arms += [self._arm("random", root / "identify", root, seed=seed, suffix=suffix,
                                selection=selection.name) for seed in seeds]
+        self._share_lora(arms)
         return arms
+
+    def _share_lora(self, arms: list[Arm]) -> None:
+        """A LoRA arm of the sweep whose rank (the one closest to its neuron set's parameters) an earlier LoRA
+        arm trained with the same flags trains nothing: it is that arm (LoRA has no neurons, so the two would
+        be the same run). Decided once its identify and the earlier arm's training finished; an arm that trained
+        already keeps its own results."""
+        match = _flag_value(self.cfg.lora_args, "--lora-budget") == "match"
+        trained: list[tuple[Arm, dict[str, Any]]] = []
+        for arm in (a for a in arms if a.kind == "lora"):
+            lora = _lora_summary(arm.train_dir)
+            if lora is not None:
+                trained.append((arm, lora))
+                continue
+            params = _neuron_params(arm.identify) if match else None
+            for other, done in trained:
+                if not match or (params is not None and max(1, round(params / done["params_per_rank"])) == done["rank"]):
+                    arm.same_as = other
+                    break
 
     def _arm(self, kind: str, identify: Path, parent: Path, *, seed: int | None = None, suffix: str = "",
              budget: float | None = None, selection: str | None = None) -> Arm:
@@ -309,6 +350,8 @@ class Experiment:
                                    "neurons.json", [main.out] if reuse else [])
         stages = [base, *identify.values()]
         for arm in self.arms():
+            if arm.same_as is not None:
+                continue
             train = Stage("train.py", self.train_args(arm), arm.train_dir, "train.json",
                           [identify[arm.identify].out] if arm.identify is not None else [])
             stages.append(train)
@@ -363,7 +406,11 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "experiment.json", {"config": asdict(self.cfg)})
         start = time.perf_counter()
-        for stage in self.plan():
+        launched: set[Path] = set()
+        # planned again after every stage: whether a LoRA arm shares an earlier one's training is known once
+        # its identify and that training finished
+        while (stage := next((s for s in self.plan() if s.out not in launched), None)) is not None:
+            launched.add(stage.out)
             if stage.recipe == "train.py":
                 self._share_benign_targets(stage.out)
             self.run_stage(stage)
@@ -396,11 +443,10 @@ class Experiment:
         from shield_ds.tables import rows_to_csv
 
         base_dir = self.out / "eval-base"
-        note = overlap_note([base_dir, *(a.eval_dir for a in self.arms())], self.cfg.allow_overlap)
+        note = overlap_note([base_dir, *((a.same_as or a).eval_dir for a in self.arms())], self.cfg.allow_overlap)
         trained = (set(self.cfg.train_languages), set(self.cfg.train_modalities))
         rows = [arm_row("base", "base", None, base_dir, None, base_dir, trained)]
-        rows += [arm_row(a.name, a.kind, a.budget, a.eval_dir, a.train_dir, base_dir, trained, a.selection)
-                 for a in self.arms()]
+        rows += [self._arm_row(a, base_dir, trained) for a in self.arms()]
         title = (f"Arms trained on languages {_csv(self.cfg.train_languages)} x modalities "
                  f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
         if note:
@@ -432,6 +478,15 @@ class Experiment:
         write_text(self.out / "results.csv", rows_to_csv(rows))
         print(text, flush=True)
         return rows
+
+    @staticmethod
+    def _arm_row(arm: Arm, base_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, Any]:
+        from shield_ds.experiment.results import arm_row
+
+        source = arm.same_as or arm
+        row = arm_row(arm.name, arm.kind, arm.budget, source.eval_dir, source.train_dir, base_dir, trained,
+                      arm.selection)
+        return dict(row, same_as=arm.same_as.name if arm.same_as else None)
 
     def main_budget(self) -> float:
         """The main identify's parameter cap (its selected fraction when it had none)."""
