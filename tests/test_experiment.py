@@ -245,6 +245,16 @@ def test_sweep_lora_of_a_trained_rank_is_not_trained_again(tmp_path, monkeypatch
     assert "| lora@0.001 (= lora) |" in budget_markdown([row])
 
 
+def test_one_node_deepspeed_stage_gets_its_own_port():
+    from shield_ds.experiment.runner import _own_port
+
+    launched = _own_port(["deepspeed", "--num_gpus", "2"])
+    assert launched[:4] == ["deepspeed", "--num_gpus", "2", "--master_port"] and 1024 <= int(launched[4]) < 65536
+    for given in (["deepspeed", "--num_gpus", "2", "--master_port", "29600"], ["/x/deepspeed", "--hostfile", "h"],
+                  ["deepspeed", "--master_addr=n1"], ["python"], ["srun", "python"], ["env", "A=1", "python"]):
+        assert _own_port(given) == given
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ShieldError, match="--arms must be one of safety, random, lora, full-ffn, not 'dropout'"):
         Experiment(ExperimentConfig(model="m", arms=["safety", "dropout"]))

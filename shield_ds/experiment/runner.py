@@ -217,6 +217,19 @@ def _neuron_params(identify: Path | None) -> int | None:
     return int(meta["selected_neurons"]) * int(meta["params_per_neuron"])
 
 
+def _own_port(launcher: list[str]) -> list[str]:
+    """A one-node `deepspeed` launcher without --master_port gets a free one: its default (29500) is taken while
+    another job on the machine, or the ranks of a stage just stopped, still hold it."""
+    from shield_ds.launch.env import free_local_port
+
+    if not launcher or Path(launcher[0]).name != "deepspeed":
+        return launcher
+    chosen = ("--hostfile", "-H", "--master_addr", "--master-addr", "--master_port", "--master-port")
+    if any(word.split("=", 1)[0] in chosen for word in launcher):
+        return launcher
+    return [*launcher, "--master_port", str(free_local_port())]
+
+
 def _flag_value(args: str, flag: str) -> str | None:
     """The value of `flag` in a shell-quoted argument string (the last one wins), or None."""
     words, value = shlex.split(args), None
@@ -390,7 +403,7 @@ class Experiment:
         launcher = self.cfg.launcher
         if stage.recipe == "evaluate.py" and self.cfg.eval_launcher:
             launcher = self.cfg.eval_launcher
-        cmd = [*shlex.split(launcher), str(REPO / "recipes" / stage.recipe), *stage.args]
+        cmd = [*_own_port(shlex.split(launcher)), str(REPO / "recipes" / stage.recipe), *stage.args]
         # "python" (also after `env VAR=...`) is the interpreter running this: its environment has torch.
         cmd = [sys.executable if c in ("python", "python3") else c for c in cmd]
         print("==", " ".join(shlex.quote(c) for c in cmd), flush=True)

@@ -53,6 +53,15 @@ def master_port_for_job(job_id: str | int) -> int:
     return PORT_BASE + int(digits.group()) % PORT_SPAN
 
 
+def free_local_port() -> int:
+    """A TCP port nothing on this machine listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _expand_range_list(body: str) -> list[str]:
     """'01-03,7' -> ['01', '02', '03', '7'] (zero padding kept, as Slurm does)."""
     out: list[str] = []
