@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_results_refuse_overlap_unless_allowed(tmp_path):
     # the committed page: header, the table, the same prompts for every arm, stage times
     from shield_ds.experiment.publish import publish
 
-    write_json(tmp_path / "experiment.json", {"config": {"model": "m", "launcher": "python"}})
+    write_json(tmp_path / "experiment.json", {"config": asdict(cfg)})
     write_json(tmp_path / "eval-base" / "stage.json", {"seconds": 30.0})
     page = publish(tmp_path, tmp_path / "published").read_text()
     assert "| safety |" in page and "Wall time of the stages: 0.5 min" in page
@@ -295,7 +296,7 @@ def test_budget_sweep_table_figure_and_published_page(tmp_path):
         ["| 0.3%", "safety"], ["| 0.3%", "random-s0"], ["| 0.3%", "lora"]]  # random-s1 only in the main table
     assert "| random-s1 |" in text.split("## Neuron budget sweep")[0]
     assert "![ASR and over-refusal against the trainable fraction](budgets.png)" in text
-    write_json(tmp_path / "experiment.json", {"config": {"model": "m", "launcher": "python"}})
+    write_json(tmp_path / "experiment.json", {"config": asdict(cfg)})
     page = publish(tmp_path, tmp_path / "published").read_text()
     assert "main arms 4.0 min, budget sweep 6.0 min" in page and "## Neuron budget sweep" in page
     assert (tmp_path / "published" / "budgets.png").stat().st_size > 0
@@ -389,9 +390,11 @@ def test_selection_table_and_wall_time(tmp_path):
     assert f"| {fisher_exact([[7, 3], [0, 10]]).pvalue:.3g} |" in lines[2]  # 7/10 vs 0/10 benign en refusals
     assert "| – |" in lines[0]  # no p-value of the reference against itself
     assert "safety[contrast]" not in text.split("## Substantive ASR")[0].split("| arm |")[0]
-    write_json(tmp_path / "experiment.json", {"config": {"model": "m", "launcher": "python"}})
+    write_json(tmp_path / "experiment.json", {"config": asdict(cfg)})
+    # a later command with another selection, still running in the same directory: not this page's time
+    write_json(tmp_path / "selections" / "more" / "identify" / "stage.json", {"seconds": 600.0})
     page = publish(tmp_path, tmp_path / "published").read_text()
-    assert "main arms 3.0 min, other selections 2.0 min" in page and "## Selection settings" in page
+    assert "main arms 3.0 min, other selections 2.0 min" in page and "selections/more" not in page and "## Selection settings" in page
 
 
 def test_curve_steps_plan_snapshot_evaluations(tmp_path):

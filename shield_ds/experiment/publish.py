@@ -26,11 +26,20 @@ SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
 FIGURES = ("results.csv", "results.png", "budgets.png", "curves.csv", "curves.png")
 
 
-def _stage_seconds(run: Path) -> list[tuple[str, float]]:
+def _stage_seconds(run: Path, config: dict) -> list[tuple[str, float]]:
+    """(stage dir relative to `run`, seconds) of the stages the recorded config plans (not those of a later
+    command with more arms that is still running in the same directory)."""
+    from dataclasses import fields
+
+    from shield_ds.experiment.runner import Experiment, ExperimentConfig
+
+    known = {f.name for f in fields(ExperimentConfig)}
+    cfg = ExperimentConfig(**{**{k: v for k, v in config.items() if k in known}, "out": str(run)})
+    planned = {stage.out for stage in Experiment(cfg).plan()}
     rows = []
     for marker in sorted(run.rglob("stage.json")):
-        data = read_json(marker)
-        rows.append((marker.parent.relative_to(run).as_posix(), float(data.get("seconds", 0.0))))
+        if marker.parent in planned:
+            rows.append((marker.parent.relative_to(run).as_posix(), float(read_json(marker).get("seconds", 0.0))))
     return rows
 
 
@@ -101,7 +110,7 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
     config = read_json(run / "experiment.json")["config"]
     arms = sorted(p.name for p in (run / "arms").iterdir() if (p / "eval" / "generations.jsonl").is_file()) \
         if (run / "arms").is_dir() else []
-    stages = _stage_seconds(run)
+    stages = _stage_seconds(run, config)
     total = sum(s for _, s in stages)
     extra = {what: sum(s for name, s in stages if name.startswith(folder + "/"))
              for what, folder in (("budget sweep", BUDGETS_DIR), ("other selections", SELECTIONS_DIR))}
