@@ -78,6 +78,11 @@ def is_lora_layer(module: torch.nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
+def rank_for_budget(budget_params: int, params_per_rank: int) -> int:
+    """The LoRA rank whose trainable parameter count is closest to `budget_params` (at least 1)."""
+    return max(1, round(budget_params / params_per_rank))
+
+
 def attach_lora(model: torch.nn.Module, adapter, settings: LoraSettings) -> dict[str, Any]:
     """Inject PEFT LoRA adapters into the decoder layers' target projections (only they train);
     returns what was attached (rank, alpha, targets, ...)."""
@@ -86,7 +91,7 @@ def attach_lora(model: torch.nn.Module, adapter, settings: LoraSettings) -> dict
     targets = lora_targets(model, adapter, settings.targets)
     per_rank = sum(m.in_features + m.out_features for _, m in targets)
     if settings.budget_params is not None:
-        rank = max(1, round(settings.budget_params / per_rank))
+        rank = rank_for_budget(settings.budget_params, per_rank)
     elif settings.rank is not None:
         rank = int(settings.rank)
     else:

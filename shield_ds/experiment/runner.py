@@ -50,6 +50,11 @@ SELECTIONS_DIR = "selections"  # OUT/selections/<name>/: another selection setti
 _RUNNER_FLAGS = ("out", "model", "languages", "modalities", "from_stats", "overwrite", "config")
 
 
+def _option_key(flag: str) -> str:
+    """'--max-param-fraction=0.01' -> 'max_param_fraction' (the config field a flag sets)."""
+    return flag[2:].split("=", 1)[0].replace("-", "_")
+
+
 @dataclass(frozen=True)
 class Selection:
     """Another selection setting: a name and the identify flags that make it (`NAME=FLAGS`)."""
@@ -78,7 +83,7 @@ class Selection:
         for word in words:
             if not word.startswith("--"):
                 continue
-            key = word[2:].split("=", 1)[0].replace("-", "_")
+            key = _option_key(word)
             if key not in known or key in _RUNNER_FLAGS:
                 why = "set by the experiment" if key in known or key == "config" else "not an identify option"
                 raise ShieldError(f"--selections {text!r}: {word.split('=', 1)[0]} is {why}")
@@ -89,7 +94,7 @@ class Selection:
         """Only flags that choose among neurons differ: select again from the main identify's statistics."""
         from shield_ds.neurons.identify import SELECTION_KEYS
 
-        keys = {w[2:].split("=", 1)[0].replace("-", "_") for w in self.flags if w.startswith("--")}
+        keys = {_option_key(w) for w in self.flags if w.startswith("--")}
         return keys <= set(SELECTION_KEYS)
 
 
@@ -303,6 +308,8 @@ class Experiment:
         arm trained with the same flags trains nothing: it is that arm (LoRA has no neurons, so the two would
         be the same run). Decided once its identify and the earlier arm's training finished; an arm that trained
         already keeps its own results."""
+        from shield_ds.trainable import rank_for_budget
+
         match = _flag_value(self.cfg.lora_args, "--lora-budget") == "match"
         trained: list[tuple[Arm, dict[str, Any]]] = []
         for arm in (a for a in arms if a.kind == "lora"):
@@ -312,7 +319,8 @@ class Experiment:
                 continue
             params = _neuron_params(arm.identify) if match else None
             for other, done in trained:
-                if not match or (params is not None and max(1, round(params / done["params_per_rank"])) == done["rank"]):
+                same_rank = params is not None and rank_for_budget(params, done["params_per_rank"]) == done["rank"]
+                if not match or same_rank:
                     arm.same_as = other
                     break
 
@@ -456,16 +464,17 @@ class Experiment:
         from shield_ds.tables import rows_to_csv
 
         base_dir = self.out / "eval-base"
-        note = overlap_note([base_dir, *((a.same_as or a).eval_dir for a in self.arms())], self.cfg.allow_overlap)
+        arms = self.arms()
+        note = overlap_note([base_dir, *((a.same_as or a).eval_dir for a in arms)], self.cfg.allow_overlap)
         trained = (set(self.cfg.train_languages), set(self.cfg.train_modalities))
         rows = [arm_row("base", "base", None, base_dir, None, base_dir, trained)]
-        rows += [self._arm_row(a, base_dir, trained) for a in self.arms()]
+        rows += [self._arm_row(a, base_dir, trained) for a in arms]
         title = (f"Arms trained on languages {_csv(self.cfg.train_languages)} x modalities "
                  f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
         if note:
             title += f" {note}"
         text = results_markdown(rows, title, model=self.cfg.model, tiny=is_tiny_checkpoint(self.cfg.model))
-        safety = next((a for a in self.arms() if a.name == "safety"), None)
+        safety = next((a for a in arms if a.name == "safety"), None)
         if safety is not None:
             held = held_out_groups(base_dir, trained)
             text += "\n" + transfer_section(base_dir, safety.eval_dir, held)
