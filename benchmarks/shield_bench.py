@@ -185,20 +185,23 @@ def _proc_status_kb(field: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory of a phase: CUDA max_memory_allocated on a GPU, else this process's peak RSS.
+    """Peak memory of a phase: CUDA max_memory_allocated on a GPU, else this process's peak anonymous RSS.
 
     CPU: Linux's VmHWM (the max RSS that resource.getrusage reports as ru_maxrss) is reset to the
     current RSS by writing 5 to /proc/self/clear_refs at `start()`, so the peak excludes loading.
+    Both readings leave out file-backed pages (library code, mapped checkpoints): the kernel evicts
+    those under memory pressure, which once made a small model's peak fall below its baseline.
+    `peak()` is VmHWM less the file-backed pages resident when it is read.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak anonymous RSS (VmHWM - RssFile)"
 
     def current(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        return _proc_status_kb("VmRSS") * 1024
+        return (_proc_status_kb("VmRSS") - _proc_status_kb("RssFile")) * 1024
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -212,7 +215,7 @@ class PeakMemory:
     def peak(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _proc_status_kb("VmHWM") * 1024
+        return (_proc_status_kb("VmHWM") - _proc_status_kb("RssFile")) * 1024
 
 
 def reduce_max(values: list[float]) -> list[float]:
