@@ -329,6 +329,12 @@ MODES = ("infer", "mask", "delta", "lora", "full-ffn", "full")
 MASKED_MODES = ("mask", "delta")
 
 
+def check_mode(mode: str) -> None:
+    """A ShieldError unless `mode` is one of MODES (`load` checks before loading the model)."""
+    if mode not in MODES:
+        raise ShieldError(f"engine mode must be one of {', '.join(MODES)}, not {mode!r}")
+
+
 class ShieldEngine:
     """A model loaded and wrapped for one mode: the whole ZeRO-3 lifecycle in one place.
 
@@ -346,8 +352,7 @@ class ShieldEngine:
 
         from shield_ds.models import count_parameters
 
-        if mode not in MODES:
-            raise ShieldError(f"engine mode must be one of {', '.join(MODES)}, not {mode!r}")
+        check_mode(mode)
         self.mode, self.loaded = mode, loaded
         self.dtype = config_dtype(ds_config) if ds_config else torch.float32
         model = loaded.model
@@ -407,8 +412,7 @@ class ShieldEngine:
         """
         from shield_ds.models import load_model
 
-        if mode not in MODES:
-            raise ShieldError(f"engine mode must be one of {', '.join(MODES)}, not {mode!r}")
+        check_mode(mode)
         dtype = config_dtype(ds_config) if ds_config else torch.float32
         if mode == "infer" and choose_zero(zero, ds_config, model, dtype) == "off":
             return cls(load_model(model, dtype=dtype), None, mode=mode)

@@ -357,3 +357,12 @@ def test_offload_and_bf16_leave_outside_untouched(world3):
         result = world3[f"{mode}-adamw-bf16"]
         assert any(not torch.equal(result["final"][n], result["init"][n]) for n in result["masks"]), mode
     assert _max_rel(world3["mask-adamw-offload-install"]["final"], world3["mask-adamw"]["final"]) < 1e-5
+
+
+def test_engine_rejects_an_unknown_mode_before_loading(tmp_path):
+    from shield_ds.engine import ShieldEngine
+    from shield_ds.errors import ShieldError
+
+    # The checkpoint does not exist: the mode is checked first, so the error names the mode, not the path.
+    with pytest.raises(ShieldError, match="engine mode must be one of .*not 'masks'"):
+        ShieldEngine.load(tmp_path / "missing", None, mode="masks")
