@@ -102,6 +102,29 @@ def test_arm_rows_table_and_drift(tmp_path):
     assert TINY_NOTE not in text and TINY_NOTE in results_markdown([base_row, arm_r], "T", model="m", tiny=True)
 
 
+def test_paired_counts_and_mcnemar(tmp_path):
+    from scipy.stats import binomtest
+
+    from shield_ds.experiment.results import paired_counts, paired_markdown
+
+    # en: the control succeeds on prompts 0-7, the safety arm on 6-8 -> 6 control only, 1 safety only
+    control = [_gen(i, "en", "text", "harmful", i < 8) for i in range(10)]
+    safety = [_gen(i, "en", "text", "harmful", 6 <= i < 9) for i in range(10)]
+    # benign: the safety arm refuses 0-2, the control 2 -> 2 safety only, 0 control only
+    control += [_gen(100 + i, "sw", "text", "benign", i == 2) for i in range(5)]
+    safety += [_gen(100 + i, "sw", "text", "benign", i < 3) for i in range(5)]
+    counts = paired_counts(_eval_dir(tmp_path / "safety", safety), _eval_dir(tmp_path / "control", control), TRAINED)
+    assert counts == {"trained": (6, 1, 10), "held_out_languages": (0, 0, 0), "held_out_modalities": (0, 0, 0),
+                      "over_refusal": (0, 2, 5)}
+    text = paired_markdown([("safety", "random-s0", counts)])
+    assert "held-out languages" not in text  # no such prompts
+    assert f"| safety | random-s0 | 6 / 1 (10) / {binomtest(6, 7, 0.5).pvalue:.3g} | 0 / 2 (5) / 0.5 |" in text
+    # arms evaluated on different prompts cannot be paired
+    _eval_dir(tmp_path / "fewer", control[:-1])
+    with pytest.raises(ShieldError, match="evaluated on different over_refusal prompts"):
+        paired_counts(tmp_path / "safety", tmp_path / "fewer", TRAINED)
+
+
 def test_missing_generations_is_one_line_error(tmp_path):
     with pytest.raises(ShieldError, match="no generations.jsonl"):
         arm_row("safety", "safety", None, tmp_path, None, tmp_path, TRAINED)
@@ -438,6 +461,9 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     last = json.loads((out / "selections" / "last" / "identify" / "neurons.json").read_text())
     assert (last["tokens"], last["world_size"], last["ratio"]) == ("last", 2, 0.1)
     assert "| last: saliency score, last tokens, ratio 0.1, cap 5% |" in text.split("## Selection settings")[1]
+    paired = text.split("## Safety arms against their controls, prompt by prompt")[1].split("\n## ")[0]
+    assert [line.split(" | ")[:2] for line in paired.splitlines() if line.startswith("| safety") and "| control |" not in line] == [
+        ["| safety", "base"], ["| safety", "random-s0"], ["| safety[last]", "base"], ["| safety[last]", "random-s0[last]"]]
     for arm in ("safety", "random-s0"):
         summary = json.loads((out / "selections" / "last" / arm / "train" / "train.json").read_text())
         assert summary["world_size"] == 2 and summary["trainable_params"] == last["selected_neurons"] * last["params_per_neuron"]

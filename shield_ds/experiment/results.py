@@ -220,6 +220,66 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
             + transfer_markdown(transfer_table(base_dir, safety_dir, held)) + "\n")
 
 
+PAIRED_KEYS = ("trained", "held_out_languages", "held_out_modalities", "over_refusal")
+
+
+def _outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, dict[tuple, bool]]:
+    """Per PAIRED_KEYS entry, each prompt's bad outcome (harmful: attack success; benign: refused), keyed by
+    (id, language, modality, label)."""
+    out: dict[str, dict[tuple, bool]] = {k: {} for k in PAIRED_KEYS}
+    for row in read_generations(eval_dir / GENERATIONS_FILE):
+        harmful = row["label"] == "harmful"
+        slot = out[slice_of(row, trained) if harmful else "over_refusal"]
+        key = (row["id"], row["language"], row["modality"], row["label"])
+        if key in slot:
+            raise ShieldError(f"{eval_dir / GENERATIONS_FILE}: prompt {key} appears twice")
+        slot[key] = bool(row["attack_success"] if harmful else row["refused"])
+    return out
+
+
+def paired_counts(safety_dir: Path, control_dir: Path,
+                  trained: tuple[set[str], set[str]]) -> dict[str, tuple[int, int, int]]:
+    """Prompt by prompt, the safety arm against a control on the same test prompts: per PAIRED_KEYS entry
+    (prompts where only the control had the bad outcome, where only the safety arm had it, prompts)."""
+    safety, control = _outcomes(safety_dir, trained), _outcomes(control_dir, trained)
+    out = {}
+    for key in PAIRED_KEYS:
+        if safety[key].keys() != control[key].keys():
+            raise ShieldError(f"{safety_dir} and {control_dir} were evaluated on different {key} prompts")
+        only_control = sum(control[key][k] and not safety[key][k] for k in safety[key])
+        only_safety = sum(safety[key][k] and not control[key][k] for k in safety[key])
+        out[key] = (only_control, only_safety, len(safety[key]))
+    return out
+
+
+def _mcnemar(only_control: int, only_safety: int) -> str:
+    """Exact two-sided McNemar p-value: a binomial test on the discordant prompts."""
+    from scipy.stats import binomtest
+
+    n = only_control + only_safety
+    return "–" if n == 0 else f"{binomtest(only_control, n, 0.5).pvalue:.3g}"
+
+
+PAIRED_TITLES = {"trained": "ASR trained", "held_out_languages": "ASR held-out languages",
+                 "held_out_modalities": "ASR held-out modalities", "over_refusal": "over-refusal"}
+
+
+def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, int]]]]) -> str:
+    """The paired table: per (safety arm, control, `paired_counts`), each slice's discordant prompts and the
+    exact McNemar p-value."""
+    present = [k for k in PAIRED_KEYS if any(c[k][2] for _, _, c in comparisons)]
+    header = ["safety arm", "control", *(f"{PAIRED_TITLES[k]}: control only / safety only (n) / p" for k in present)]
+    body = [[safety, control, *(f"{c[k][0]} / {c[k][1]} ({c[k][2]}) / {_mcnemar(c[k][0], c[k][1])}" for k in present)]
+            for safety, control, c in comparisons]
+    return ("## Safety arms against their controls, prompt by prompt\n\nEvery arm answers the same test prompts, "
+            "so a comparison can pair them: per slice, the prompts where only the control had the bad outcome "
+            "(harmful: an attack success; benign: a refusal) and those where only the safety arm had it; prompts "
+            "where both or neither did say nothing about the difference. p: exact two-sided McNemar test (binomial "
+            "on the discordant prompts), one test per cell, not corrected for the number of cells. Over "
+            "ASR, more *control only* favours the safety arm; over over-refusal, more *safety only* counts "
+            "against it.\n\n" + markdown_table(header, body) + "\n")
+
+
 def plot_results(rows: list[dict], path: Path) -> Path | None:
     """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals (the budget
     sweep has its own figure: `plot_budgets`; other selections are in their table)."""

@@ -458,8 +458,8 @@ class Experiment:
         from shield_ds.data.splits import overlap_note
         from shield_ds.defaults import is_tiny_checkpoint
         from shield_ds.experiment.results import (arm_row, budget_markdown, budget_rows, curve_markdown,
-                                                  held_out_groups, plot_budgets, plot_curves, plot_results,
-                                                  results_markdown, selection_markdown, selection_rows,
+                                                  held_out_groups, paired_markdown, plot_budgets, plot_curves,
+                                                  plot_results, results_markdown, selection_markdown, selection_rows,
                                                   transfer_section)
         from shield_ds.tables import rows_to_csv
 
@@ -478,6 +478,9 @@ class Experiment:
         if safety is not None:
             held = held_out_groups(base_dir, trained)
             text += "\n" + transfer_section(base_dir, safety.eval_dir, held)
+        comparisons = self.paired_comparisons(arms, base_dir, trained)
+        if comparisons:
+            text += "\n" + paired_markdown(comparisons)
         plot = plot_results(rows, self.out / "results.png")
         if plot is not None:
             text += f"\n![ASR per arm]({plot.name})\n"
@@ -509,6 +512,22 @@ class Experiment:
         row = arm_row(arm.name, arm.kind, arm.budget, source.eval_dir, source.train_dir, base_dir, trained,
                       arm.selection)
         return dict(row, same_as=arm.same_as.name if arm.same_as else None)
+
+    @staticmethod
+    def paired_comparisons(arms: list[Arm], base_dir: Path, trained: tuple[set[str], set[str]]
+                           ) -> list[tuple[str, str, dict[str, tuple[int, int, int]]]]:
+        """Each safety arm against the base model and the other arms of its budget and selection (random
+        seeds, LoRA, full FFN), prompt by prompt (`paired_counts`)."""
+        from shield_ds.experiment.results import paired_counts
+
+        out = []
+        for safety in (a for a in arms if a.kind == "safety"):
+            out.append((safety.name, "base", paired_counts(safety.eval_dir, base_dir, trained)))
+            for control in arms:
+                if control.kind != "safety" and (control.budget, control.selection) == (safety.budget, safety.selection):
+                    counts = paired_counts(safety.eval_dir, (control.same_as or control).eval_dir, trained)
+                    out.append((safety.name, control.name, counts))
+        return out
 
     def main_budget(self) -> float:
         """The main identify's parameter cap (its selected fraction when it had none)."""
