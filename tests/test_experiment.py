@@ -105,7 +105,7 @@ def test_arm_rows_table_and_drift(tmp_path):
 def test_paired_counts_and_mcnemar(tmp_path):
     from scipy.stats import binomtest
 
-    from shield_ds.experiment.results import paired_counts, paired_markdown
+    from shield_ds.experiment.results import paired_counts, paired_markdown, prompt_outcomes
 
     # en: the control succeeds on prompts 0-7, the safety arm on 6-8 -> 6 control only, 1 safety only
     control = [_gen(i, "en", "text", "harmful", i < 8) for i in range(10)]
@@ -113,16 +113,17 @@ def test_paired_counts_and_mcnemar(tmp_path):
     # benign: the safety arm refuses 0-2, the control 2 -> 2 safety only, 0 control only
     control += [_gen(100 + i, "sw", "text", "benign", i == 2) for i in range(5)]
     safety += [_gen(100 + i, "sw", "text", "benign", i < 3) for i in range(5)]
-    counts = paired_counts(_eval_dir(tmp_path / "safety", safety), _eval_dir(tmp_path / "control", control), TRAINED)
+    read = {name: prompt_outcomes(_eval_dir(tmp_path / name, rows), TRAINED)
+            for name, rows in (("safety", safety), ("control", control), ("fewer", control[:-1]))}
+    counts = paired_counts(read["safety"], read["control"], ("safety", "control"))
     assert counts == {"trained": (6, 1, 10), "held_out_languages": (0, 0, 0), "held_out_modalities": (0, 0, 0),
                       "over_refusal": (0, 2, 5)}
     text = paired_markdown([("safety", "random-s0", counts)])
     assert "held-out languages" not in text  # no such prompts
     assert f"| safety | random-s0 | 6 / 1 (10) / {binomtest(6, 7, 0.5).pvalue:.3g} | 0 / 2 (5) / 0.5 |" in text
     # arms evaluated on different prompts cannot be paired
-    _eval_dir(tmp_path / "fewer", control[:-1])
     with pytest.raises(ShieldError, match="evaluated on different over_refusal prompts"):
-        paired_counts(tmp_path / "safety", tmp_path / "fewer", TRAINED)
+        paired_counts(read["safety"], read["fewer"], ("safety", "fewer"))
 
 
 def test_missing_generations_is_one_line_error(tmp_path):

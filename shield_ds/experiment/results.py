@@ -220,10 +220,11 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
             + transfer_markdown(transfer_table(base_dir, safety_dir, held)) + "\n")
 
 
-PAIRED_KEYS = ("trained", "held_out_languages", "held_out_modalities", "over_refusal")
+PAIRED_KEYS = (*SLICES, "over_refusal")
+PAIRED_TITLES = {**SLICE_TITLES, "over_refusal": "over-refusal"}
 
 
-def _outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, dict[tuple, bool]]:
+def prompt_outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, dict[tuple, bool]]:
     """Per PAIRED_KEYS entry, each prompt's bad outcome (harmful: attack success; benign: refused), keyed by
     (id, language, modality, label)."""
     out: dict[str, dict[tuple, bool]] = {k: {} for k in PAIRED_KEYS}
@@ -237,15 +238,15 @@ def _outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, d
     return out
 
 
-def paired_counts(safety_dir: Path, control_dir: Path,
-                  trained: tuple[set[str], set[str]]) -> dict[str, tuple[int, int, int]]:
-    """Prompt by prompt, the safety arm against a control on the same test prompts: per PAIRED_KEYS entry
-    (prompts where only the control had the bad outcome, where only the safety arm had it, prompts)."""
-    safety, control = _outcomes(safety_dir, trained), _outcomes(control_dir, trained)
+def paired_counts(safety: dict[str, dict[tuple, bool]], control: dict[str, dict[tuple, bool]],
+                  names: tuple[str, str]) -> dict[str, tuple[int, int, int]]:
+    """Prompt by prompt, the safety arm against a control on the same test prompts (`prompt_outcomes` of
+    each; `names` for the error): per PAIRED_KEYS entry (prompts where only the control had the bad outcome,
+    where only the safety arm had it, prompts)."""
     out = {}
     for key in PAIRED_KEYS:
         if safety[key].keys() != control[key].keys():
-            raise ShieldError(f"{safety_dir} and {control_dir} were evaluated on different {key} prompts")
+            raise ShieldError(f"{names[0]} and {names[1]} were evaluated on different {key} prompts")
         only_control = sum(control[key][k] and not safety[key][k] for k in safety[key])
         only_safety = sum(safety[key][k] and not control[key][k] for k in safety[key])
         out[key] = (only_control, only_safety, len(safety[key]))
@@ -258,10 +259,6 @@ def _mcnemar(only_control: int, only_safety: int) -> str:
 
     n = only_control + only_safety
     return "–" if n == 0 else f"{binomtest(only_control, n, 0.5).pvalue:.3g}"
-
-
-PAIRED_TITLES = {"trained": "ASR trained", "held_out_languages": "ASR held-out languages",
-                 "held_out_modalities": "ASR held-out modalities", "over_refusal": "over-refusal"}
 
 
 def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, int]]]]) -> str:

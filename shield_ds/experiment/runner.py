@@ -518,15 +518,22 @@ class Experiment:
                            ) -> list[tuple[str, str, dict[str, tuple[int, int, int]]]]:
         """Each safety arm against the base model and the other arms of its budget and selection (random
         seeds, LoRA, full FFN), prompt by prompt (`paired_counts`)."""
-        from shield_ds.experiment.results import paired_counts
+        from shield_ds.experiment.results import paired_counts, prompt_outcomes
+
+        read: dict[Path, dict[str, dict[tuple, bool]]] = {}  # each evaluation read once
+
+        def counts(safety_dir: Path, control_dir: Path) -> dict[str, tuple[int, int, int]]:
+            for d in (safety_dir, control_dir):
+                if d not in read:
+                    read[d] = prompt_outcomes(d, trained)
+            return paired_counts(read[safety_dir], read[control_dir], (str(safety_dir), str(control_dir)))
 
         out = []
         for safety in (a for a in arms if a.kind == "safety"):
-            out.append((safety.name, "base", paired_counts(safety.eval_dir, base_dir, trained)))
+            out.append((safety.name, "base", counts(safety.eval_dir, base_dir)))
             for control in arms:
                 if control.kind != "safety" and (control.budget, control.selection) == (safety.budget, safety.selection):
-                    counts = paired_counts(safety.eval_dir, (control.same_as or control).eval_dir, trained)
-                    out.append((safety.name, control.name, counts))
+                    out.append((safety.name, control.name, counts(safety.eval_dir, (control.same_as or control).eval_dir)))
         return out
 
     def main_budget(self) -> float:
