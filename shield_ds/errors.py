@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import sys
+import typing
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -12,6 +14,14 @@ F = TypeVar("F", bound=Callable[..., object])
 
 class ShieldError(Exception):
     """An error caused by the user's input (files, flags, models); printed as one line."""
+
+
+class ToolParser(argparse.ArgumentParser):
+    """The argument parser of the `python -m shield_ds....` tools: a usage error is a one-line ShieldError
+    naming the tool (exit 2 through `exit_on_error`), not argparse's usage block. Subcommands inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ShieldError(f"{self.prog}: {message}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -14,7 +14,6 @@ training recipe exports `OUT/model` with this same function, so `apply` reproduc
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -27,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 from shield_ds.io import atomic_dir, atomic_path
 
 FORMAT = "shield_ds.patch"
@@ -225,7 +224,7 @@ def rewrite_checkpoint(base_dir: str | Path, out_dir: str | Path, updates,
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m shield_ds.patch", description=__doc__.splitlines()[0])
+    parser = ToolParser(prog="python -m shield_ds.patch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     apply = sub.add_parser("apply", help="apply a patch to a base checkpoint directory")
     apply.add_argument("--base", required=True)

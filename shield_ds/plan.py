@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shield_ds.config import LORA_TARGETS
-from shield_ds.errors import ShieldError, exit_on_error, first_line
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error, first_line
 from shield_ds.plan_presets import PRESETS
 
 GIB = 2**30
@@ -459,7 +459,7 @@ def _short_verdict(plan: MemoryPlan) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shield_ds.plan", description=__doc__.split("\n")[0],
+    parser = ToolParser(prog="python -m shield_ds.plan", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help=f"config.json, checkpoint dir, hub name or preset {list(PRESETS)}")
     parser.add_argument("--nodes", type=int, default=1, help="nodes")

@@ -8,11 +8,10 @@ experiment/ (recipes/experiment.py: eval-base/ with the ablation, arms/*/train a
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 from shield_ds.io import read_json, write_text
 
 
@@ -131,7 +130,7 @@ def build_report(run: Path, allow_overlap: bool = False) -> str:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m shield_ds.report", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m shield_ds.report", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--allow-overlap", action="store_true", help="present evaluations on trained prompts (says so)")
     args = p.parse_args(argv)

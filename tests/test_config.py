@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +19,7 @@ from shield_ds.neurons.identify import IdentifyConfig
 from shield_ds.train import TrainConfig
 
 from conftest import REPO as REPO_ROOT
+from conftest import assert_one_line_error
 
 RECIPES = {"identify": IdentifyConfig, "train": TrainConfig, "evaluate": EvalConfig, "experiment": ExperimentConfig}
 
@@ -265,3 +267,34 @@ def test_choose_zero_resolves_auto_on_off(tiny_checkpoint, tmp_path):
     assert not hasattr(parse(TrainConfig, []), "zero")
     with pytest.raises(ShieldError, match="unrecognized arguments: --zero off"):
         parse(TrainConfig, ["--zero", "off"])
+
+
+TOOLS = ["shield_ds.models.convert", "shield_ds.models.tiny", "shield_ds.evaluate.rejudge", "shield_ds.report",
+         "shield_ds.experiment.publish", "shield_ds.plan", "shield_ds.data.summary", "shield_ds.patch",
+         "shield_ds.launch.env"]
+
+
+@pytest.mark.parametrize("module", TOOLS)
+def test_tools_usage_errors_are_one_line(module, capsys):
+    """Every `python -m shield_ds....` tool answers an unknown flag with one line naming the tool and the
+    flag, exit 2 (not argparse's usage block); a subcommand's missing option names the subcommand."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    required = {  # the tool's required arguments, so that the unknown flag is the error
+        "shield_ds.models.convert": ["--gguf", "g", "--out", "o"], "shield_ds.models.tiny": ["--arch", "llama", "--out", "o"],
+        "shield_ds.evaluate.rejudge": ["d"], "shield_ds.report": ["--run", "r"],
+        "shield_ds.experiment.publish": ["--run", "r", "--out", "o"], "shield_ds.patch": ["info", "--patch", "p"],
+        "shield_ds.launch.env": ["show"],
+    }.get(module, [])
+    with pytest.raises(SystemExit) as exited:
+        main([*required, "--bogus"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and "\n" not in err, err
+    assert err.startswith(f"error: python -m {module}") and "unrecognized arguments: --bogus" in err, err
+
+
+def test_tool_subcommand_error_names_the_subcommand():
+    proc = subprocess.run([sys.executable, "-m", "shield_ds.patch", "apply", "--base", "b"], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=120)
+    assert_one_line_error(proc, "python -m shield_ds.patch apply", "--patch", "--out")

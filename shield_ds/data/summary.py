@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 from shield_ds.data.layouts import load_source
 from shield_ds.data.records import LABELS, MODALITIES, SafetyRecord
 from shield_ds.data.selection import with_modalities
-from shield_ds.errors import exit_on_error
+from shield_ds.errors import ToolParser, exit_on_error
 
 
 def count_table(records: list[SafetyRecord]) -> str:
@@ -33,7 +32,7 @@ def count_table(records: list[SafetyRecord]) -> str:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m shield_ds.data.summary", description=__doc__.splitlines()[0])
     p.add_argument("--harmful", action="extend", nargs="+", default=None)
     p.add_argument("--benign", action="extend", nargs="+", default=None)
     p.add_argument("--modalities", default="text,typographic", help="views of text records to count")

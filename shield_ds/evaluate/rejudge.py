@@ -10,12 +10,11 @@ that evaluate compared with is judged again before the comparison is rebuilt.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from shield_ds.data.splits import overlap_note
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, asr_table, compare, compare_page, read_generations,
                                     write_asr_reports, write_generations)
 from shield_ds.evaluate.judges import Judge, annotate
@@ -67,7 +66,7 @@ def rejudge(directories: list[Path], judge: Judge, matcher: RefusalMatcher) -> l
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m shield_ds.evaluate.rejudge", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m shield_ds.evaluate.rejudge", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", type=Path, help="evaluate --out directories")
     p.add_argument("--refusal-phrases", default=None, help="JSON/YAML file of extra refusal phrases per language")
     p.add_argument("--judge", default=None, help="model judge (causal-LM guard or sequence classifier); "

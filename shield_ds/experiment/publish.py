@@ -9,7 +9,6 @@ results' csv and figures (`FIGURES`), and leaves weights and generations files b
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 from shield_ds.evaluate.degenerate import degeneration
 from shield_ds.experiment.runner import BUDGETS_DIR, SELECTIONS_DIR
 from shield_ds.io import read_json, write_text
@@ -138,7 +137,7 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m shield_ds.experiment.publish", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="python -m shield_ds.experiment.publish", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="an experiment --out directory")
     p.add_argument("--out", required=True, type=Path, help="where RESULTS.md goes (e.g. experiments/NAME)")
     p.add_argument("--notes", default=None, help="markdown file inserted after the header (findings)")

@@ -22,7 +22,6 @@ nodes of the current Slurm job, for those who run the deepspeed launcher over ss
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Mapping, MutableMapping
 
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Ports derived from job ids stay below Linux's ephemeral range (32768+), where connect() picks
@@ -200,8 +199,9 @@ def write_hostfile(path: str | os.PathLike, hosts: list[str], slots: int) -> Pat
     return Path(path)
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m shield_ds.launch.env",
+    parser = ToolParser(prog="python -m shield_ds.launch.env",
                                      description="Slurm/MPI environment helpers")
     sub = parser.add_subparsers(dest="command", required=True)
     hostfile = sub.add_parser("hostfile", help="write a DeepSpeed hostfile for this Slurm job's nodes")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "hostfile":
         nodelist = os.environ.get("SLURM_JOB_NODELIST")
         if not nodelist:
-            raise SystemExit("error: SLURM_JOB_NODELIST is unset: run this inside a Slurm job")
+            raise ShieldError("SLURM_JOB_NODELIST is unset: run this inside a Slurm job")
         slots = args.slots or int(os.environ.get("SLURM_NTASKS_PER_NODE", "8").split("(")[0])
         print(write_hostfile(args.path, slurm_hostnames(nodelist), slots))
     else:

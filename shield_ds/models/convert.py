@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError, exit_on_error, first_line
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error, first_line
 from shield_ds.io import atomic_dir
 
 from .adapters import TEXT_ONLY_FAMILIES
@@ -142,7 +142,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, *, dtype: str = "float32", o
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m shield_ds.models.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, type=Path, help="the .gguf file")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
 from shield_ds.defaults import TINY_MARKER
-from shield_ds.errors import ShieldError
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 
 TINY_VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama", "gemma3", "idefics3")
 TINY_LLM_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
@@ -366,8 +366,9 @@ def build_tiny(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m shield_ds.models.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=[*TINY_FAMILIES, "all"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
