@@ -39,13 +39,15 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
+from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
 INFER_CONFIG = "ds_configs/zero3_infer.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python benchmarks/evaluate_bench.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--records", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="records per generate call")
@@ -107,6 +109,7 @@ def plain_generate(model, processor, adapter, records: list, *, batch_size: int,
     return answers
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config

@@ -34,6 +34,8 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
+from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.io import write_text  # noqa: E402
 from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
 
 
@@ -73,8 +75,10 @@ def build_model(config, processor, ds_config: dict, dtype: torch.dtype):
                        hf_ds_config=hf_ds_config)
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python benchmarks/gpu_7b.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", action="store_true", help="tiny config, CPU-friendly (a smoke run of this script)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nfull depth ({full_layers} layers):\n")
             print(sb.format_mode_table({"train": results["full_depth"]}))
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+            write_text(args.json, json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

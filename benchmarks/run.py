@@ -41,6 +41,9 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
+from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.io import write_text  # noqa: E402
+
 # Per size: micro-batch per rank, max tokens per sequence, records (cycled through by the steps).
 # Evaluation: records, records per generate call, new tokens per answer, timed passes.
 SIZES = {
@@ -257,8 +260,10 @@ def machine() -> dict:
             "peft": peft.__version__, "device": "cpu (gloo)"}
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python benchmarks/run.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="all", choices=[*SIZES, "all"],
                    help=f"model size of the identify/train/evaluate parts (all: {', '.join(RATIO_SIZES)})")
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated model sizes of the scaling part")
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         report["scaling"] = run_scaling(args)
     report["wall_s"] = time.perf_counter() - start
     json_path = Path(args.json) if args.json else BENCH_DIR / f"results-{date}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
     m = report["machine"]
     ranks_text = str(args.ranks) if sizes else ",".join(map(str, args.scaling_ranks))
     print(f"# shield-ds benchmark, {report['date']}\n\n{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, "

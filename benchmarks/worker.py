@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
+from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
@@ -34,7 +35,8 @@ BUCKETS = {"zero_optimization.reduce_bucket_size": 50_000_000,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python benchmarks/worker.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--mode", required=True, choices=["identify", *sb.TRAIN_MODES])
     p.add_argument("--steps", type=int, default=5, help="measured steps (after --warmup)")
@@ -49,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     init_distributed()

@@ -43,7 +43,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shield_ds.errors import ShieldError, exit_on_error  # noqa: E402
+from shield_ds.errors import ShieldError, ToolParser, exit_on_error  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 
@@ -415,7 +415,8 @@ def write_report(report: Path, work: Path, table: str, rows: list[Row]) -> None:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python scripts/gpu_check.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU (gloo), tiny sizes")
     parser.add_argument("--work", default=str(REPO / "runs" / "gpu-check"), help="working directory (emptied first)")
     parser.add_argument("--report", default=None, help="also write summary.md, the benchmark output and failed "

@@ -294,7 +294,13 @@ def test_tools_usage_errors_are_one_line(module, capsys):
     assert err.startswith(f"error: python -m {module}") and "unrecognized arguments: --bogus" in err, err
 
 
-def test_tool_subcommand_error_names_the_subcommand():
-    proc = subprocess.run([sys.executable, "-m", "shield_ds.patch", "apply", "--base", "b"], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=120)
-    assert_one_line_error(proc, "python -m shield_ds.patch apply", "--patch", "--out")
+@pytest.mark.parametrize("args, names", [
+    (["-m", "shield_ds.patch", "apply", "--base", "b"], ["python -m shield_ds.patch apply", "--patch", "--out"]),
+    (["recipes/selfcheck.py", "--bogus"], ["python recipes/selfcheck.py", "--bogus"]),
+    (["benchmarks/run.py", "--size", "huge"], ["python benchmarks/run.py", "--size", "'huge'"]),
+    (["scripts/gpu_check.py", "--bogus"], ["python scripts/gpu_check.py", "--bogus"]),
+])
+def test_script_usage_errors_are_one_line(args, names):
+    """The scripts outside the library (and a tool's subcommand) answer a usage error the same way."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert_one_line_error(proc, *names)
