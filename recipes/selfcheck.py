@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.errors import ShieldError, ToolParser  # noqa: E402
+from shield_ds.errors import ToolParser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="this run is a restart (set by the launchers)")
     # The deepspeed launcher passes --local_rank (LOCAL_RANK is in the environment as well).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    try:
-        args = parser.parse_args(argv)
-    except ShieldError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
     from shield_ds.launch.selfcheck import run_selfcheck
 
     return run_selfcheck(args)

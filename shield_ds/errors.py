@@ -16,12 +16,18 @@ class ShieldError(Exception):
     """An error caused by the user's input (files, flags, models); printed as one line."""
 
 
+def exit_with_error(message: str) -> typing.NoReturn:
+    """Print `error: MESSAGE` on stderr (one line) and exit with code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 class ToolParser(argparse.ArgumentParser):
-    """The argument parser of the `python -m shield_ds....` tools: a usage error is a one-line ShieldError
-    naming the tool (exit 2 through `exit_on_error`), not argparse's usage block. Subcommands inherit it."""
+    """The argument parser of the tools and scripts (`python -m shield_ds....`, benchmarks/, selfcheck): a
+    usage error is one line naming the tool, exit 2, not argparse's usage block. Subcommands inherit it."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise ShieldError(f"{self.prog}: {message}")
+        exit_with_error(f"{self.prog}: {message}")
 
 
 def first_line(exc: BaseException) -> str:
@@ -41,8 +47,7 @@ def exit_on_error(fn: F) -> F:
             result = fn(*args, **kwargs)
         except ShieldError as exc:
             logging.getLogger("shield_ds").debug("user error", exc_info=True)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            exit_with_error(str(exc))
         from shield_ds.engine import exit_distributed
 
         exit_distributed(0)  # a distributed recipe's ranks end together here (no-op otherwise)

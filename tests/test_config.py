@@ -176,7 +176,8 @@ def test_slurm_scripts_pass_known_flags(tmp_path, script, flags, env):
 
 def test_every_option_is_declared_once():
     """Recipes only wire a config dataclass to the one parser (shield_ds/cli.py); the library never
-    imports the parser. selfcheck.py keeps argparse: its --help must not import transformers."""
+    imports the parser. selfcheck.py keeps argparse (the tools' ToolParser): its --help must not import
+    transformers."""
     recipes = sorted((REPO_ROOT / "recipes").glob("*.py"))
     for path in recipes:
         text = path.read_text()
