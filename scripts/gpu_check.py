@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shield_ds.errors import ShieldError, ToolParser, exit_on_error  # noqa: E402
+from shield_ds.io import write_text  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 
@@ -346,7 +347,7 @@ class Check:
 
 # --- helpers -------------------------------------------------------------------------------------
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def last_error(logfile: Path) -> str:
@@ -403,14 +404,14 @@ def format_table(rows: list[Row], dry: bool, seconds: float) -> str:
 def write_report(report: Path, work: Path, table: str, rows: list[Row]) -> None:
     """At most a few files (the device tool brings back 8): the table, the benchmark, failed stages' tails."""
     report.mkdir(parents=True, exist_ok=True)
-    (report / "summary.md").write_text(table + "\n", encoding="utf-8")
+    write_text(report / "summary.md", table + "\n")
     for name in ("gpu_7b.json", "logs/gpu_7b.log"):
         if (work / name).is_file():
             shutil.copy(work / name, report / Path(name).name)
     tails = [f"===== {row.stage}: {logfile}\n" + "\n".join(log_tail(logfile, 80))
              for row in rows if row.result != "pass" for logfile in row.logs if logfile.is_file()]
     if tails:
-        (report / "failures.log").write_text("\n\n".join(tails) + "\n", encoding="utf-8")
+        write_text(report / "failures.log", "\n\n".join(tails) + "\n")
 
 
 @exit_on_error
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             if logfile.is_file():
                 print(f"----- {row.stage}: last lines of {logfile}\n" + "\n".join(log_tail(logfile, 25)),
                       file=sys.stderr, flush=True)
-    (check.work / "summary.md").write_text(table + "\n", encoding="utf-8")
+    write_text(check.work / "summary.md", table + "\n")
     if args.report:
         write_report(Path(args.report), check.work, table, rows)
     print(table, flush=True)
