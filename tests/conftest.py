@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import signal
 import socket
@@ -135,6 +136,32 @@ def timeout_above(*inner: float) -> pytest.MarkDecorator:
     """A pytest-timeout mark above the sum of a test's inner subprocess timeouts (fixtures it may build
     included), so the inner timeout fires first and reports the command's output."""
     return pytest.mark.timeout(sum(inner) + TIMEOUT_MARGIN)
+
+
+# DeepSpeed's CPU backend names one ~70 MB all-reduce buffer per rank here; `engine.init_distributed`
+# unlinks them once every rank mapped them, but a rank killed before that (a timeout, a test that kills
+# a launch on purpose) leaves its buffer behind until reboot.
+SHM_BUFFERS = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
+
+
+def orphaned_shm_buffers(before: set[str]) -> set[str]:
+    """The DeepSpeed buffers (`SHM_BUFFERS`) not in `before` that no live process maps (/proc/*/maps)."""
+    mapped: set[str] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        with contextlib.suppress(OSError), open(maps) as f:
+            rows = (line.rstrip("\n").split(maxsplit=5) for line in f)
+            mapped.update(row[5] for row in rows if len(row) == 6)
+    return {path for path in glob.glob(SHM_BUFFERS) if path not in before and path not in mapped}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unlink_orphaned_shm_buffers():
+    """After the session, remove the DeepSpeed buffers its launches left behind."""
+    before = set(glob.glob(SHM_BUFFERS))
+    yield
+    for path in orphaned_shm_buffers(before):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @pytest.fixture(scope="session")

@@ -112,3 +112,26 @@ def test_require_or_skip_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="no mpirun .CI=true"):
         require_or_skip(False, "no mpirun")
+
+
+def test_orphaned_shm_buffers_are_the_new_unmapped_ones():
+    """The session's cleanup takes a DeepSpeed buffer a killed launch left, never one a live rank maps or
+    one that was there before the session."""
+    import mmap
+    import os
+
+    from conftest import SHM_BUFFERS, orphaned_shm_buffers
+
+    prefix = SHM_BUFFERS.rstrip("*") + f"harness_{os.getpid()}"
+    old, left, live = (Path(f"{prefix}_{name}") for name in ("old", "left", "live"))
+    try:
+        old.write_bytes(b"\0" * 4096)
+        before = {str(old)}
+        left.write_bytes(b"\0" * 4096)
+        live.write_bytes(b"\0" * 4096)
+        with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+            found = {p for p in orphaned_shm_buffers(before) if p.startswith(prefix)}
+        assert found == {str(left)}
+    finally:
+        for path in (old, left, live):
+            path.unlink(missing_ok=True)
