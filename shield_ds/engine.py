@@ -30,6 +30,8 @@ from shield_ds.zero_internals import is_partitioned
 log = dist.get_logger("engine")
 
 COMPLETE_MARKER = "COMPLETE"
+# DeepSpeed's CPU all-reduce buffer of a rank is PREFIX_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (its shm.cpp).
+SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
 RUN_INFO_FILE = "run_info.json"  # beside a checkpoint: what the run that wrote it was (see save_checkpoint)
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -139,7 +141,7 @@ def _unlink_shm_buffers() -> None:
         return  # only DeepSpeed's CPU accelerator creates these buffers (never a CUDA/NCCL run)
     dist.barrier()
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{dist.rank()}"):
+    for path in glob.glob(f"{SHM_BUFFER_PREFIX}_*_{addr}_{port}_{dist.rank()}"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
