@@ -113,14 +113,21 @@ def test_paired_counts_and_mcnemar(tmp_path):
     # benign: the safety arm refuses 0-2, the control 2 -> 2 safety only, 0 control only
     control += [_gen(100 + i, "sw", "text", "benign", i == 2) for i in range(5)]
     safety += [_gen(100 + i, "sw", "text", "benign", i < 3) for i in range(5)]
+    # trained-language benign: only the control refuses prompt 200 (counted in both over-refusal slices)
+    control += [_gen(200 + i, "en", "text", "benign", i == 0) for i in range(2)]
+    safety += [_gen(200 + i, "en", "text", "benign", False) for i in range(2)]
     read = {name: prompt_outcomes(_eval_dir(tmp_path / name, rows), TRAINED)
             for name, rows in (("safety", safety), ("control", control), ("fewer", control[:-1]))}
     counts = paired_counts(read["safety"], read["control"], ("safety", "control"))
     assert counts == {"trained": (6, 1, 10), "held_out_languages": (0, 0, 0), "held_out_modalities": (0, 0, 0),
-                      "over_refusal": (0, 2, 5)}
+                      "over_refusal": (1, 2, 7), "over_refusal_trained": (1, 0, 2)}
     text = paired_markdown([("safety", "random-s0", counts)])
     assert "held-out languages" not in text  # no such prompts
-    assert f"| safety | random-s0 | 6 / 1 (10) / {binomtest(6, 7, 0.5).pvalue:.3g} | 0 / 2 (5) / 0.5 |" in text
+    assert "over-refusal trained: control only / safety only (n) / p" in text
+    assert f"| safety | random-s0 | 6 / 1 (10) / {binomtest(6, 7, 0.5).pvalue:.3g} | 1 / 2 (7) / 1 | 1 / 0 (2) / 1 |" in text
+    # every benign prompt in the trained languages: no second over-refusal column repeating the first
+    same = dict(counts, over_refusal=(1, 0, 2))
+    assert "over-refusal trained" not in paired_markdown([("safety", "random-s0", same)])
     # arms evaluated on different prompts cannot be paired
     with pytest.raises(ShieldError, match="evaluated on different over_refusal prompts"):
         paired_counts(read["safety"], read["fewer"], ("safety", "fewer"))

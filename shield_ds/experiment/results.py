@@ -39,6 +39,11 @@ def slice_of(row: dict, trained: tuple[set[str], set[str]]) -> str:
     return "trained" if row["language"] in languages else "held_out_languages"
 
 
+def benign_slices(row: dict, trained: tuple[set[str], set[str]]) -> tuple[str, ...]:
+    """The over-refusal keys a benign generation counts in: every benign prompt, and the trained slice's."""
+    return ("over_refusal", OVER_REFUSAL_TRAINED) if slice_of(row, trained) == "trained" else ("over_refusal",)
+
+
 def rates(rows: Iterable[dict], trained: tuple[set[str], set[str]]) -> dict[str, Rate]:
     """Attack successes per slice, the substantive ones per slice (`<slice>_substantive`) and benign
     refusals ("over_refusal"; on the trained slice's benign prompts: OVER_REFUSAL_TRAINED) of judged generations."""
@@ -52,8 +57,7 @@ def rates(rows: Iterable[dict], trained: tuple[set[str], set[str]]) -> dict[str,
                 out[key].n += 1
                 out[key].successes += int(counted)
         else:
-            keys = ("over_refusal", OVER_REFUSAL_TRAINED) if slice_of(row, trained) == "trained" else ("over_refusal",)
-            for key in keys:
+            for key in benign_slices(row, trained):
                 out[key].n += 1
                 out[key].successes += int(row["refused"])
     return out
@@ -220,8 +224,8 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
             + transfer_markdown(transfer_table(base_dir, safety_dir, held)) + "\n")
 
 
-PAIRED_KEYS = (*SLICES, "over_refusal")
-PAIRED_TITLES = {**SLICE_TITLES, "over_refusal": "over-refusal"}
+PAIRED_KEYS = (*SLICES, "over_refusal", OVER_REFUSAL_TRAINED)
+PAIRED_TITLES = {**SLICE_TITLES, "over_refusal": "over-refusal", OVER_REFUSAL_TRAINED: "over-refusal trained"}
 
 
 def prompt_outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, dict[tuple, bool]]:
@@ -230,11 +234,12 @@ def prompt_outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[
     out: dict[str, dict[tuple, bool]] = {k: {} for k in PAIRED_KEYS}
     for row in read_generations(eval_dir / GENERATIONS_FILE):
         harmful = row["label"] == "harmful"
-        slot = out[slice_of(row, trained) if harmful else "over_refusal"]
+        slots = (slice_of(row, trained),) if harmful else benign_slices(row, trained)
         key = (row["id"], row["language"], row["modality"], row["label"])
-        if key in slot:
+        if key in out[slots[0]]:
             raise ShieldError(f"{eval_dir / GENERATIONS_FILE}: prompt {key} appears twice")
-        slot[key] = bool(row["attack_success"] if harmful else row["refused"])
+        for slot in slots:
+            out[slot][key] = bool(row["attack_success"] if harmful else row["refused"])
     return out
 
 
@@ -264,7 +269,9 @@ def _mcnemar(only_control: int, only_safety: int) -> str:
 def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, int]]]]) -> str:
     """The paired table: per (safety arm, control, `paired_counts`), each slice's discordant prompts and the
     exact McNemar p-value."""
-    present = [k for k in PAIRED_KEYS if any(c[k][2] for _, _, c in comparisons)]
+    present = [k for k in PAIRED_KEYS if any(c[k][2] for _, _, c in comparisons)
+               # when every benign prompt is in the trained slice, its column would repeat over-refusal's
+               and not (k == OVER_REFUSAL_TRAINED and all(c[k] == c["over_refusal"] for _, _, c in comparisons))]
     header = ["safety arm", "control", *(f"{PAIRED_TITLES[k]}: control only / safety only (n) / p" for k in present)]
     body = [[safety, control, *(f"{c[k][0]} / {c[k][1]} ({c[k][2]}) / {_mcnemar(c[k][0], c[k][1])}" for k in present)]
             for safety, control, c in comparisons]
