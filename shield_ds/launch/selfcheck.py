@@ -6,7 +6,7 @@
     python recipes/submit.py selfcheck --nodes 2 --gpus-per-node 8
 
 Every rank prints one line (rank, local rank, host, device); rank 0 prints a summary and, with --out,
-writes OUT/selfcheck.json. Exit code 1 when the all-reduce gives a wrong sum.
+writes OUT/selfcheck.json (after a resume, with the attempt before it as "previous"). Exit code 1 when the all-reduce gives a wrong sum.
 
 --wait-for-preemption SECONDS checks the requeue path: the ranks run one-second "steps" until
 PreemptionHandler.should_stop() (a signal such as the sbatch pre-timeout SIGUSR1, or
@@ -96,9 +96,14 @@ def run_selfcheck(args: argparse.Namespace) -> int:
               f"hosts {' '.join(f'{h}({n})' for h, n in counts.items())} restarts {restarts} outcome {outcome}",
               flush=True)
         if args.out:
-            from shield_ds.io import write_json
+            from shield_ds.io import read_json, write_json
 
-            write_json(os.path.join(args.out, "selfcheck.json"), summary)
+            path = os.path.join(args.out, "selfcheck.json")
+            if args.resume and os.path.isfile(path):
+                # The attempt before the requeue, kept here: a scheduler's log files may not survive it.
+                before = read_json(path)
+                summary["previous"] = {k: before.get(k) for k in ("outcome", "restart_count", "slurm_job_id")}
+            write_json(path, summary)
         if ok and outcome == "preempted":
             mark_for_requeue()
     dist.barrier()
