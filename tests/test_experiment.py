@@ -426,6 +426,10 @@ def test_selection_table_and_wall_time(tmp_path):
     write_json(tmp_path / "selections" / "more" / "identify" / "stage.json", {"seconds": 600.0})
     page = publish(tmp_path, tmp_path / "published").read_text()
     assert "main arms 3.0 min, other selections 2.0 min" in page and "selections/more" not in page and "## Selection settings" in page
+    samples = page.split("## Sample generations", 1)[1].split("## Stages", 1)[0]
+    first = samples.split("**", 3)[3].split("\n\n**", 1)[0]  # the first sample prompt's table
+    assert [line.split(" | ")[0] for line in first.splitlines() if line.startswith("| ") and "---" not in line][1:] == [
+        "| base", "| random-s0", "| random-s1", "| safety", "| random-s0[contrast]", "| safety[contrast]"]
 
 
 def test_curve_steps_plan_snapshot_evaluations(tmp_path):

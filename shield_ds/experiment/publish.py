@@ -80,11 +80,26 @@ def _success(row: dict) -> str:
     return f"attack succeeded ({reason})" if reason else "attack succeeded"
 
 
-def samples_markdown(run: Path, arms: list[str]) -> str:
-    """Each sample prompt with every arm's answer and verdict."""
+def sample_arms(run: Path, config: dict) -> dict[str, Path]:
+    """Arm name -> eval dir of the arms whose answers the samples show: the main arms, then each other
+    selection's (named as in the tables, `safety[NAME]`); not the budget sweep's (too many rows)."""
+    def evaluated(root: Path) -> list[str]:
+        return sorted(p.name for p in root.iterdir() if (p / "eval" / "generations.jsonl").is_file()) \
+            if root.is_dir() else []
+
+    arms = {arm: run / "arms" / arm / "eval" for arm in evaluated(run / "arms")}
+    for text in config.get("selections") or []:
+        name = text.partition("=")[0].strip()
+        root = run / SELECTIONS_DIR / name
+        arms.update({f"{arm}[{name}]": root / arm / "eval" for arm in evaluated(root) if arm != "identify"})
+    return arms
+
+
+def samples_markdown(run: Path, arms: dict[str, Path]) -> str:
+    """Each sample prompt with every arm's answer and verdict (`arms`: name -> eval dir)."""
     from shield_ds.evaluate.asr import read_generations
 
-    evals = {"base": run / "eval-base", **{arm: run / "arms" / arm / "eval" for arm in arms}}
+    evals = {"base": run / "eval-base", **arms}
     rows = {name: {str(r["id"]): r for r in read_generations(d / "generations.jsonl")}
             for name, d in evals.items() if (d / "generations.jsonl").is_file()}
     out = []
@@ -107,8 +122,6 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
     if not (run / "results.md").is_file():
         raise ShieldError(f"{run}: no results.md (run recipes/experiment.py there first)")
     config = read_json(run / "experiment.json")["config"]
-    arms = sorted(p.name for p in (run / "arms").iterdir() if (p / "eval" / "generations.jsonl").is_file()) \
-        if (run / "arms").is_dir() else []
     stages = _stage_seconds(run, config)
     total = sum(s for _, s in stages)
     extra = {what: sum(s for name, s in stages if name.startswith(folder + "/"))
@@ -123,7 +136,7 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
     if notes:
         parts.append(Path(notes).read_text(encoding="utf-8").strip() + "\n\n")
     parts.append("## Arms on held-out test prompts\n" + results + "\n")
-    parts.append("## Sample generations (the same prompts for every arm)\n\n" + samples_markdown(run, arms))
+    parts.append("## Sample generations (the same prompts for every arm)\n\n" + samples_markdown(run, sample_arms(run, config)))
     parts.append("## Stages\n\n| stage | seconds |\n| --- | --- |\n"
                  + "".join(f"| {name} | {sec:.0f} |\n" for name, sec in stages))
     parts.append("\n## Config\n\n```json\n" + json.dumps(config, indent=2) + "\n```\n")
