@@ -135,9 +135,21 @@ class DataConfig:
     modalities: list[Modality] = option(["text"], "comma-separated: text, image, typographic")
     image: str | None = option(None, "image file for the 'image' modality view")
     per_group_limit: int | None = option(None, "at most N records per label x language x modality")
+    benign_per_group_limit: int | None = option(None, "at most N benign records per language x modality "
+                                                "(default: --per-group-limit), e.g. more benign than harmful")
     seed: int = option(0, "seed of the record sampling")
     split: Split = option("train", "which prompts: the train or test split by prompt id (the same in every "
                           "language and view), or all")
     test_fraction: float = option(0.3, "share of prompts in the test split")
     split_seed: int = option(0, "seed of the train/test split")
     data_dir: str | None = option(None, "where the builtin datasets live (default: ../shared/data)")
+
+    def load_records(self, require: Sequence[str] = ("harmful",)) -> list:
+        """The harmful and benign records these flags name (`shield_ds.data.load_labeled`)."""
+        from shield_ds.data import load_labeled
+
+        return load_labeled(self.harmful, self.benign, modalities=self.modalities, languages=self.languages,
+                            image=self.image, per_group_limit=self.per_group_limit,
+                            benign_per_group_limit=self.benign_per_group_limit, seed=self.seed,
+                            data_dir=self.data_dir, require=require, split=self.split,
+                            test_fraction=self.test_fraction, split_seed=self.split_seed)

@@ -369,7 +369,6 @@ class ShieldTrainer:
 
     # --- preparation (no output is written until all of it passed) -------------------------------
     def prepare(self) -> None:
-        from shield_ds.data import load_labeled
         from shield_ds.data.targets import check_targets, load_refusals, with_refusals
         from shield_ds.models import config_hash, get_adapter, load_config
 
@@ -379,10 +378,7 @@ class ShieldTrainer:
         self.adapter.check_modalities(cfg.modalities)
         self.config_hash = config_hash(self.config)
         self.neuron_set = self._load_neuron_set() if self.neurons_dir is not None else None
-        records = load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
-                               image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
-                               data_dir=cfg.data_dir, require=(), split=cfg.split, test_fraction=cfg.test_fraction,
-                               split_seed=cfg.split_seed)
+        records = cfg.load_records(require=())
         if not records:
             raise ShieldError("empty training set: no records for the requested languages and modalities")
         records = self._drop_overlong(with_refusals(records, load_refusals(cfg.refusals)))

@@ -233,7 +233,8 @@ def test_bad_input_one_line_errors(tiny_checkpoint, tmp_path):
     tiny.write_text("".join(json.dumps({"id": i, "prompt": f"How do I do harm number {i}?", "language": "en",
                                         "label": "harmful"}) + "\n" for i in ids))
     for extra, needle in ((["--harmful", str(tiny)], "'en' prompt falls in the test split"),
-                          (["--test-fraction", "1.5"], "--test-fraction")):
+                          (["--test-fraction", "1.5"], "--test-fraction"),
+                          (["--benign-per-group-limit", "0"], "--benign-per-group-limit")):
         proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--languages", "en", *extra, "--ds-config", "none")],
                           check=False, timeout=300)
         assert_one_line_error(proc, needle, *([str(tiny)] if extra[0] == "--harmful" else []))

@@ -44,6 +44,26 @@ def test_keys_are_per_prompt_and_splits_are_disjoint(shared_data):
     assert {r.source for r in test} == {"multijail", "multiq", "figstep/ForbidQI"}
 
 
+def test_benign_limit_adds_benign_records_and_keeps_the_rest(shared_data):
+    """--benign-per-group-limit changes the benign records only: the smaller set's records plus others."""
+    kw = {"languages": ["en", "zh"], "modalities": ["text"], "seed": 3}
+    same = _load(shared_data, "train", per_group_limit=5, **kw)
+    more = _load(shared_data, "train", per_group_limit=5, benign_per_group_limit=12, **kw)
+    fewer = _load(shared_data, "train", per_group_limit=5, benign_per_group_limit=2, **kw)
+    counts = {name: collections.Counter((r.label, r.language) for r in recs)
+              for name, recs in (("same", same), ("more", more), ("fewer", fewer))}
+    for lang in ("en", "zh"):
+        assert [counts[n][("harmful", lang)] for n in ("same", "more", "fewer")] == [5, 5, 5]
+        assert [counts[n][("benign", lang)] for n in ("same", "more", "fewer")] == [5, 12, 2]
+    ids = {name: [r.id for r in recs] for name, recs in (("same", same), ("more", more), ("fewer", fewer))}
+    harmful = [r.id for r in same if r.label == "harmful"]
+    assert [r.id for r in more if r.label == "harmful"] == harmful == [r.id for r in fewer if r.label == "harmful"]
+    assert set(ids["fewer"]) < set(ids["same"]) < set(ids["more"])
+    assert all(split_of(r.prompt_key, 0.3, 0) == "train" for r in more)
+    with pytest.raises(ShieldError, match="--benign-per-group-limit must be a positive integer, got 0"):
+        _load(shared_data, "train", benign_per_group_limit=0, **kw)
+
+
 def test_split_is_stable_and_follows_seed_and_fraction(shared_data):
     full = {r.id: r.prompt_key for r in _load(shared_data, "test")}
     for kw in ({"languages": ["sw", "en"]}, {"modalities": ["typographic"]}, {"per_group_limit": 3, "seed": 5},

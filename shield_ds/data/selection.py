@@ -96,21 +96,28 @@ def with_modalities(records: list[SafetyRecord], modalities: Iterable[str], *,
 
 def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: Iterable[str],
                  languages: Iterable[str] | None = None, image: str | os.PathLike | None = None,
-                 per_group_limit: int | None = None, seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 require: Iterable[str] = ("harmful",), split: str = "all", test_fraction: float = 0.3,
-                 split_seed: int = 0) -> list[SafetyRecord]:
+                 per_group_limit: int | None = None, benign_per_group_limit: int | None = None, seed: int = 0,
+                 data_dir: str | os.PathLike | None = None, require: Iterable[str] = ("harmful",),
+                 split: str = "all", test_fraction: float = 0.3, split_seed: int = 0) -> list[SafetyRecord]:
     """Harmful and benign records from their sources, in `split`, served in `modalities` and filtered.
 
     The one path every recipe takes from `--harmful/--benign/--languages/--modalities/--split/...` to
     records. The split (by prompt key, `shield_ds.data.splits`) is taken from each source before the
-    per-group limit, so the limit counts inside the split; a source without a prompt of a requested
-    language in the split is a ShieldError naming both. A label listed in `require` that ends up with
+    per-group limit, so the limit counts inside the split. `benign_per_group_limit` replaces the limit
+    for benign records (each label is shuffled on its own, so the harmful records stay the same and a
+    larger benign limit keeps the smaller one's records and adds others). A source without a prompt of
+    a requested language in the split is a ShieldError naming both. A label listed in `require` that ends up with
     no record is a ShieldError naming its sources.
     """
     check_split(split, test_fraction)
     modalities = list(modalities)
     languages = list(languages) if languages is not None else None
     records: list[SafetyRecord] = []
+    for flag, limit in (("--per-group-limit", per_group_limit), ("--benign-per-group-limit", benign_per_group_limit)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ShieldError(f"{flag} must be a positive integer, got {limit!r}")
+    limits = {"harmful": per_group_limit,
+              "benign": benign_per_group_limit if benign_per_group_limit is not None else per_group_limit}
     for specs, label in ((list(harmful), "harmful"), (list(benign), "benign")):
         recs = [r for spec in specs
                 for r in apply_split(load_source(spec, label=label, data_dir=data_dir), split,
@@ -118,7 +125,7 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
                                      source=spec)]
         if recs:
             recs = select_records(with_modalities(recs, modalities, image=image), languages=languages,
-                                  modalities=modalities, per_group_limit=per_group_limit, seed=seed)
+                                  modalities=modalities, per_group_limit=limits[label], seed=seed)
         if not recs and label in require:
             raise ShieldError(f"empty {label} set: no records from {', '.join(specs) or 'no source'} for "
                               f"languages {', '.join(languages) if languages else 'all'} and modalities "

@@ -54,13 +54,7 @@ class Evaluator:
         self.out = Path(cfg.out)
 
     def _records(self) -> list:
-        from shield_ds.data import load_labeled
-
-        cfg = self.cfg
-        return load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages,
-                            image=cfg.image, per_group_limit=cfg.per_group_limit, seed=cfg.seed,
-                            data_dir=cfg.data_dir, require=("harmful",), split=cfg.split,
-                            test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
+        return self.cfg.load_records(require=("harmful",))
 
     def _overlap_note(self, overlap: int) -> str:
         """The compare table's title note; an overlap with the trained prompts is refused without --allow-overlap."""

@@ -30,7 +30,7 @@ log = dist.get_logger("identify")
 # Settings that must match for an existing output directory to be reused without --overwrite.
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
                   "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
-                  "scope", "split", "test_fraction", "split_seed")
+                  "scope", "benign_per_group_limit", "split", "test_fraction", "split_seed")
 # The settings that only choose among neurons: `--from-stats` may change these and nothing else.
 SELECTION_KEYS = ("score", "ratio", "max_param_fraction", "cap_ranking")
 # Fields of a neuron set's metadata that describe that set, not the statistics it was selected from.
@@ -84,12 +84,7 @@ def down_column_norms(model: torch.nn.Module, adapter) -> torch.Tensor:
 
 def load_identify_records(cfg: IdentifyConfig) -> list:
     """Harmful and benign records with the requested languages and modality views (both required)."""
-    from shield_ds.data import load_labeled
-
-    return load_labeled(cfg.harmful, cfg.benign, modalities=cfg.modalities, languages=cfg.languages, image=cfg.image,
-                        per_group_limit=cfg.per_group_limit, seed=cfg.seed, data_dir=cfg.data_dir,
-                        require=("harmful", "benign"), split=cfg.split, test_fraction=cfg.test_fraction,
-                        split_seed=cfg.split_seed)
+    return cfg.load_records(require=("harmful", "benign"))
 
 
 def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
@@ -127,7 +122,7 @@ class Identifier:
         return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
                 "cap_ranking": c.cap_ranking, "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
-                "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope,
+                "benign_per_group_limit": c.benign_per_group_limit, "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope,
                 "split": c.split, "test_fraction": c.test_fraction, "split_seed": c.split_seed}
 
     def run(self) -> NeuronSet:
