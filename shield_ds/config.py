@@ -23,7 +23,7 @@ from shield_ds.errors import ShieldError
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 Modality = Literal["text", "image", "typographic"]
-Split = Literal["train", "test", "all"]
+Split = Literal["train", "validation", "test", "all"]
 
 
 def option(default: Any = MISSING, help: str | None = None, **metadata: Any) -> Any:
@@ -138,10 +138,12 @@ class DataConfig:
     benign_per_group_limit: int | None = option(None, "at most N benign records per language x modality "
                                                 "(default: --per-group-limit), e.g. more benign than harmful")
     seed: int = option(0, "seed of the record sampling")
-    split: Split = option("train", "which prompts: the train or test split by prompt id (the same in every "
-                          "language and view), or all")
+    split: Split = option("train", "which prompts: the train, validation or test split by prompt id (the same "
+                          "in every language and view), or all")
     test_fraction: float = option(0.3, "share of prompts in the test split")
-    split_seed: int = option(0, "seed of the train/test split")
+    validation_fraction: float = option(0.0, "share of prompts in a validation split, taken from the train "
+                                        "split (the test split stays the same); every stage of a run needs the same")
+    split_seed: int = option(0, "seed of the train/validation/test split")
     data_dir: str | None = option(None, "where the builtin datasets live (default: ../shared/data)")
 
     def load_records(self, require: Sequence[str] = ("harmful",)) -> list:
@@ -152,4 +154,5 @@ class DataConfig:
                             image=self.image, per_group_limit=self.per_group_limit,
                             benign_per_group_limit=self.benign_per_group_limit, seed=self.seed,
                             data_dir=self.data_dir, require=require, split=self.split,
-                            test_fraction=self.test_fraction, split_seed=self.split_seed)
+                            test_fraction=self.test_fraction, validation_fraction=self.validation_fraction,
+                            split_seed=self.split_seed)

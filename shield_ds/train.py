@@ -152,8 +152,14 @@ def run_fingerprint(cfg: TrainConfig, ds_config: dict[str, Any], world_size: int
     return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint's JSON
 
 
+# Fingerprint entries added after checkpoints were first written, with the value such a checkpoint's run had.
+LATER_FINGERPRINT_KEYS = {"benign_per_group_limit": None, "validation_fraction": 0.0}
+
+
 def fingerprint_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """'name (saved -> now)' for each entry that differs, in a stable order."""
+    """'name (saved -> now)' for each entry that differs, in a stable order (an entry a checkpoint predates
+    counts as its LATER_FINGERPRINT_KEYS value)."""
+    saved = {**{k: v for k, v in LATER_FINGERPRINT_KEYS.items() if k in now}, **saved}
 
     def show(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)
@@ -720,7 +726,7 @@ class ShieldTrainer:
 
         return provenance_args(self.records, split=self.cfg.split, test_fraction=self.cfg.test_fraction,
                                split_seed=self.cfg.split_seed, languages=self.cfg.languages,
-                               modalities=self.cfg.modalities)
+                               modalities=self.cfg.modalities, validation_fraction=self.cfg.validation_fraction)
 
     def _export_merged(self, engine: ShieldEngine, dest: Path) -> None:
         """model/ = the base checkpoint's files with the trained tensors (LoRA merged) written over them.
@@ -787,7 +793,8 @@ class ShieldTrainer:
                    "patch": patch, "neurons": ns.count if ns is not None else None,
                    "neuron_param_fraction": ns.param_fraction if ns is not None else None,
                    "records": len(self.records), "config": asdict(self.cfg), "package_version": shield_ds.__version__,
-                   **split_provenance(self.records, self.cfg.split, self.cfg.test_fraction, self.cfg.split_seed)}
+                   **split_provenance(self.records, self.cfg.split, self.cfg.test_fraction, self.cfg.split_seed,
+                                      self.cfg.validation_fraction)}
         if self.random:
             summary["random"] = ns.meta["random"]
         if self.cfg.update == "lora":

@@ -214,8 +214,10 @@ def test_split_flags_defaults_per_recipe_and_validation():
     assert defaults == {"identify": ("train", 0.3, 0), "train": ("train", 0.3, 0), "evaluate": ("test", 0.3, 0)}
     args = parse(IdentifyConfig, ["--split", "test", "--test-fraction", "0.25", "--split-seed", "3"])
     assert (args.split, args.test_fraction, args.split_seed) == ("test", 0.25, 3)
-    with pytest.raises(ShieldError, match="argument --split: invalid choice: 'validation'"):
-        parse(IdentifyConfig, ["--split", "validation"])
+    args = parse(IdentifyConfig, ["--split", "validation", "--validation-fraction", "0.1"])
+    assert (args.split, args.validation_fraction) == ("validation", 0.1)
+    with pytest.raises(ShieldError, match="argument --split: invalid choice: 'dev'"):
+        parse(IdentifyConfig, ["--split", "dev"])
 
 
 def test_adam_implementation_follows_the_machine(tmp_path):

@@ -213,6 +213,27 @@ def test_plan_gives_each_arm_its_flags(tmp_path):
     assert "--neurons" not in trains["full-ffn"].args
 
 
+def test_eval_split_validation_reaches_every_evaluation_only(tmp_path):
+    """--eval-split validation: every evaluation reads the validation split, identify and train the train split
+    with the same --validation-fraction; the default adds no flag (earlier run directories stay done)."""
+    data = "--validation-fraction 0.15"
+    cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=1,
+                           selections=["last=--tokens last"], data_args=data, eval_split="validation")
+    stages = Experiment(cfg).plan()
+    assert {s.recipe for s in stages} == {"evaluate.py", "identify.py", "train.py"}
+    for stage in stages:
+        args = " ".join(stage.args)
+        assert data in args, stage.out
+        assert ("--split validation" in args) == (stage.recipe == "evaluate.py"), stage.out
+    plain = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety"], data_args=data)
+    assert not any("--split" in s.args for s in Experiment(plain).plan())
+    with pytest.raises(ShieldError, match="--eval-split validation needs --validation-fraction F > 0 in --data-args"):
+        Experiment(ExperimentConfig(model="m", eval_split="validation"))
+    with pytest.raises(ShieldError, match="give the evaluations' split as --eval-split"):
+        Experiment(ExperimentConfig(model="m", evaluate_args="--split train"))
+    assert "harmful validation prompts" in results_markdown([], "T", model="m", split="validation")
+
+
 def test_sweep_random_seeds_reach_budgets_and_selections(tmp_path):
     cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=3, budgets=[0.001],
                            selections=["c=--score contrast"], sweep_random_seeds=2)

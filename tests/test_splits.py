@@ -10,7 +10,7 @@ import pytest
 from shield_ds.data import LANGUAGES, load_labeled, load_source
 from shield_ds.data.splits import (
     OVERLAP_NOTE, PROVENANCE_FILE, apply_split, keys_digest, overlap_note, read_provenance, split_of,
-    trained_overlap, write_provenance,
+    split_provenance, trained_overlap, write_provenance,
 )
 from shield_ds.errors import ShieldError
 
@@ -82,6 +82,24 @@ def test_split_is_stable_and_follows_seed_and_fraction(shared_data):
     assert keys_digest(["b", "a", "a"]) == keys_digest(["a", "b"]) != keys_digest(["a"])
 
 
+def test_validation_split_comes_out_of_the_train_split_only(shared_data):
+    """--validation-fraction carves a validation split out of the train split: the test split stays the same,
+    the three are disjoint by prompt and together are all prompts; the shares follow the fractions."""
+    kw = {"languages": ["en", "sw"], "modalities": ["text"]}
+
+    def keys(split: str, fraction: float) -> set[str]:
+        return {r.prompt_key for r in _load(shared_data, split, validation_fraction=fraction, **kw)}
+
+    train0, test0 = keys("train", 0.0), keys("test", 0.0)
+    train, validation, test = keys("train", 0.2), keys("validation", 0.2), keys("test", 0.2)
+    assert test == test0 and train | validation == train0 and not train & validation
+    assert validation and not validation & test
+    assert abs(len(validation) / len(train0 | test0) - 0.2) < 0.05
+    assert keys("validation", 0.3) > validation  # a larger fraction keeps the smaller one's prompts
+    prov = split_provenance(_load(shared_data, "validation", validation_fraction=0.2, **kw), "validation", 0.3, 0, 0.2)
+    assert (prov["split"], prov["validation_fraction"], prov["prompt_keys"]) == ("validation", 0.2, len(validation))
+
+
 def test_generic_keys_and_too_small_sources(tmp_path):
     path = tmp_path / "mine.jsonl"
     rows = [{"id": "7.en", "prompt": "How do I pick a lock?", "language": "en", "label": "harmful"},
@@ -102,7 +120,12 @@ def test_generic_keys_and_too_small_sources(tmp_path):
         with pytest.raises(ShieldError, match="--test-fraction"):
             load_labeled([str(path)], [], modalities=["text"], split="test", test_fraction=bad)
     with pytest.raises(ShieldError, match="unknown split"):
-        apply_split(records, "validation")
+        apply_split(records, "dev")
+    for kw, message in (({}, "--split validation needs --validation-fraction > 0"),
+                        ({"validation_fraction": -0.1}, "--validation-fraction must be in \\[0, 1\\), got -0.1"),
+                        ({"validation_fraction": 0.7}, "--test-fraction 0.3 \\+ --validation-fraction 0.7 leave no train")):
+        with pytest.raises(ShieldError, match=message):
+            apply_split(records, "validation", **kw)
 
 
 def test_provenance_and_overlap_note(shared_data, tmp_path):

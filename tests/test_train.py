@@ -113,7 +113,7 @@ def test_patch_reproduces_export_and_refuses_other_base(setup, mask_run, tiny_ch
         assert not (tmp_path / "bad").exists()
 
 
-@timeout_above(MASK_RUN, 300, 300, 300)
+@timeout_above(MASK_RUN, 300, 300, 300, 300)
 def test_trained_prompts_are_recorded_and_evaluating_them_is_refused(setup, mask_run, tmp_path):
     from shield_ds.data.splits import OVERLAP_NOTE, PROVENANCE_FILE, keys_digest, read_provenance
 
@@ -138,6 +138,17 @@ def test_trained_prompts_are_recorded_and_evaluating_them_is_refused(setup, mask
     assert_one_line_error(proc, f"trained on {len(trained_harmful)} of the evaluated prompts")
     assert not (tmp_path / "train").exists()
     run_python([*ev, *compare, "--allow-overlap"], timeout=300)
+    # a validation split comes out of the train split: a model trained without one was trained on some of its
+    # prompts, and evaluating all of them is refused the same way (before any generation)
+    from shield_ds.data.splits import split_of
+
+    in_validation = [k for k in trained_harmful if split_of(k, 0.3, 0, 0.5) == "validation"]
+    assert in_validation
+    unlimited = [a for i, a in enumerate(ev) if "--per-group-limit" not in ev[i - 1:i + 1]]
+    proc = run_python([*unlimited, "--split", "validation", "--validation-fraction", "0.5", "--out",
+                       str(tmp_path / "validation"), "--compare", str(tmp_path / "test")], check=False, timeout=300)
+    assert_one_line_error(proc, f"trained on {len(in_validation)} of the evaluated prompts")
+    assert not (tmp_path / "validation").exists()
     asr = json.loads((tmp_path / "train" / "asr.json").read_text())
     assert (asr["split"], asr["trained_overlap"]) == ("train", len(trained_harmful))
     assert OVERLAP_NOTE in (tmp_path / "train" / "compare.md").read_text()
@@ -253,9 +264,13 @@ def test_resume_fingerprint_names_what_changes_the_result(tmp_path):
             fingerprint(out="elsewhere", save_every=5, keep_last=1, export=False, gradient_checkpointing=True,
                         resume=True, resume_force=True, ds_config="other.json", ds_overrides=["a=1"]),
             fingerprint(ds=offload)]
+    # a checkpoint written before an option existed ran with its default
+    older = {k: v for k, v in saved.items() if k not in ("validation_fraction", "benign_per_group_limit")}
     for now in same:
         assert fingerprint_differences(saved, now) == []
-    changed = [(fingerprint(lr=2e-3), "lr (0.001 -> 0.002)"), (fingerprint(world=1), "global_batch_size (8 -> 4)"),
+    assert fingerprint_differences(older, saved) == []
+    changed = [(fingerprint(validation_fraction=0.1), "validation_fraction (0.0 -> 0.1)"),
+               (fingerprint(benign_per_group_limit=8), "benign_per_group_limit (null -> 8)"),(fingerprint(lr=2e-3), "lr (0.001 -> 0.002)"), (fingerprint(world=1), "global_batch_size (8 -> 4)"),
                (fingerprint(languages=["en"]), "languages (null -> [\"en\"])"),
                (fingerprint(neurons="other"), "neuron_set_digest"), (fingerprint(max_steps=9), "max_steps"),
                (fingerprint(update="delta"), "update"), (fingerprint(split_seed=1), "split_seed"),

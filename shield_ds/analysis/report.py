@@ -161,7 +161,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ranking = f" Parameter cap ranked `{summary['cap_ranking']}`." if summary.get("cap_ranking") else ""
     data = ""
     if summary.get("split") is not None:
-        data = (f" Data: {summary['split']} split (test fraction {summary['test_fraction']}, seed "
+        validation = (f", validation fraction {summary['validation_fraction']}"
+                      if summary.get("validation_fraction") else "")
+        data = (f" Data: {summary['split']} split (test fraction {summary['test_fraction']}{validation}, seed "
                 f"{summary['split_seed']}), {summary['prompt_keys']} prompts, digest "
                 f"`{str(summary['prompt_key_digest'])[:12]}`.")
     out = [f"# Safety neuron analysis\n\nIdentify output: `{summary['identify_dir']}` "

@@ -4,9 +4,12 @@ A record's *prompt key* names the prompt it is a version of: its source and prom
 language or the modality view (MultiJail row 12 in all ten languages, as text or typographic image,
 is `multijail:12`). The readers set `SafetyRecord.prompt_key`; records built without one get the
 key `derive_prompt_key` reads off their id. A key is in the test split when a hash of
-(split seed, key) mapped to [0, 1) is below the test fraction: the split depends on nothing else,
-so it stays the same when languages, modalities, per-group limits or the other records change,
-and every language and view of one prompt lands on the same side.
+(split seed, key) mapped to [0, 1) is below the test fraction, in the validation split when it is
+below test fraction + validation fraction (default 0: no validation split), and in the train split
+otherwise: the split depends on nothing else, so it stays the same when languages, modalities,
+per-group limits or the other records change, and every language and view of one prompt lands on
+the same side. A validation split is carved out of the train split only: the test split is the same
+with or without it, so settings chosen on validation prompts are reported on the same test prompts.
 
 A trained model carries the keys it was trained on in `shield_provenance.json` (`write_provenance`,
 `read_provenance`); evaluations record how many of their keys the evaluated model was trained on
@@ -28,7 +31,7 @@ from shield_ds.io import read_json, write_json
 if TYPE_CHECKING:
     from shield_ds.data.records import SafetyRecord
 
-SPLITS = ("train", "test", "all")
+SPLITS = ("train", "validation", "test", "all")
 PROVENANCE_FILE = "shield_provenance.json"
 PROVENANCE_FORMAT = "shield_ds.provenance"
 OVERLAP_NOTE = "(evaluation prompts overlap the trained prompts)"
@@ -49,36 +52,54 @@ def derive_prompt_key(record_id: str, language: str, source: str = "") -> str:
     return make_prompt_key(source, base) if source else base
 
 
-def check_split(split: str, test_fraction: float) -> None:
-    """A known split name and a test fraction strictly between 0 and 1 (ShieldError otherwise)."""
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def check_split(split: str, test_fraction: float, validation_fraction: float = 0.0) -> None:
+    """A known split name, a test fraction in (0, 1) and a validation fraction in [0, 1) that leave a
+    train split; split "validation" needs a validation fraction (ShieldError otherwise)."""
     if split not in SPLITS:
         raise ShieldError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if not _is_number(test_fraction) or not 0 < test_fraction < 1:
         raise ShieldError(f"--test-fraction must be in (0, 1), got {test_fraction!r}")
+    if not _is_number(validation_fraction) or not 0 <= validation_fraction < 1:
+        raise ShieldError(f"--validation-fraction must be in [0, 1), got {validation_fraction!r}")
+    if test_fraction + validation_fraction >= 1:
+        raise ShieldError(f"--test-fraction {test_fraction} + --validation-fraction {validation_fraction} leave no "
+                          "train split (their sum must be below 1)")
+    if split == "validation" and not validation_fraction:
+        raise ShieldError("--split validation needs --validation-fraction > 0 (the same value training used)")
 
 
-def split_of(key: str, test_fraction: float, split_seed: int = 0) -> str:
-    """"test" or "train" for a prompt key: sha256(seed, key) as a number in [0, 1) against the fraction."""
+def split_of(key: str, test_fraction: float, split_seed: int = 0, validation_fraction: float = 0.0) -> str:
+    """"test", "validation" or "train" for a prompt key: sha256(seed, key) as a number u in [0, 1);
+    test when u < test_fraction, validation when u < test_fraction + validation_fraction."""
     digest = hashlib.sha256(f"{int(split_seed)}\0{key}".encode("utf-8")).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2.0 ** 64 < test_fraction else "train"
+    u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + validation_fraction else "train"
 
 
-def in_split(record: "SafetyRecord", split: str, test_fraction: float, split_seed: int = 0) -> bool:
-    return split == "all" or split_of(record.prompt_key, test_fraction, split_seed) == split
+def in_split(record: "SafetyRecord", split: str, test_fraction: float, split_seed: int = 0,
+             validation_fraction: float = 0.0) -> bool:
+    return split == "all" or split_of(record.prompt_key, test_fraction, split_seed, validation_fraction) == split
 
 
 def apply_split(records: list["SafetyRecord"], split: str, *, test_fraction: float = 0.3, split_seed: int = 0,
-                languages: Iterable[str] | None = None, source: str = "") -> list["SafetyRecord"]:
+                validation_fraction: float = 0.0, languages: Iterable[str] | None = None,
+                source: str = "") -> list["SafetyRecord"]:
     """The records of `split` (all of them for "all"), in their order.
 
-    With split "train" or "test", every language of `languages` (all languages of the records when
+    With split "train", "validation" or "test", every language of `languages` (all languages of the records when
     None) that the records have must keep at least one prompt: a source too small for the split is a
     ShieldError naming `source` and the language.
     """
-    check_split(split, test_fraction)
+    check_split(split, test_fraction, validation_fraction)
     if split == "all":
         return list(records)
-    kept = [r for r in records if in_split(r, split, test_fraction, split_seed)]
+    kept = [r for r in records if in_split(r, split, test_fraction, split_seed, validation_fraction)]
     wanted = {str(lang).strip().lower() for lang in languages} if languages is not None else None
     keys: dict[str, set[str]] = defaultdict(set)
     for r in records:
@@ -87,8 +108,9 @@ def apply_split(records: list["SafetyRecord"], split: str, *, test_fraction: flo
     for lang in sorted(keys):
         if (wanted is None or lang in wanted) and lang not in left:
             raise ShieldError(f"{source or 'data'}: no {lang!r} prompt falls in the {split} split "
-                              f"({len(keys[lang])} prompts, --test-fraction {test_fraction}, --split-seed "
-                              f"{split_seed}); use a larger source, another --test-fraction or --split all")
+                              f"({len(keys[lang])} prompts, --test-fraction {test_fraction}"
+                              + (f", --validation-fraction {validation_fraction}" if validation_fraction else "")
+                              + f", --split-seed {split_seed}); use a larger source, other fractions or --split all")
     return kept
 
 
@@ -102,15 +124,16 @@ def keys_digest(keys: Iterable[str]) -> str:
     return hashlib.sha256("".join(f"{k}\n" for k in sorted(set(keys))).encode("utf-8")).hexdigest()
 
 
-SPLIT_PROVENANCE_KEYS = ("split", "test_fraction", "split_seed", "prompt_keys", "prompt_key_digest")
+SPLIT_PROVENANCE_KEYS = ("split", "test_fraction", "validation_fraction", "split_seed", "prompt_keys",
+                         "prompt_key_digest")
 
 
 def split_provenance(records: Iterable["SafetyRecord"], split: str, test_fraction: float,
-                     split_seed: int) -> dict[str, Any]:
-    """What the output JSONs record about the data a run used: split, fraction, seed, key count and digest."""
+                     split_seed: int, validation_fraction: float = 0.0) -> dict[str, Any]:
+    """What the output JSONs record about the data a run used: split, fractions, seed, key count and digest."""
     keys = prompt_keys(records)
-    return {"split": split, "test_fraction": test_fraction, "split_seed": split_seed,
-            "prompt_keys": len(keys), "prompt_key_digest": keys_digest(keys)}
+    return {"split": split, "test_fraction": test_fraction, "validation_fraction": validation_fraction,
+            "split_seed": split_seed, "prompt_keys": len(keys), "prompt_key_digest": keys_digest(keys)}
 
 
 def recorded_split_provenance(meta: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +145,8 @@ def recorded_split_provenance(meta: dict[str, Any]) -> dict[str, Any]:
 # --- provenance of a trained model ---------------------------------------------------------------
 
 def write_provenance(model_dir: str | os.PathLike, prompt_keys: Iterable[str], *, split: str, test_fraction: float,
-                     split_seed: int, languages: Iterable[str] | None, modalities: Iterable[str]) -> Path:
+                     split_seed: int, languages: Iterable[str] | None, modalities: Iterable[str],
+                     validation_fraction: float = 0.0) -> Path:
     """Write `model_dir/shield_provenance.json`: the prompt keys a model was trained on and how they were drawn.
 
     Every export of a trained model (patch, LoRA, full FFN) calls this, so evaluation can count the
@@ -132,17 +156,18 @@ def write_provenance(model_dir: str | os.PathLike, prompt_keys: Iterable[str], *
     path = Path(model_dir) / PROVENANCE_FILE
     write_json(path, {"format": PROVENANCE_FORMAT, "version": 1, "trained_prompt_keys": keys,
                       "prompt_key_digest": keys_digest(keys), "split": split, "test_fraction": test_fraction,
-                      "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
+                      "validation_fraction": validation_fraction, "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
                       "modalities": list(modalities)})
     return path
 
 
 def provenance_args(records: Iterable["SafetyRecord"], *, split: str, test_fraction: float, split_seed: int,
-                    languages: Iterable[str] | None, modalities: Iterable[str]) -> dict[str, Any]:
+                    languages: Iterable[str] | None, modalities: Iterable[str],
+                    validation_fraction: float = 0.0) -> dict[str, Any]:
     """The keyword arguments of `write_provenance` for the records a model was trained on (JSON-ready,
     e.g. to carry in a patch's metadata)."""
     return {"prompt_keys": prompt_keys(records), "split": split, "test_fraction": test_fraction,
-            "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
+            "validation_fraction": validation_fraction, "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
             "modalities": list(modalities)}
 
 
@@ -176,6 +201,6 @@ def overlap_note(eval_dirs: Iterable[str | os.PathLike], allow_overlap: bool) ->
         count = int(data.get("trained_overlap") or 0) if isinstance(data, dict) else 0
         if count and not allow_overlap:
             raise ShieldError(f"{directory}: {count} evaluated prompts were trained on (trained_overlap in asr.json); "
-                              "evaluate on --split test or pass --allow-overlap")
+                              "evaluate on --split test (or validation) or pass --allow-overlap")
         overlapping = overlapping or bool(count)
     return OVERLAP_NOTE if overlapping else ""

@@ -106,7 +106,7 @@ class Evaluator:
         if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():
             raise ShieldError(f"{cfg.compare}: no asr.json to compare with (run evaluate there first)")
         overlap = trained_overlap(records, cfg.model)
-        provenance = split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed)
+        provenance = split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed, cfg.validation_fraction)
         note = self._overlap_note(overlap)
         judge, matcher = self._judges()
         from shield_ds.evaluate.utility import UtilityProbe

@@ -5,6 +5,9 @@ the user's launcher: `deepspeed --num_gpus N`, `srun`, or plain `python`):
 
     evaluate base (test split)  ->  identify (train split, trained languages x modalities)
     -> for each arm: train (train split) -> evaluate (test split, all languages x modalities)
+    (`--eval-split validation` with `--validation-fraction F` in `data_args`: the evaluations read a
+    validation split carved out of the train split, for choosing settings; the same run directory
+    with `--eval-split test` then re-evaluates the trained arms on the untouched test split)
     -> results.md / results.csv / results.png: ASR on trained and held-out languages and
        modalities with 95% Wilson intervals, over-refusal, benign-answer NLL drift, trainable
        parameters and fraction, train time; plus transfer.md (held-out groups before/after).
@@ -122,7 +125,11 @@ class ExperimentConfig(ModelConfig):
     # The final step is the arm's main evaluation.
     curve_steps: list[int] = option([], "optimizer steps before --max-steps at which every main arm is also "
                                     "exported and evaluated (ASR vs over-refusal curves), e.g. 10,20")
-    data_args: str = option("", "flags for every stage (sources, --test-fraction, --split-seed)")
+    data_args: str = option("", "flags for every stage (sources, --test-fraction, --validation-fraction, "
+                            "--split-seed)")
+    eval_split: Literal["test", "validation"] = option("test", "the split every evaluation reads: validation "
+                                                      "(needs --validation-fraction in --data-args) to choose "
+                                                      "settings, test to report them")
     identify_args: str = option("", "extra flags for identify.py")
     train_args: str = option("", "extra flags for train.py (every arm)")
     evaluate_args: str = option("", "extra flags for evaluate.py")
@@ -148,6 +155,11 @@ class ExperimentConfig(ModelConfig):
             late = [c for c in self.curve_steps if not 0 < c < int(steps)]
             if late:
                 raise ShieldError(f"--curve-steps: step {late[0]} is not between 0 and --max-steps {steps}")
+        if self.eval_split == "validation" and not float(_flag_value(self.data_args, "--validation-fraction") or 0):
+            raise ShieldError("--eval-split validation needs --validation-fraction F > 0 in --data-args (every "
+                              "stage must carve the same validation split out of the train split)")
+        if _flag_value(self.evaluate_args, "--split") is not None:
+            raise ShieldError("--evaluate-args: give the evaluations' split as --eval-split, not --split")
         names = [s.name for s in self.parsed_selections()]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -350,7 +362,9 @@ class Experiment:
         return [(step, snapshot_dir(arm.train_dir, step) / "model", arm.root / f"eval-step-{step}") for step in steps]
 
     def evaluate_args(self, model: str, out: Path) -> list[str]:
-        return ["--model", model, *shlex.split(self.cfg.data_args), *self._eval_selection(), "--out", str(out),
+        # the evaluations' default split is test: only another one is spelt out (unchanged stage arguments)
+        split = ["--split", self.cfg.eval_split] if self.cfg.eval_split != "test" else []
+        return ["--model", model, *shlex.split(self.cfg.data_args), *split, *self._eval_selection(), "--out", str(out),
                 *(["--compare", str(self.out / "eval-base")] if out != self.out / "eval-base" else []),
                 *self._overlap(), *shlex.split(self.cfg.evaluate_args)]
 
@@ -470,10 +484,11 @@ class Experiment:
         rows = [arm_row("base", "base", None, base_dir, None, base_dir, trained)]
         rows += [self._arm_row(a, base_dir, trained) for a in arms]
         title = (f"Arms trained on languages {_csv(self.cfg.train_languages)} x modalities "
-                 f"{_csv(self.cfg.train_modalities)}, evaluated on held-out test prompts")
+                 f"{_csv(self.cfg.train_modalities)}, evaluated on held-out {self.cfg.eval_split} prompts")
         if note:
             title += f" {note}"
-        text = results_markdown(rows, title, model=self.cfg.model, tiny=is_tiny_checkpoint(self.cfg.model))
+        text = results_markdown(rows, title, model=self.cfg.model, tiny=is_tiny_checkpoint(self.cfg.model),
+                                split=self.cfg.eval_split)
         safety = next((a for a in arms if a.name == "safety"), None)
         if safety is not None:
             held = held_out_groups(base_dir, trained)

@@ -30,7 +30,9 @@ log = dist.get_logger("identify")
 # Settings that must match for an existing output directory to be reused without --overwrite.
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
                   "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
-                  "scope", "benign_per_group_limit", "split", "test_fraction", "split_seed")
+                  "scope", "benign_per_group_limit", "split", "test_fraction", "validation_fraction", "split_seed")
+# Signature keys added after outputs were first written, with the value an output without them ran with.
+LATER_SIGNATURE_KEYS = {"benign_per_group_limit": None, "validation_fraction": 0.0}
 # The settings that only choose among neurons: `--from-stats` may change these and nothing else.
 SELECTION_KEYS = ("score", "ratio", "max_param_fraction", "cap_ranking")
 # Fields of a neuron set's metadata that describe that set, not the statistics it was selected from.
@@ -87,6 +89,12 @@ def load_identify_records(cfg: IdentifyConfig) -> list:
     return cfg.load_records(require=("harmful", "benign"))
 
 
+def signature_differences(old: dict[str, Any], signature: dict[str, Any]) -> list[str]:
+    """The SIGNATURE_KEYS whose recorded value differs from `signature`'s (an output written before a key
+    existed counts as having its LATER_SIGNATURE_KEYS value)."""
+    return [k for k in SIGNATURE_KEYS if old.get(k, LATER_SIGNATURE_KEYS.get(k)) != signature.get(k)]
+
+
 def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
     """Refuse to replace an output directory written for another model or configuration."""
     if overwrite or not out.exists():
@@ -100,7 +108,7 @@ def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> N
         old = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise ShieldError(f"{meta_path}: unreadable; refusing to replace {out} (use --overwrite)") from None
-    diffs = [k for k in SIGNATURE_KEYS if old.get(k) != signature.get(k)]
+    diffs = signature_differences(old, signature)
     if diffs:
         what = "another model" if "config_hash" in diffs else "another configuration (" + ", ".join(diffs) + ")"
         raise ShieldError(f"{out}: holds neurons identified for {what}; use --overwrite or another --out")
@@ -123,7 +131,8 @@ class Identifier:
                 "cap_ranking": c.cap_ranking, "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
                 "benign_per_group_limit": c.benign_per_group_limit, "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope,
-                "split": c.split, "test_fraction": c.test_fraction, "split_seed": c.split_seed}
+                "split": c.split, "test_fraction": c.test_fraction, "validation_fraction": c.validation_fraction,
+                "split_seed": c.split_seed}
 
     def run(self) -> NeuronSet:
         from shield_ds.data import SafetyCollator, plan_batches, shard_batches
@@ -273,7 +282,7 @@ class Identifier:
         if not (source / STATS_FILE).is_file():
             raise ShieldError(f"{where}: no {STATS_FILE} (not an identify output directory)")
         old = NeuronSet.load(source).meta
-        diffs = [k for k in SIGNATURE_KEYS if k not in SELECTION_KEYS and old.get(k) != signature.get(k)]
+        diffs = [k for k in signature_differences(old, signature) if k not in SELECTION_KEYS]
         if diffs:
             first = diffs[0]
             raise ShieldError(f"{where}: its statistics were collected with other {', '.join(diffs)} "
@@ -347,7 +356,8 @@ class VisionScope:
                 norms.append(ffn.down.weight.detach().to(torch.float64).norm(dim=0).cpu())
         image_groups = [g for g in self.stats.groups if self.stats.token_counts()[g] > 0]
         meta = {k: lm_meta[k] for k in ("model", "model_type", "config_hash", "score", "ratio", "world_size", "split",
-                                        "test_fraction", "split_seed", "prompt_keys", "prompt_key_digest")}
+                                        "test_fraction", "validation_fraction", "split_seed", "prompt_keys",
+                                        "prompt_key_digest")}
         first = self.mlps[0][1]
         per_neuron = sum(p.in_features + (p.bias is not None) for p in first.rows.values()) + first.down.out_features
         meta.update({"scope": "vision", "num_layers": len(self.mlps), "intermediate_size": self.width,
