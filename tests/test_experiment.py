@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -158,9 +159,10 @@ def test_results_refuse_overlap_unless_allowed(tmp_path):
     from shield_ds.experiment.publish import publish
 
     write_json(tmp_path / "experiment.json", {"config": asdict(cfg)})
-    write_json(tmp_path / "eval-base" / "stage.json", {"seconds": 30.0})
+    write_json(tmp_path / "eval-base" / "stage.json", {"seconds": 30.0, "code": {"commit": "abcdef0123", "dirty": True}})
     page = publish(tmp_path, tmp_path / "published").read_text()
     assert "| safety |" in page and "Wall time of the stages: 0.5 min" in page
+    assert "Code: abcdef0+changes (every stage)." in page and "| eval-base | 30 | abcdef0+changes |" in page
     assert page.count("**harmful, en:**") == 1 and page.count("| base | attack succeeded (no content) |") >= 1  # the test answers are "a"
     assert (tmp_path / "published" / "results.png").exists()
 
@@ -211,6 +213,21 @@ def test_plan_gives_each_arm_its_flags(tmp_path):
         assert args[-2:] == ["--max-steps", "3"] and args[args.index("--out") + 1] == str(tmp_path / "arms" / name / "train")
         assert trains[name].depends == ([] if name == "full-ffn" else [tmp_path / "identify"])
     assert "--neurons" not in trains["full-ffn"].args
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    from shield_ds.experiment.runner import code_version
+
+    assert code_version(tmp_path) is None  # not a git checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "a.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "a.py"], ["commit", "-qm", "a"]):
+        subprocess.run([*git, *cmd], check=True, capture_output=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.md").write_text("")  # only tracked files count: notes and outputs beside the code do not
+    assert code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == {"commit": head, "dirty": True}
 
 
 def test_eval_split_validation_reaches_every_evaluation_only(tmp_path):
@@ -544,6 +561,13 @@ def test_experiment_runs_every_arm_on_held_out_prompts(tiny_checkpoint, tmp_path
     assert f"base vs safety arm {OVERLAP_NOTE}" in report_text and "| random-s0 |" in report_text
     assert report_text.count(TINY_NOTE) == 2  # in the introduction and in the arms table taken from results.md
     asr_path.write_text(clean)
+    # every stage records the code it ran: this checkout's commit, and whether tracked files differed from it
+    from shield_ds.experiment.runner import code_version
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert json.loads((out / "identify" / "stage.json").read_text())["code"] == code_version()
+        assert code_version()["commit"] == head.stdout.strip()
     # a second run with nothing changed launches nothing and writes the same table
     again = run_python(args, timeout=300)
     assert again.stdout.count("== done already") == 11  # base, 2 identify, 4 arms x (train, eval)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from shield_ds.errors import ShieldError, ToolParser, exit_on_error
@@ -25,9 +26,9 @@ SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
 FIGURES = ("results.csv", "results.png", "budgets.png", "curves.csv", "curves.png")
 
 
-def _stage_seconds(run: Path, config: dict) -> list[tuple[str, float]]:
-    """(stage dir relative to `run`, seconds) of the stages the recorded config plans (not those of a later
-    command with more arms that is still running in the same directory)."""
+def _stage_seconds(run: Path, config: dict) -> list[tuple[str, float, str]]:
+    """(stage dir relative to `run`, seconds, code version) of the stages the recorded config plans (not those
+    of a later command with more arms that is still running in the same directory)."""
     from dataclasses import fields
 
     from shield_ds.experiment.runner import Experiment, ExperimentConfig
@@ -38,8 +39,27 @@ def _stage_seconds(run: Path, config: dict) -> list[tuple[str, float]]:
     rows = []
     for marker in sorted(run.rglob("stage.json")):
         if marker.parent in planned:
-            rows.append((marker.parent.relative_to(run).as_posix(), float(read_json(marker).get("seconds", 0.0))))
+            stage = read_json(marker)
+            rows.append((marker.parent.relative_to(run).as_posix(), float(stage.get("seconds", 0.0)),
+                         _code_label(stage.get("code"))))
     return rows
+
+
+def _code_label(code: dict | None) -> str:
+    """`abc1234` for a clean checkout, `abc1234+changes` for one with uncommitted changes, or "not recorded"."""
+    if not isinstance(code, dict) or not code.get("commit"):
+        return "not recorded"
+    return str(code["commit"])[:7] + ("+changes" if code.get("dirty") else "")
+
+
+def _code_summary(stages: list[tuple[str, float, str]]) -> str:
+    """Which code the stages ran: one label, or each label with its number of stages."""
+    counts = Counter(label for _, _, label in stages)
+    if not counts:
+        return "not recorded"
+    if len(counts) == 1:
+        return f"{next(iter(counts))} (every stage)"
+    return ", ".join(f"{label} ({n} stages)" for label, n in counts.most_common())
 
 
 def _machine() -> str:
@@ -123,22 +143,22 @@ def publish(run: Path, out: Path, notes: str | None = None) -> Path:
         raise ShieldError(f"{run}: no results.md (run recipes/experiment.py there first)")
     config = read_json(run / "experiment.json")["config"]
     stages = _stage_seconds(run, config)
-    total = sum(s for _, s in stages)
-    extra = {what: sum(s for name, s in stages if name.startswith(folder + "/"))
+    total = sum(s for _, s, _ in stages)
+    extra = {what: sum(s for name, s, _ in stages if name.startswith(folder + "/"))
              for what, folder in (("budget sweep", BUDGETS_DIR), ("other selections", SELECTIONS_DIR))}
     split = (f"; main arms {(total - sum(extra.values())) / 60:.1f} min"
              + "".join(f", {what} {s / 60:.1f} min" for what, s in extra.items() if s)) if any(extra.values()) else ""
     results = (run / "results.md").read_text(encoding="utf-8").split("\n", 1)[1]
     parts = [f"# Experiment: {Path(config['model']).name}\n\n",
              f"Command: `python recipes/experiment.py --config CONFIG` with the config recorded below; run dir "
-             f"`{run}`.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min{split} "
+             f"`{run}`.\n\nCode: {_code_summary(stages)}.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min{split} "
              f"(launcher `{config['launcher']}`, evaluations `{config.get('eval_launcher') or config['launcher']}`).\n\n"]
     if notes:
         parts.append(Path(notes).read_text(encoding="utf-8").strip() + "\n\n")
-    parts.append("## Arms on held-out test prompts\n" + results + "\n")
+    parts.append(f"## Arms on held-out {config.get('eval_split', 'test')} prompts\n" + results + "\n")
     parts.append("## Sample generations (the same prompts for every arm)\n\n" + samples_markdown(run, sample_arms(run, config)))
-    parts.append("## Stages\n\n| stage | seconds |\n| --- | --- |\n"
-                 + "".join(f"| {name} | {sec:.0f} |\n" for name, sec in stages))
+    parts.append("## Stages\n\n| stage | seconds | code |\n| --- | --- | --- |\n"
+                 + "".join(f"| {name} | {sec:.0f} | {code} |\n" for name, sec, code in stages))
     parts.append("\n## Config\n\n```json\n" + json.dumps(config, indent=2) + "\n```\n")
     out.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:

@@ -247,6 +247,21 @@ def _own_port(launcher: list[str]) -> list[str]:
     return [*launcher, "--master_port", str(free_local_port())]
 
 
+def code_version(repo: Path = REPO) -> dict[str, Any] | None:
+    """The commit of the checkout a stage runs from and whether its tracked files differ from it (stage
+    subprocesses import the working tree as it is when they start; untracked files are not looked at);
+    None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0 or status.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def _flag_value(args: str, flag: str) -> str | None:
     """The value of `flag` in a shell-quoted argument string (the last one wins), or None."""
     words, value = shlex.split(args), None
@@ -429,11 +444,12 @@ class Experiment:
         # "python" (also after `env VAR=...`) is the interpreter running this: its environment has torch.
         cmd = [sys.executable if c in ("python", "python3") else c for c in cmd]
         print("==", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        code = code_version()
         start = time.perf_counter()
         if subprocess.run(cmd, cwd=REPO).returncode != 0:
             raise ShieldError(f"experiment: stage {stage.recipe} -> {stage.out} failed (see its output above)")
         write_json(stage.out / STAGE_FILE, {
-            "recipe": stage.recipe, "args": stage.args, "seconds": time.perf_counter() - start,
+            "recipe": stage.recipe, "args": stage.args, "seconds": time.perf_counter() - start, "code": code,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z") + f".{time.time_ns()}",
             "upstream": {str(d): self._stamp(d) for d in stage.depends}})
 
