@@ -23,6 +23,9 @@ from shield_ds.errors import ShieldError
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 Modality = Literal["text", "image", "typographic"]
+# Data options added after outputs were first written, with the value an output that predates them ran with
+# (identify's reuse check and train's resume check read a missing entry as this value).
+LATER_DATA_OPTIONS = {"benign_per_group_limit": None, "validation_fraction": 0.0}
 Split = Literal["train", "validation", "test", "all"]
 
 

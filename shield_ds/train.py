@@ -38,7 +38,7 @@ import torch.distributed as torch_dist
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.config import DataConfig, EngineConfig, option, redefault
+from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, EngineConfig, option, redefault
 from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, gathered,
                               read_run_info, resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
@@ -152,14 +152,10 @@ def run_fingerprint(cfg: TrainConfig, ds_config: dict[str, Any], world_size: int
     return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint's JSON
 
 
-# Fingerprint entries added after checkpoints were first written, with the value such a checkpoint's run had.
-LATER_FINGERPRINT_KEYS = {"benign_per_group_limit": None, "validation_fraction": 0.0}
-
-
 def fingerprint_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'name (saved -> now)' for each entry that differs, in a stable order (an entry a checkpoint predates
-    counts as its LATER_FINGERPRINT_KEYS value)."""
-    saved = {**{k: v for k, v in LATER_FINGERPRINT_KEYS.items() if k in now}, **saved}
+    counts as its LATER_DATA_OPTIONS value)."""
+    saved = {**{k: v for k, v in LATER_DATA_OPTIONS.items() if k in now}, **saved}
 
     def show(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)

@@ -244,11 +244,12 @@ def test_bad_input_errors_and_nothing_written(tiny_checkpoint, tmp_path):
 def test_output_older_than_a_signature_key_counts_as_its_default():
     """An identify output written before --benign-per-group-limit / --validation-fraction existed is reused
     by a run at their defaults, and refused by one that sets them."""
-    from shield_ds.neurons.identify import LATER_SIGNATURE_KEYS, Identifier, IdentifyConfig, signature_differences
+    from shield_ds.config import LATER_DATA_OPTIONS
+    from shield_ds.neurons.identify import Identifier, IdentifyConfig, signature_differences
 
     signature = Identifier(IdentifyConfig(model="m")).signature("h")
-    older = {k: v for k, v in signature.items() if k not in LATER_SIGNATURE_KEYS}
-    assert set(LATER_SIGNATURE_KEYS) <= set(signature) and signature_differences(older, signature) == []
+    older = {k: v for k, v in signature.items() if k not in LATER_DATA_OPTIONS}
+    assert set(LATER_DATA_OPTIONS) <= set(signature) and signature_differences(older, signature) == []
     assert signature_differences(older, {**signature, "validation_fraction": 0.2}) == ["validation_fraction"]
     assert signature_differences(older, {**signature, "benign_per_group_limit": 9}) == ["benign_per_group_limit"]
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import shield_ds
 from shield_ds import dist
-from shield_ds.config import DataConfig, InferenceConfig, option
+from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, InferenceConfig, option
 from shield_ds.engine import ShieldEngine, gathered, resolve_ds_config
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.data.splits import keys_digest, prompt_keys
@@ -31,8 +31,6 @@ log = dist.get_logger("identify")
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
                   "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
                   "scope", "benign_per_group_limit", "split", "test_fraction", "validation_fraction", "split_seed")
-# Signature keys added after outputs were first written, with the value an output without them ran with.
-LATER_SIGNATURE_KEYS = {"benign_per_group_limit": None, "validation_fraction": 0.0}
 # The settings that only choose among neurons: `--from-stats` may change these and nothing else.
 SELECTION_KEYS = ("score", "ratio", "max_param_fraction", "cap_ranking")
 # Fields of a neuron set's metadata that describe that set, not the statistics it was selected from.
@@ -91,8 +89,8 @@ def load_identify_records(cfg: IdentifyConfig) -> list:
 
 def signature_differences(old: dict[str, Any], signature: dict[str, Any]) -> list[str]:
     """The SIGNATURE_KEYS whose recorded value differs from `signature`'s (an output written before a key
-    existed counts as having its LATER_SIGNATURE_KEYS value)."""
-    return [k for k in SIGNATURE_KEYS if old.get(k, LATER_SIGNATURE_KEYS.get(k)) != signature.get(k)]
+    existed counts as having its LATER_DATA_OPTIONS value)."""
+    return [k for k in SIGNATURE_KEYS if old.get(k, LATER_DATA_OPTIONS.get(k)) != signature.get(k)]
 
 
 def check_output_dir(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
@@ -130,7 +128,8 @@ class Identifier:
         return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
                 "cap_ranking": c.cap_ranking, "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
-                "benign_per_group_limit": c.benign_per_group_limit, "seed": c.seed, "include_image_tokens": c.include_image_tokens, "scope": c.scope,
+                "benign_per_group_limit": c.benign_per_group_limit, "seed": c.seed,
+                "include_image_tokens": c.include_image_tokens, "scope": c.scope,
                 "split": c.split, "test_fraction": c.test_fraction, "validation_fraction": c.validation_fraction,
                 "split_seed": c.split_seed}
 
