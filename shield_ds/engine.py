@@ -99,22 +99,25 @@ def hosted_recipe() -> Iterator[None]:
         _HOSTED = saved
 
 
-def exit_distributed(code: int = 0) -> None:
-    """End a rank that finished its recipe: barrier, destroy the process group, exit with `code`.
+def exit_distributed(code: int = 0, *, together: bool = True) -> None:
+    """End a rank: barrier (when `together`), destroy the process group, exit with `code`.
 
     The barrier keeps a rank from tearing its connections down while a peer is still in a collective;
     `os._exit` then skips the C++ static destructors of torch/gloo/DeepSpeed, where a rank could still
     abort ("terminate called without an active exception": 3 of 41 2-rank runs here with the group
     left up or destroyed at exit, 0 of 40 this way). Every output is written and closed before this
-    is called. Returns without exiting when no process group is up (a recipe that launches nothing
-    itself) and, after the teardown, inside `hosted_recipe`.
+    is called. A rank that stops alone (a user error, which may be rank-local) passes
+    `together=False`: no collective, so it cannot wait on a peer. Returns without exiting when no
+    process group is up (a recipe that launches nothing itself) and, after the teardown, inside
+    `hosted_recipe` (the caller raises SystemExit for the host then).
     """
     import logging
     import sys
 
     if not dist.is_initialized():
         return
-    dist.barrier()
+    if together:
+        dist.barrier()
     _destroy_process_group()
     if _HOSTED:
         return

@@ -47,10 +47,22 @@ def exit_on_error(fn: F) -> F:
             result = fn(*args, **kwargs)
         except ShieldError as exc:
             logging.getLogger("shield_ds").debug("user error", exc_info=True)
-            exit_with_error(str(exc))
-        from shield_ds.engine import exit_distributed
-
-        exit_distributed(0)  # a distributed recipe's ranks end together here (no-op otherwise)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            _end_distributed(2, together=False)
+            sys.exit(2)
+        _end_distributed(0, together=True)  # a distributed recipe's ranks end together here
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _end_distributed(code: int, *, together: bool) -> None:
+    """`shield_ds.engine.exit_distributed` when this process started a process group (it skips the
+    interpreter's teardown, where gloo's threads can abort an exiting rank); a no-op otherwise, without
+    importing DeepSpeed."""
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is None or not torch_dist.is_available() or not torch_dist.is_initialized():
+        return
+    from shield_ds.engine import exit_distributed
+
+    exit_distributed(code, together=together)

@@ -34,13 +34,12 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 
 import shield_ds
 from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, EngineConfig, option, redefault
-from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, gathered,
-                              read_run_info, resolve_ds_config, zero_stage)
+from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, exit_distributed,
+                              gathered, read_run_info, resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_jsonl, write_json, write_text
 from shield_ds.trainable import LORA_TARGETS, LoraSettings, ffn_parameters, is_lora_layer, lora_delta
@@ -535,9 +534,8 @@ class ShieldTrainer:
                 writer.close()
                 if dist.is_rank0():
                     mark_for_requeue(f"stopped at step {state['step']}")
-                dist.barrier()
-                torch_dist.destroy_process_group()
-                sys.exit(REQUEUE_EXIT_CODE)
+                exit_distributed(REQUEUE_EXIT_CODE)
+                sys.exit(REQUEUE_EXIT_CODE)  # inside a host (submitit), which reads the code
         state["seconds"] = time.perf_counter() - started
         writer.close()
         patch = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from shield_ds import dist
 from shield_ds.train import rank_rng_state, rng_state, set_rng_state
+from conftest import assert_one_line_error, run_deepspeed, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE = re.compile(r"\b(torch\.distributed|torch_dist|dist)\.(all_reduce|all_gather|all_gather_object|"
@@ -60,3 +62,43 @@ def test_rng_state_round_trip_and_per_rank_choice():
     assert rank_rng_state([{"r": 0}]) == {"r": 0}
     assert rank_rng_state({"old": 1}) == {"old": 1}
     assert rank_rng_state([{"r": 0}, {"r": 1}]) == {"r": 0}  # world size 1 here: rank 0's
+
+
+ERROR_SCRIPT = """
+import atexit, sys
+sys.path.insert(0, {repo!r})
+from shield_ds.engine import init_distributed
+from shield_ds.errors import ShieldError, exit_on_error
+
+@exit_on_error
+def main():
+    init_distributed()
+    atexit.register(lambda: print("interpreter teardown ran", flush=True))
+    raise ShieldError("bad input on rank " + __import__("os").environ["RANK"])
+
+main()
+"""
+
+
+def _error_script(tmp_path) -> str:
+    script = tmp_path / "fail.py"
+    script.write_text(ERROR_SCRIPT.format(repo=str(REPO)))
+    return str(script)
+
+
+def test_user_error_after_init_skips_interpreter_teardown(tmp_path):
+    """A user error with a process group up exits 2 through os._exit, past the interpreter's teardown,
+    where gloo's threads once aborted the process ("terminate called without an active exception": exit
+    -6 instead of 2, once in CI). The atexit marker shows whether the teardown ran."""
+    proc = run_python([_error_script(tmp_path)], timeout=120, check=False)
+    assert_one_line_error(proc, "bad input on rank 0")
+    assert "interpreter teardown ran" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.distributed
+def test_user_error_on_two_ranks_exits_without_a_collective(tmp_path):
+    """Both ranks fail (no barrier on the error path, so neither waits for the other) and skip the teardown."""
+    proc = run_deepspeed(_error_script(tmp_path), [], num_ranks=2, timeout=180, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "error: bad input on rank" in out and "interpreter teardown ran" not in out, out[-3000:]

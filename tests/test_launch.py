@@ -144,9 +144,8 @@ for step in range(50):
         os.kill(os.getpid(), signal.SIGUSR1)
     if handler.should_stop():
         print(f"rank {rank} stops at step {step} local_signal {handler.stop_requested_locally()}", flush=True)
-        dist.barrier()
-        dist.destroy_process_group()  # exiting with live gloo threads aborts the process
-        sys.exit(REQUEUE_EXIT_CODE)
+        from shield_ds.engine import exit_distributed
+        exit_distributed(REQUEUE_EXIT_CODE)  # barrier, destroy, os._exit: live gloo threads can abort an exit
 print(f"rank {rank} never stopped", flush=True)
 """
 
