@@ -156,6 +156,11 @@ class DataConfig:
         return load_labeled(self.harmful, self.benign, modalities=self.modalities, languages=self.languages,
                             image=self.image, per_group_limit=self.per_group_limit,
                             benign_per_group_limit=self.benign_per_group_limit, seed=self.seed,
-                            data_dir=self.data_dir, require=require, split=self.split,
-                            test_fraction=self.test_fraction, validation_fraction=self.validation_fraction,
-                            split_seed=self.split_seed)
+                            data_dir=self.data_dir, require=require, split=self.split_spec)
+
+    @property
+    def split_spec(self):
+        """`--split`, `--test-fraction`, `--validation-fraction` and `--split-seed` as one checked `SplitSpec`."""
+        from shield_ds.data.splits import SplitSpec
+
+        return SplitSpec(self.split, self.test_fraction, self.validation_fraction, self.split_seed)

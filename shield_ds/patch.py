@@ -196,7 +196,7 @@ def rewrite_checkpoint(base_dir: str | Path, out_dir: str | Path, updates,
     returns the replacements ({key: tensor}, cast to the stored dtype). Files never named are
     copied byte for byte; a rewritten file keeps its metadata and every other tensor's values. The
     updates are consumed one file at a time (so a producer can gather parameters file by file).
-    `provenance` (the arguments of `splits.write_provenance`) replaces the base's provenance file.
+    `provenance` (`splits.trained_provenance`) replaces the base's provenance file.
     """
     from shield_ds.data.splits import PROVENANCE_FILE, write_provenance
 
@@ -218,7 +218,7 @@ def rewrite_checkpoint(base_dir: str | Path, out_dir: str | Path, updates,
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         if provenance:
-            write_provenance(staging, **provenance)
+            write_provenance(staging, provenance)
     return out_dir
 
 

@@ -716,11 +716,10 @@ class ShieldTrainer:
 
     def _provenance(self) -> dict[str, Any]:
         """What the exported model was trained on (for the evaluation's overlap check)."""
-        from shield_ds.data.splits import provenance_args
+        from shield_ds.data.splits import trained_provenance
 
-        return provenance_args(self.records, split=self.cfg.split, test_fraction=self.cfg.test_fraction,
-                               split_seed=self.cfg.split_seed, languages=self.cfg.languages,
-                               modalities=self.cfg.modalities, validation_fraction=self.cfg.validation_fraction)
+        return trained_provenance(self.records, self.cfg.split_spec, languages=self.cfg.languages,
+                                  modalities=self.cfg.modalities)
 
     def _export_merged(self, engine: ShieldEngine, dest: Path) -> None:
         """model/ = the base checkpoint's files with the trained tensors (LoRA merged) written over them.
@@ -777,7 +776,6 @@ class ShieldTrainer:
     def _write_summary(self, state: dict, total_steps: int, trainable: int, patch: str | None) -> None:
         if not dist.is_rank0():
             return
-        from shield_ds.data.splits import split_provenance
 
         ns = self.neuron_set
         summary = {"arm": self.arm, "update": self.cfg.update, "steps": state["step"], "total_steps": total_steps,
@@ -787,8 +785,7 @@ class ShieldTrainer:
                    "patch": patch, "neurons": ns.count if ns is not None else None,
                    "neuron_param_fraction": ns.param_fraction if ns is not None else None,
                    "records": len(self.records), "config": asdict(self.cfg), "package_version": shield_ds.__version__,
-                   **split_provenance(self.records, self.cfg.split, self.cfg.test_fraction, self.cfg.split_seed,
-                                      self.cfg.validation_fraction)}
+                   **self.cfg.split_spec.provenance(self.records)}
         if self.random:
             summary["random"] = ns.meta["random"]
         if self.cfg.update == "lora":

@@ -9,17 +9,18 @@ import pytest
 
 from shield_ds.data import LANGUAGES, load_labeled, load_source
 from shield_ds.data.splits import (
-    OVERLAP_NOTE, PROVENANCE_FILE, apply_split, keys_digest, overlap_note, read_provenance, split_of,
-    split_provenance, trained_overlap, write_provenance,
+    OVERLAP_NOTE, PROVENANCE_FILE, SplitSpec, keys_digest, overlap_note, read_provenance, split_of,
+    trained_overlap, trained_provenance, write_provenance,
 )
 from shield_ds.errors import ShieldError
 
 ALL_SOURCES = {"harmful": ["multijail", "figstep"], "benign": ["multiq"]}
 
 
-def _load(shared_data, split: str, **kw) -> list:
+def _load(shared_data, split: str, validation_fraction: float = 0.0, **kw) -> list:
     kw.setdefault("modalities", ["text", "typographic"])
-    return load_labeled(ALL_SOURCES["harmful"], ALL_SOURCES["benign"], data_dir=shared_data, split=split, **kw)
+    spec = SplitSpec(split, validation_fraction=validation_fraction)
+    return load_labeled(ALL_SOURCES["harmful"], ALL_SOURCES["benign"], data_dir=shared_data, split=spec, **kw)
 
 
 def test_keys_are_per_prompt_and_splits_are_disjoint(shared_data):
@@ -96,8 +97,12 @@ def test_validation_split_comes_out_of_the_train_split_only(shared_data):
     assert validation and not validation & test
     assert abs(len(validation) / len(train0 | test0) - 0.2) < 0.05
     assert keys("validation", 0.3) > validation  # a larger fraction keeps the smaller one's prompts
-    prov = split_provenance(_load(shared_data, "validation", validation_fraction=0.2, **kw), "validation", 0.3, 0, 0.2)
-    assert (prov["split"], prov["validation_fraction"], prov["prompt_keys"]) == ("validation", 0.2, len(validation))
+    spec = SplitSpec("validation", validation_fraction=0.2)
+    prov = spec.provenance(_load(shared_data, "validation", validation_fraction=0.2, **kw))
+    assert prov == {"split": "validation", "test_fraction": 0.3, "validation_fraction": 0.2, "split_seed": 0,
+                    "prompt_keys": len(validation), "prompt_key_digest": keys_digest(validation)}
+    assert SplitSpec.from_fields(prov) == spec
+    assert SplitSpec.from_fields({"split": "test", "test_fraction": 0.25, "split_seed": 3}) == SplitSpec("test", 0.25, 0.0, 3)
 
 
 def test_generic_keys_and_too_small_sources(tmp_path):
@@ -111,21 +116,21 @@ def test_generic_keys_and_too_small_sources(tmp_path):
     (side,) = {split_of("mine:7", 0.3, 0), split_of("mine:row3", 0.3, 0)}  # both prompts on one side ...
     other = "train" if side == "test" else "test"
     with pytest.raises(ShieldError) as exc:  # ... so the other side has no prompt at all
-        load_labeled([str(path)], [], modalities=["text"], split=other)
+        load_labeled([str(path)], [], modalities=["text"], split=SplitSpec(other))
     message = str(exc.value)
     assert "\n" not in message and str(path) in message and "'en'" in message and f"{other} split" in message
-    assert len(load_labeled([str(path)], [], modalities=["text"], split=side)) == 3
-    assert apply_split(records, other, languages=["de"]) == []  # a language the source lacks is not its fault
-    for bad in (0.0, 1.0, -0.2, 1.5):
+    assert len(load_labeled([str(path)], [], modalities=["text"], split=SplitSpec(side))) == 3
+    assert SplitSpec(other).apply(records, languages=["de"]) == []  # a language the source lacks is not its fault
+    for bad in (0.0, 1.0, -0.2, 1.5, True):
         with pytest.raises(ShieldError, match="--test-fraction"):
-            load_labeled([str(path)], [], modalities=["text"], split="test", test_fraction=bad)
+            SplitSpec("test", test_fraction=bad)
     with pytest.raises(ShieldError, match="unknown split"):
-        apply_split(records, "dev")
+        SplitSpec("dev")
     for kw, message in (({}, "--split validation needs --validation-fraction > 0"),
                         ({"validation_fraction": -0.1}, "--validation-fraction must be in \\[0, 1\\), got -0.1"),
                         ({"validation_fraction": 0.7}, "--test-fraction 0.3 \\+ --validation-fraction 0.7 leave no train")):
         with pytest.raises(ShieldError, match=message):
-            apply_split(records, "validation", **kw)
+            SplitSpec("validation", **kw)
 
 
 def test_provenance_and_overlap_note(shared_data, tmp_path):
@@ -133,8 +138,8 @@ def test_provenance_and_overlap_note(shared_data, tmp_path):
     model = tmp_path / "model"
     assert read_provenance(model) is None and trained_overlap(records, model) == 0
     keys = sorted({r.prompt_key for r in records})
-    write_provenance(model, keys, split="train", test_fraction=0.3, split_seed=0, languages=["en"],
-                     modalities=["text", "typographic"])
+    write_provenance(model, trained_provenance(records, SplitSpec("train"), languages=["en"],
+                                               modalities=["text", "typographic"]))
     prov = read_provenance(model)
     assert prov["trained_prompt_keys"] == keys and prov["prompt_key_digest"] == keys_digest(keys)
     assert trained_overlap(records, model) == len(keys)

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from shield_ds.data.layouts import load_source
 from shield_ds.data.records import CARRIER_PROMPT, SafetyRecord, check_label, check_language, check_modality
-from shield_ds.data.splits import apply_split, check_split
+from shield_ds.data.splits import SplitSpec
 from shield_ds.errors import ShieldError
 
 
@@ -98,8 +98,7 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
                  languages: Iterable[str] | None = None, image: str | os.PathLike | None = None,
                  per_group_limit: int | None = None, benign_per_group_limit: int | None = None, seed: int = 0,
                  data_dir: str | os.PathLike | None = None, require: Iterable[str] = ("harmful",),
-                 split: str = "all", test_fraction: float = 0.3, validation_fraction: float = 0.0,
-                 split_seed: int = 0) -> list[SafetyRecord]:
+                 split: SplitSpec = SplitSpec()) -> list[SafetyRecord]:
     """Harmful and benign records from their sources, in `split`, served in `modalities` and filtered.
 
     The one path every recipe takes from `--harmful/--benign/--languages/--modalities/--split/...` to
@@ -110,7 +109,6 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
     a requested language in the split is a ShieldError naming both. A label listed in `require` that ends up with
     no record is a ShieldError naming its sources.
     """
-    check_split(split, test_fraction, validation_fraction)
     modalities = list(modalities)
     languages = list(languages) if languages is not None else None
     records: list[SafetyRecord] = []
@@ -121,9 +119,7 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
               "benign": benign_per_group_limit if benign_per_group_limit is not None else per_group_limit}
     for specs, label in ((list(harmful), "harmful"), (list(benign), "benign")):
         recs = [r for spec in specs
-                for r in apply_split(load_source(spec, label=label, data_dir=data_dir), split,
-                                     test_fraction=test_fraction, split_seed=split_seed,
-                                     validation_fraction=validation_fraction, languages=languages,
+                for r in split.apply(load_source(spec, label=label, data_dir=data_dir), languages=languages,
                                      source=spec)]
         if recs:
             recs = select_records(with_modalities(recs, modalities, image=image), languages=languages,

@@ -3,7 +3,7 @@
 A record's *prompt key* names the prompt it is a version of: its source and prompt id, without the
 language or the modality view (MultiJail row 12 in all ten languages, as text or typographic image,
 is `multijail:12`). The readers set `SafetyRecord.prompt_key`; records built without one get the
-key `derive_prompt_key` reads off their id. A key is in the test split when a hash of
+key `derive_prompt_key` reads off their id. A `SplitSpec` puts a key in the test split when a hash of
 (split seed, key) mapped to [0, 1) is below the test fraction, in the validation split when it is
 below test fraction + validation fraction (default 0: no validation split), and in the train split
 otherwise: the split depends on nothing else, so it stays the same when languages, modalities,
@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, write_json
@@ -56,22 +57,6 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def check_split(split: str, test_fraction: float, validation_fraction: float = 0.0) -> None:
-    """A known split name, a test fraction in (0, 1) and a validation fraction in [0, 1) that leave a
-    train split; split "validation" needs a validation fraction (ShieldError otherwise)."""
-    if split not in SPLITS:
-        raise ShieldError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    if not _is_number(test_fraction) or not 0 < test_fraction < 1:
-        raise ShieldError(f"--test-fraction must be in (0, 1), got {test_fraction!r}")
-    if not _is_number(validation_fraction) or not 0 <= validation_fraction < 1:
-        raise ShieldError(f"--validation-fraction must be in [0, 1), got {validation_fraction!r}")
-    if test_fraction + validation_fraction >= 1:
-        raise ShieldError(f"--test-fraction {test_fraction} + --validation-fraction {validation_fraction} leave no "
-                          "train split (their sum must be below 1)")
-    if split == "validation" and not validation_fraction:
-        raise ShieldError("--split validation needs --validation-fraction > 0 (the same value training used)")
-
-
 def split_of(key: str, test_fraction: float, split_seed: int = 0, validation_fraction: float = 0.0) -> str:
     """"test", "validation" or "train" for a prompt key: sha256(seed, key) as a number u in [0, 1);
     test when u < test_fraction, validation when u < test_fraction + validation_fraction."""
@@ -82,36 +67,78 @@ def split_of(key: str, test_fraction: float, split_seed: int = 0, validation_fra
     return "validation" if u < test_fraction + validation_fraction else "train"
 
 
-def in_split(record: "SafetyRecord", split: str, test_fraction: float, split_seed: int = 0,
-             validation_fraction: float = 0.0) -> bool:
-    return split == "all" or split_of(record.prompt_key, test_fraction, split_seed, validation_fraction) == split
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which prompts a run reads: `split` of the prompt keys hashed with `seed` into test, validation and
+    train shares (`split_of`). Checked when built: a known split name, a test fraction in (0, 1) and a
+    validation fraction in [0, 1) that leave a train split; split "validation" needs a validation
+    fraction (ShieldError otherwise)."""
 
+    split: str = "all"
+    test_fraction: float = 0.3
+    validation_fraction: float = 0.0
+    seed: int = 0
 
-def apply_split(records: list["SafetyRecord"], split: str, *, test_fraction: float = 0.3, split_seed: int = 0,
-                validation_fraction: float = 0.0, languages: Iterable[str] | None = None,
-                source: str = "") -> list["SafetyRecord"]:
-    """The records of `split` (all of them for "all"), in their order.
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ShieldError(f"unknown split {self.split!r} (expected one of {', '.join(SPLITS)})")
+        if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
+            raise ShieldError(f"--test-fraction must be in (0, 1), got {self.test_fraction!r}")
+        if not _is_number(self.validation_fraction) or not 0 <= self.validation_fraction < 1:
+            raise ShieldError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ShieldError(f"--test-fraction {self.test_fraction} + --validation-fraction "
+                              f"{self.validation_fraction} leave no train split (their sum must be below 1)")
+        if self.split == "validation" and not self.validation_fraction:
+            raise ShieldError("--split validation needs --validation-fraction > 0 (the same value training used)")
 
-    With split "train", "validation" or "test", every language of `languages` (all languages of the records when
-    None) that the records have must keep at least one prompt: a source too small for the split is a
-    ShieldError naming `source` and the language.
-    """
-    check_split(split, test_fraction, validation_fraction)
-    if split == "all":
-        return list(records)
-    kept = [r for r in records if in_split(r, split, test_fraction, split_seed, validation_fraction)]
-    wanted = {str(lang).strip().lower() for lang in languages} if languages is not None else None
-    keys: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        keys[r.language].add(r.prompt_key)
-    left = {r.language for r in kept}
-    for lang in sorted(keys):
-        if (wanted is None or lang in wanted) and lang not in left:
-            raise ShieldError(f"{source or 'data'}: no {lang!r} prompt falls in the {split} split "
-                              f"({len(keys[lang])} prompts, --test-fraction {test_fraction}"
-                              + (f", --validation-fraction {validation_fraction}" if validation_fraction else "")
-                              + f", --split-seed {split_seed}); use a larger source, other fractions or --split all")
-    return kept
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any]) -> "SplitSpec":
+        """The spec an output recorded with `fields` (a validation fraction missing in older outputs is 0)."""
+        return cls(split=data["split"], test_fraction=data["test_fraction"],
+                   validation_fraction=data.get("validation_fraction", 0.0), seed=data["split_seed"])
+
+    def fields(self) -> dict[str, Any]:
+        """The spec as output JSONs record it (`split`, `test_fraction`, `validation_fraction`, `split_seed`)."""
+        return {"split": self.split, "test_fraction": self.test_fraction,
+                "validation_fraction": self.validation_fraction, "split_seed": self.seed}
+
+    def flags(self) -> str:
+        """The command-line flags that chose these shares, for messages."""
+        validation = f", --validation-fraction {self.validation_fraction}" if self.validation_fraction else ""
+        return f"--test-fraction {self.test_fraction}{validation}, --split-seed {self.seed}"
+
+    def contains(self, record: "SafetyRecord") -> bool:
+        return self.split == "all" or split_of(record.prompt_key, self.test_fraction, self.seed,
+                                               self.validation_fraction) == self.split
+
+    def apply(self, records: list["SafetyRecord"], *, languages: Iterable[str] | None = None,
+              source: str = "") -> list["SafetyRecord"]:
+        """The records in this split (all of them for "all"), in their order.
+
+        With split "train", "validation" or "test", every language of `languages` (all languages of the records
+        when None) that the records have must keep at least one prompt: a source too small for the split is a
+        ShieldError naming `source` and the language.
+        """
+        if self.split == "all":
+            return list(records)
+        kept = [r for r in records if self.contains(r)]
+        wanted = {str(lang).strip().lower() for lang in languages} if languages is not None else None
+        keys: dict[str, set[str]] = defaultdict(set)
+        for r in records:
+            keys[r.language].add(r.prompt_key)
+        left = {r.language for r in kept}
+        for lang in sorted(keys):
+            if (wanted is None or lang in wanted) and lang not in left:
+                raise ShieldError(f"{source or 'data'}: no {lang!r} prompt falls in the {self.split} split "
+                                  f"({len(keys[lang])} prompts, {self.flags()}); use a larger source, other "
+                                  "fractions or --split all")
+        return kept
+
+    def provenance(self, records: Iterable["SafetyRecord"]) -> dict[str, Any]:
+        """What the output JSONs record about the data a run used: the spec's fields, key count and digest."""
+        keys = prompt_keys(records)
+        return {**self.fields(), "prompt_keys": len(keys), "prompt_key_digest": keys_digest(keys)}
 
 
 def prompt_keys(records: Iterable["SafetyRecord"]) -> list[str]:
@@ -128,47 +155,34 @@ SPLIT_PROVENANCE_KEYS = ("split", "test_fraction", "validation_fraction", "split
                          "prompt_key_digest")
 
 
-def split_provenance(records: Iterable["SafetyRecord"], split: str, test_fraction: float,
-                     split_seed: int, validation_fraction: float = 0.0) -> dict[str, Any]:
-    """What the output JSONs record about the data a run used: split, fractions, seed, key count and digest."""
-    keys = prompt_keys(records)
-    return {"split": split, "test_fraction": test_fraction, "validation_fraction": validation_fraction,
-            "split_seed": split_seed, "prompt_keys": len(keys), "prompt_key_digest": keys_digest(keys)}
-
-
 def recorded_split_provenance(meta: dict[str, Any]) -> dict[str, Any]:
-    """The `split_provenance` entries an upstream output recorded (None where it recorded none), for outputs
+    """The `SplitSpec.provenance` entries an upstream output recorded (None where it recorded none), for outputs
     derived from it without reading the records again (the analysis of an identify directory)."""
     return {key: meta.get(key) for key in SPLIT_PROVENANCE_KEYS}
 
 
 # --- provenance of a trained model ---------------------------------------------------------------
 
-def write_provenance(model_dir: str | os.PathLike, prompt_keys: Iterable[str], *, split: str, test_fraction: float,
-                     split_seed: int, languages: Iterable[str] | None, modalities: Iterable[str],
-                     validation_fraction: float = 0.0) -> Path:
-    """Write `model_dir/shield_provenance.json`: the prompt keys a model was trained on and how they were drawn.
+def trained_provenance(records: Iterable["SafetyRecord"], spec: SplitSpec, *, languages: Iterable[str] | None,
+                       modalities: Iterable[str]) -> dict[str, Any]:
+    """What a model trained on `records` carries (`write_provenance`); JSON-ready, e.g. for a patch's metadata."""
+    return {"prompt_keys": prompt_keys(records), **spec.fields(),
+            "languages": list(languages) if languages is not None else None, "modalities": list(modalities)}
+
+
+def write_provenance(model_dir: str | os.PathLike, provenance: Mapping[str, Any]) -> Path:
+    """Write `model_dir/shield_provenance.json` from `trained_provenance`: the prompt keys a model was trained on
+    and how they were drawn.
 
     Every export of a trained model (patch, LoRA, full FFN) calls this, so evaluation can count the
     evaluated prompts the model was trained on (`read_provenance`).
     """
-    keys = sorted(set(prompt_keys))
+    keys = sorted(set(provenance["prompt_keys"]))
     path = Path(model_dir) / PROVENANCE_FILE
     write_json(path, {"format": PROVENANCE_FORMAT, "version": 1, "trained_prompt_keys": keys,
-                      "prompt_key_digest": keys_digest(keys), "split": split, "test_fraction": test_fraction,
-                      "validation_fraction": validation_fraction, "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
-                      "modalities": list(modalities)})
+                      "prompt_key_digest": keys_digest(keys), **SplitSpec.from_fields(provenance).fields(),
+                      "languages": provenance["languages"], "modalities": list(provenance["modalities"])})
     return path
-
-
-def provenance_args(records: Iterable["SafetyRecord"], *, split: str, test_fraction: float, split_seed: int,
-                    languages: Iterable[str] | None, modalities: Iterable[str],
-                    validation_fraction: float = 0.0) -> dict[str, Any]:
-    """The keyword arguments of `write_provenance` for the records a model was trained on (JSON-ready,
-    e.g. to carry in a patch's metadata)."""
-    return {"prompt_keys": prompt_keys(records), "split": split, "test_fraction": test_fraction,
-            "validation_fraction": validation_fraction, "split_seed": split_seed, "languages": list(languages) if languages is not None else None,
-            "modalities": list(modalities)}
 
 
 def read_provenance(model_dir: str | os.PathLike) -> dict[str, Any] | None:

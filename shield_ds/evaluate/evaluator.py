@@ -93,7 +93,7 @@ class Evaluator:
         from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, compare_page, write_asr_reports,
                                             write_generations)
         from shield_ds.evaluate.generate import generate_responses
-        from shield_ds.data.splits import split_provenance, trained_overlap
+        from shield_ds.data.splits import trained_overlap
         from shield_ds.evaluate.judges import annotate
         from shield_ds.models import get_adapter, load_config
         from shield_ds.neurons import NeuronSet
@@ -106,7 +106,7 @@ class Evaluator:
         if cfg.compare and not (Path(cfg.compare) / "asr.json").is_file():
             raise ShieldError(f"{cfg.compare}: no asr.json to compare with (run evaluate there first)")
         overlap = trained_overlap(records, cfg.model)
-        provenance = split_provenance(records, cfg.split, cfg.test_fraction, cfg.split_seed, cfg.validation_fraction)
+        provenance = cfg.split_spec.provenance(records)
         note = self._overlap_note(overlap)
         judge, matcher = self._judges()
         from shield_ds.evaluate.utility import UtilityProbe

@@ -17,7 +17,6 @@ from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, InferenceConfig, option
 from shield_ds.engine import ShieldEngine, gathered, resolve_ds_config
 from shield_ds.data.records import language_group, modality_group
-from shield_ds.data.splits import keys_digest, prompt_keys
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
 from shield_ds.neurons.neuron_set import META_FILE, NORMS_KEY, SETS_DIR, STATS_FILE, NeuronSet
@@ -129,9 +128,7 @@ class Identifier:
                 "cap_ranking": c.cap_ranking, "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
                 "benign_per_group_limit": c.benign_per_group_limit, "seed": c.seed,
-                "include_image_tokens": c.include_image_tokens, "scope": c.scope,
-                "split": c.split, "test_fraction": c.test_fraction, "validation_fraction": c.validation_fraction,
-                "split_seed": c.split_seed}
+                "include_image_tokens": c.include_image_tokens, "scope": c.scope, **c.split_spec.fields()}
 
     def run(self) -> NeuronSet:
         from shield_ds.data import SafetyCollator, plan_batches, shard_batches
@@ -190,8 +187,7 @@ class Identifier:
                            for g, n in stats.token_counts().items()},
                 "world_size": dist.world_size(), "zero": inference.zero, "package_version": shield_ds.__version__,
                 "dtype": str(dtype).replace("torch.", ""), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "prompt_keys": len(prompt_keys(records)), "prompt_key_digest": keys_digest(prompt_keys(records)),
-                **signature,
+                **cfg.split_spec.provenance(records), **signature,
                 "config": asdict(cfg),
             }
             neuron_set = self._select(stats, groups, col_norms, meta, None)
