@@ -122,8 +122,10 @@ def exit_distributed(code: int = 0, *, together: bool = True) -> None:
     if _HOSTED:
         return
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()  # mpirun counts a rank that exits without MPI_Finalize as failed
+    if together and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        # mpirun counts a rank that exits without MPI_Finalize as failed; a failing rank skips it, since
+        # Open MPI's finalize can wait for the peers, which may be waiting for this rank in a collective.
+        mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

