@@ -251,6 +251,49 @@ def test_eval_split_validation_reaches_every_evaluation_only(tmp_path):
     assert "harmful validation prompts" in results_markdown([], "T", model="m", split="validation")
 
 
+def test_validation_and_test_results_live_side_by_side(tmp_path):
+    """--eval-split validation writes eval-validation/, eval-base-validation/, results-validation.* and
+    experiment-validation.json; the test split keeps the plain names. One run directory (the same trained
+    arms: both plans train alike) holds both, and publish --split picks one."""
+    import torch
+
+    from shield_ds.experiment.publish import publish
+    from shield_ds.neurons import NeuronSet
+
+    NeuronSet({0: torch.tensor([1, 2])}, {"num_layers": 1, "intermediate_size": 8, "hidden_size": 4,
+                                          "max_param_fraction": 0.003}).save(tmp_path / "identify")
+    configs = {split: ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=1,
+                                       train_languages=["en"], data_args="--validation-fraction 0.15",
+                                       eval_split=split) for split in ("validation", "test")}
+    for split, cfg in configs.items():
+        exp = Experiment(cfg)
+        passed = 2 if split == "validation" else 7
+        _eval_dir(exp.base_eval_dir, _rows({("en", "text"): 9}), nll=1.0)
+        for arm in exp.arms():
+            _eval_dir(arm.eval_dir, _rows({("en", "text"): passed}), nll=1.0)
+            arm.train_dir.mkdir(parents=True, exist_ok=True)
+            write_json(arm.train_dir / "train.json", {"trainable_params": 30, "total_params": 10_000})
+        exp.write_results()
+        write_json(exp.output("experiment.json"), {"config": asdict(cfg)})
+    plans = {split: Experiment(cfg).plan() for split, cfg in configs.items()}
+    trains = {split: [(s.out, s.args) for s in plan if s.recipe != "evaluate.py"] for split, plan in plans.items()}
+    evals = {split: {s.out for s in plan if s.recipe == "evaluate.py"} for split, plan in plans.items()}
+    assert trains["validation"] == trains["test"] and not evals["validation"] & evals["test"]
+    assert evals["validation"] == {tmp_path / "eval-base-validation", tmp_path / "arms" / "safety" / "eval-validation",
+                                   tmp_path / "arms" / "random-s0" / "eval-validation"}
+    assert evals["test"] == {tmp_path / "eval-base", tmp_path / "arms" / "safety" / "eval",
+                             tmp_path / "arms" / "random-s0" / "eval"}
+    validation_text = (tmp_path / "results-validation.md").read_text()
+    assert "| safety | 20.0 [" in validation_text and "| safety | 70.0 [" in (tmp_path / "results.md").read_text()
+    pages = {split: publish(tmp_path, tmp_path / f"page-{split}", split=split).read_text() for split in configs}
+    assert "## Arms on held-out validation prompts" in pages["validation"] and "| safety | 20.0 [" in pages["validation"]
+    assert "## Arms on held-out test prompts" in pages["test"] and "| safety | 70.0 [" in pages["test"]
+    if "(results-validation.png)" in validation_text:  # the figure goes with the page under the name it links
+        assert (tmp_path / "page-validation" / "results-validation.png").is_file()
+    with pytest.raises(ShieldError, match="no results-validation.md .*--eval-split validation"):
+        publish(tmp_path / "arms", tmp_path / "nowhere", split="validation")
+
+
 def test_sweep_random_seeds_reach_budgets_and_selections(tmp_path):
     cfg = ExperimentConfig(model="m", out=str(tmp_path), arms=["safety", "random"], random_seeds=3, budgets=[0.001],
                            selections=["c=--score contrast"], sweep_random_seeds=2)

@@ -1,10 +1,12 @@
 """Publish an experiment run as a committed, self-contained results page.
 
     python -m shield_ds.experiment.publish --run runs/real/smollm2-135m --out experiments/smollm2-135m
+    python -m shield_ds.experiment.publish --run RUN --split validation --out experiments/NAME/validation
 
 Writes OUT/RESULTS.md (how it was run: command, machine, wall time per stage; the arms table and
 transfer from results.md; sample generations of every arm on the same prompts), copies the
-results' csv and figures (`FIGURES`), and leaves weights and generations files behind.
+results' csv and figures (`FIGURES`), and leaves weights and generations files behind. `--split` picks
+which evaluations of the run to publish (`runner.split_name`; test by default).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from shield_ds.errors import ShieldError, ToolParser, exit_on_error
 from shield_ds.evaluate.degenerate import degeneration
-from shield_ds.experiment.runner import BUDGETS_DIR, SELECTIONS_DIR
+from shield_ds.experiment.runner import BUDGETS_DIR, SELECTIONS_DIR, split_name
 from shield_ds.io import read_json, write_text
 
 SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
@@ -103,23 +105,26 @@ def _success(row: dict) -> str:
 def sample_arms(run: Path, config: dict) -> dict[str, Path]:
     """Arm name -> eval dir of the arms whose answers the samples show: the main arms, then each other
     selection's (named as in the tables, `safety[NAME]`); not the budget sweep's (too many rows)."""
+    eval_name = split_name("eval", config.get("eval_split", "test"))
+
     def evaluated(root: Path) -> list[str]:
-        return sorted(p.name for p in root.iterdir() if (p / "eval" / "generations.jsonl").is_file()) \
+        return sorted(p.name for p in root.iterdir() if (p / eval_name / "generations.jsonl").is_file()) \
             if root.is_dir() else []
 
-    arms = {arm: run / "arms" / arm / "eval" for arm in evaluated(run / "arms")}
+    arms = {arm: run / "arms" / arm / eval_name for arm in evaluated(run / "arms")}
     for text in config.get("selections") or []:
         name = text.partition("=")[0].strip()
         root = run / SELECTIONS_DIR / name
-        arms.update({f"{arm}[{name}]": root / arm / "eval" for arm in evaluated(root) if arm != "identify"})
+        arms.update({f"{arm}[{name}]": root / arm / eval_name for arm in evaluated(root) if arm != "identify"})
     return arms
 
 
-def samples_markdown(run: Path, arms: dict[str, Path]) -> str:
-    """Each sample prompt with every arm's answer and verdict (`arms`: name -> eval dir)."""
+def samples_markdown(run: Path, arms: dict[str, Path], split: str = "test") -> str:
+    """Each sample prompt with every arm's answer and verdict (`arms`: name -> eval dir; the base model's
+    evaluation of `split`)."""
     from shield_ds.evaluate.asr import read_generations
 
-    evals = {"base": run / "eval-base", **arms}
+    evals = {"base": run / split_name("eval-base", split), **arms}
     rows = {name: {str(r["id"]): r for r in read_generations(d / "generations.jsonl")}
             for name, d in evals.items() if (d / "generations.jsonl").is_file()}
     out = []
@@ -137,31 +142,32 @@ def samples_markdown(run: Path, arms: dict[str, Path]) -> str:
     return "".join(out)
 
 
-def publish(run: Path, out: Path, notes: str | None = None) -> Path:
-    """Write OUT/RESULTS.md (+ the `FIGURES` the run has) from a finished experiment run."""
-    if not (run / "results.md").is_file():
-        raise ShieldError(f"{run}: no results.md (run recipes/experiment.py there first)")
-    config = read_json(run / "experiment.json")["config"]
+def publish(run: Path, out: Path, notes: str | None = None, split: str = "test") -> Path:
+    """Write OUT/RESULTS.md (+ the `FIGURES` the run has) from a finished experiment run's evaluations of `split`."""
+    if not (run / split_name("results.md", split)).is_file():
+        raise ShieldError(f"{run}: no {split_name('results.md', split)} (run recipes/experiment.py there first"
+                          + (f" with --eval-split {split})" if split != "test" else ")"))
+    config = read_json(run / split_name("experiment.json", split))["config"]
     stages = _stage_seconds(run, config)
     total = sum(s for _, s, _ in stages)
     extra = {what: sum(s for name, s, _ in stages if name.startswith(folder + "/"))
              for what, folder in (("budget sweep", BUDGETS_DIR), ("other selections", SELECTIONS_DIR))}
-    split = (f"; main arms {(total - sum(extra.values())) / 60:.1f} min"
+    breakdown = (f"; main arms {(total - sum(extra.values())) / 60:.1f} min"
              + "".join(f", {what} {s / 60:.1f} min" for what, s in extra.items() if s)) if any(extra.values()) else ""
-    results = (run / "results.md").read_text(encoding="utf-8").split("\n", 1)[1]
+    results = (run / split_name("results.md", split)).read_text(encoding="utf-8").split("\n", 1)[1]
     parts = [f"# Experiment: {Path(config['model']).name}\n\n",
              f"Command: `python recipes/experiment.py --config CONFIG` with the config recorded below; run dir "
-             f"`{run}`.\n\nCode: {_code_summary(stages)}.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min{split} "
+             f"`{run}`.\n\nCode: {_code_summary(stages)}.\n\nMachine: {_machine()}.\n\nWall time of the stages: {total / 60:.1f} min{breakdown} "
              f"(launcher `{config['launcher']}`, evaluations `{config.get('eval_launcher') or config['launcher']}`).\n\n"]
     if notes:
         parts.append(Path(notes).read_text(encoding="utf-8").strip() + "\n\n")
     parts.append(f"## Arms on held-out {config.get('eval_split', 'test')} prompts\n" + results + "\n")
-    parts.append("## Sample generations (the same prompts for every arm)\n\n" + samples_markdown(run, sample_arms(run, config)))
+    parts.append("## Sample generations (the same prompts for every arm)\n\n" + samples_markdown(run, sample_arms(run, config), split))
     parts.append("## Stages\n\n| stage | seconds | code |\n| --- | --- | --- |\n"
                  + "".join(f"| {name} | {sec:.0f} | {code} |\n" for name, sec, code in stages))
     parts.append("\n## Config\n\n```json\n" + json.dumps(config, indent=2) + "\n```\n")
     out.mkdir(parents=True, exist_ok=True)
-    for name in FIGURES:
+    for name in (split_name(figure, split) for figure in FIGURES):  # under the names results.md links
         if (run / name).is_file():
             shutil.copyfile(run / name, out / name)
     write_text(out / "RESULTS.md", "".join(parts))
@@ -174,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, type=Path, help="an experiment --out directory")
     p.add_argument("--out", required=True, type=Path, help="where RESULTS.md goes (e.g. experiments/NAME)")
     p.add_argument("--notes", default=None, help="markdown file inserted after the header (findings)")
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="which evaluations of the run (its --eval-split)")
     args = p.parse_args(argv)
-    print(f"wrote {publish(args.run, args.out, args.notes)}")
+    print(f"wrote {publish(args.run, args.out, args.notes, args.split)}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ the user's launcher: `deepspeed --num_gpus N`, `srun`, or plain `python`):
     evaluate base (test split)  ->  identify (train split, trained languages x modalities)
     -> for each arm: train (train split) -> evaluate (test split, all languages x modalities)
     (`--eval-split validation` with `--validation-fraction F` in `data_args`: the evaluations read a
-    validation split carved out of the train split, for choosing settings; the same run directory
-    with `--eval-split test` then re-evaluates the trained arms on the untouched test split)
+    validation split carved out of the train split, for choosing settings, and write beside the test
+    split's outputs (`split_name`: eval-validation/, results-validation.md, ...); the same run directory
+    with `--eval-split test` then evaluates the same trained arms on the untouched test split)
     -> results.md / results.csv / results.png: ASR on trained and held-out languages and
        modalities with 95% Wilson intervals, over-refusal, benign-answer NLL drift, trainable
        parameters and fraction, train time; plus transfer.md (held-out groups before/after).
@@ -51,6 +52,16 @@ BUDGETS_DIR = "budgets"  # OUT/budgets/<cap>/: the budget sweep's identify and a
 SELECTIONS_DIR = "selections"  # OUT/selections/<name>/: another selection setting's identify and arms
 # identify's own output and inputs, which the experiment sets for every selection
 _RUNNER_FLAGS = ("out", "model", "languages", "modalities", "from_stats", "overwrite", "config")
+
+
+def split_name(name: str, split: str) -> str:
+    """The name of an output that depends on the evaluated split: `name` for the test split, `name-SPLIT`
+    (before the extension) for another, so one run directory keeps both (`eval-base-validation/`,
+    `results-validation.md`)."""
+    if split == "test":
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}-{split}{dot}{ext}"
 
 
 def _option_key(flag: str) -> str:
@@ -183,6 +194,7 @@ class Arm:
     selection: str | None = None
     # a LoRA arm whose rank an earlier LoRA arm already trained: no stages of its own, that arm's results
     same_as: "Arm | None" = None
+    eval_split: str = "test"  # the split its evaluation reads (`split_name` of its eval dir)
 
     @property
     def main(self) -> bool:
@@ -195,7 +207,7 @@ class Arm:
 
     @property
     def eval_dir(self) -> Path:
-        return self.root / "eval"
+        return self.root / split_name("eval", self.eval_split)
 
 
 @dataclass
@@ -314,7 +326,8 @@ class Experiment:
             elif kind == "lora":
                 arms.append(self._arm(kind, identify, self.out / "arms"))
             else:
-                arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn"))
+                arms.append(Arm("full-ffn", kind, ["--update", "full-ffn"], self.out / "arms" / "full-ffn",
+                                eval_split=cfg.eval_split))
         seeds = range(cfg.sweep_random_seeds)
         for budget in cfg.budgets:
             root, suffix = self.out / BUDGETS_DIR / f"{budget:g}", f"@{budget:g}"
@@ -361,7 +374,8 @@ class Experiment:
             flags = ["--update", "lora", "--neurons", str(identify), *shlex.split(self.cfg.lora_args)]
         else:
             flags = ["--neurons", str(identify)]
-        return Arm(name + suffix, kind, flags, parent / name, identify, budget, seed, selection)
+        return Arm(name + suffix, kind, flags, parent / name, identify, budget, seed, selection,
+                   eval_split=self.cfg.eval_split)
 
     def train_args(self, arm: Arm) -> list[str]:
         curve = (["--export-steps", ",".join(map(str, self.cfg.curve_steps))]
@@ -374,19 +388,28 @@ class Experiment:
         from shield_ds.train import snapshot_dir
 
         steps = self.cfg.curve_steps if arm.main else []
-        return [(step, snapshot_dir(arm.train_dir, step) / "model", arm.root / f"eval-step-{step}") for step in steps]
+        return [(step, snapshot_dir(arm.train_dir, step) / "model", self.output(f"eval-step-{step}", arm.root))
+                for step in steps]
+
+    def output(self, name: str, parent: Path | None = None) -> Path:
+        """parent/`split_name(name)` (parent: the run directory) for an output of the evaluated split."""
+        return (parent or self.out) / split_name(name, self.cfg.eval_split)
+
+    @property
+    def base_eval_dir(self) -> Path:
+        return self.output("eval-base")
 
     def evaluate_args(self, model: str, out: Path) -> list[str]:
         # the evaluations' default split is test: only another one is spelt out (unchanged stage arguments)
         split = ["--split", self.cfg.eval_split] if self.cfg.eval_split != "test" else []
         return ["--model", model, *shlex.split(self.cfg.data_args), *split, *self._eval_selection(), "--out", str(out),
-                *(["--compare", str(self.out / "eval-base")] if out != self.out / "eval-base" else []),
+                *(["--compare", str(self.base_eval_dir)] if out != self.base_eval_dir else []),
                 *self._overlap(), *shlex.split(self.cfg.evaluate_args)]
 
     def plan(self) -> list[Stage]:
         """Every stage in order, each with the stages whose outputs it reads."""
-        base = Stage("evaluate.py", [*self.evaluate_args(self.cfg.model, self.out / "eval-base"),
-                                     *shlex.split(self.cfg.base_evaluate_args)], self.out / "eval-base", "asr.json")
+        base = Stage("evaluate.py", [*self.evaluate_args(self.cfg.model, self.base_eval_dir),
+                                     *shlex.split(self.cfg.base_evaluate_args)], self.base_eval_dir, "asr.json")
         main = Stage("identify.py", self.identify_args(self.out / "identify"), self.out / "identify", "neurons.json")
         identify = {main.out: main}
         for budget in self.cfg.budgets:  # the main identify's statistics, selected again under each budget
@@ -455,7 +478,7 @@ class Experiment:
 
     def run(self) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "experiment.json", {"config": asdict(self.cfg)})
+        write_json(self.output("experiment.json"), {"config": asdict(self.cfg)})
         start = time.perf_counter()
         launched: set[Path] = set()
         # planned again after every stage: whether a LoRA arm shares an earlier one's training is known once
@@ -493,7 +516,7 @@ class Experiment:
                                                   transfer_section)
         from shield_ds.tables import rows_to_csv
 
-        base_dir = self.out / "eval-base"
+        base_dir = self.base_eval_dir
         arms = self.arms()
         note = overlap_note([base_dir, *((a.same_as or a).eval_dir for a in arms)], self.cfg.allow_overlap)
         trained = (set(self.cfg.train_languages), set(self.cfg.train_modalities))
@@ -512,13 +535,13 @@ class Experiment:
         comparisons = self.paired_comparisons(arms, base_dir, trained)
         if comparisons:
             text += "\n" + paired_markdown(comparisons)
-        plot = plot_results(rows, self.out / "results.png")
+        plot = plot_results(rows, self.output("results.png"))
         if plot is not None:
             text += f"\n![ASR per arm]({plot.name})\n"
         if self.cfg.budgets:
             sweep = budget_rows(rows, self.main_budget(), self.cfg.sweep_random_seeds)
             text += "\n" + budget_markdown(sweep)
-            figure = plot_budgets(sweep, self.out / "budgets.png")
+            figure = plot_budgets(sweep, self.output("budgets.png"))
             if figure is not None:
                 text += f"\n![ASR and over-refusal against the trainable fraction]({figure.name})\n"
         if self.cfg.selections:
@@ -526,12 +549,12 @@ class Experiment:
         if self.cfg.curve_steps:
             curve = self.curve_rows(rows, base_dir, trained)
             text += "\n" + curve_markdown(curve)
-            figure = plot_curves(curve, self.out / "curves.png")
+            figure = plot_curves(curve, self.output("curves.png"))
             if figure is not None:
                 text += f"\n![ASR against over-refusal along training]({figure.name})\n"
-            write_text(self.out / "curves.csv", rows_to_csv(curve))
-        write_text(self.out / "results.md", text)
-        write_text(self.out / "results.csv", rows_to_csv(rows))
+            write_text(self.output("curves.csv"), rows_to_csv(curve))
+        write_text(self.output("results.md"), text)
+        write_text(self.output("results.csv"), rows_to_csv(rows))
         print(text, flush=True)
         return rows
 
