@@ -287,6 +287,7 @@ def test_validation_and_test_results_live_side_by_side(tmp_path):
     assert "| safety | 20.0 [" in validation_text and "| safety | 70.0 [" in (tmp_path / "results.md").read_text()
     pages = {split: publish(tmp_path, tmp_path / f"page-{split}", split=split).read_text() for split in configs}
     assert "## Arms on held-out validation prompts" in pages["validation"] and "| safety | 20.0 [" in pages["validation"]
+    assert "answers the same validation prompts" in validation_text and "validation" not in (tmp_path / "results.md").read_text()
     assert "## Arms on held-out test prompts" in pages["test"] and "| safety | 70.0 [" in pages["test"]
     if "(results-validation.png)" in validation_text:  # the figure goes with the page under the name it links
         assert (tmp_path / "page-validation" / "results-validation.png").is_file()

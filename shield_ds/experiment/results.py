@@ -268,16 +268,16 @@ def _mcnemar(only_control: int, only_safety: int) -> str:
     return "–" if n == 0 else f"{binomtest(only_control, n, 0.5).pvalue:.3g}"
 
 
-def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, int]]]]) -> str:
+def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, int]]]], split: str = "test") -> str:
     """The paired table: per (safety arm, control, `paired_counts`), each slice's discordant prompts and the
-    exact McNemar p-value."""
+    exact McNemar p-value (the arms' evaluations of `split`)."""
     present = [k for k in PAIRED_KEYS if any(c[k][2] for _, _, c in comparisons)
                # when every benign prompt is in the trained slice, its column would repeat over-refusal's
                and not (k == OVER_REFUSAL_TRAINED and all(c[k] == c["over_refusal"] for _, _, c in comparisons))]
     header = ["safety arm", "control", *(f"{PAIRED_TITLES[k]}: control only / safety only (n) / p" for k in present)]
     body = [[safety, control, *(f"{c[k][0]} / {c[k][1]} ({c[k][2]}) / {_mcnemar(c[k][0], c[k][1])}" for k in present)]
             for safety, control, c in comparisons]
-    return ("## Safety arms against their controls, prompt by prompt\n\nEvery arm answers the same test prompts, "
+    return (f"## Safety arms against their controls, prompt by prompt\n\nEvery arm answers the same {split} prompts, "
             "so a comparison can pair them: per slice, the prompts where only the control had the bad outcome "
             "(harmful: an attack success; benign: a refusal) and those where only the safety arm had it; prompts "
             "where both or neither did say nothing about the difference. p: exact two-sided McNemar test (binomial "
@@ -432,7 +432,7 @@ def selection_markdown(rows: list[dict], sets: dict[str | None, dict[str, Any]])
             "runs per setting.\n\n" + markdown_table(header, body) + "\n")
 
 
-def curve_markdown(rows: list[dict]) -> str:
+def curve_markdown(rows: list[dict], split: str = "test") -> str:
     """The trade-off along training: per arm and optimizer step, trained-language ASR, held-out ASR and
     over-refusal (95% Wilson intervals); step 0 is the base model."""
     present = [s for s in ("trained", "held_out_languages") if any(r.get(f"{s}_n") for r in rows)]
@@ -441,11 +441,11 @@ def curve_markdown(rows: list[dict]) -> str:
     body = [[r["arm"], str(r["step"]), *(_with_ci(r, s) for s in present), _with_ci(r, "over_refusal"),
              _drift(r), *(_pct(r.get(s + SUBSTANTIVE)) for s in present)] for r in rows]
     return ("## ASR against over-refusal along training\n\nEvery main arm exported at the curve steps and "
-            "was evaluated on the same test prompts; an arm whose curve lies below and left of another's "
+            f"was evaluated on the same {split} prompts; an arm whose curve lies below and left of another's "
             "buys the same ASR with less over-refusal.\n\n" + markdown_table(header, body) + "\n")
 
 
-def plot_curves(rows: list[dict], path: Path) -> Path | None:
+def plot_curves(rows: list[dict], path: Path, split: str = "test") -> Path | None:
     """Trained-language ASR against over-refusal, one line per arm through its steps (from the base)."""
     from shield_ds.plots import plt, save_figure
 
@@ -459,8 +459,8 @@ def plot_curves(rows: list[dict], path: Path) -> Path | None:
         last = points[-1]
         ax.annotate(str(last["step"]), (last["over_refusal"], last["trained"]), fontsize=6,
                     textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("over-refusal (benign test prompts)")
-    ax.set_ylabel("ASR trained languages (harmful test prompts)")
+    ax.set_xlabel(f"over-refusal (benign {split} prompts)")
+    ax.set_ylabel(f"ASR trained languages (harmful {split} prompts)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)

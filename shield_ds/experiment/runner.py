@@ -534,7 +534,7 @@ class Experiment:
             text += "\n" + transfer_section(base_dir, safety.eval_dir, held)
         comparisons = self.paired_comparisons(arms, base_dir, trained)
         if comparisons:
-            text += "\n" + paired_markdown(comparisons)
+            text += "\n" + paired_markdown(comparisons, self.cfg.eval_split)
         plot = plot_results(rows, self.output("results.png"))
         if plot is not None:
             text += f"\n![ASR per arm]({plot.name})\n"
@@ -548,8 +548,8 @@ class Experiment:
             text += "\n" + selection_markdown(selection_rows(rows, self.cfg.sweep_random_seeds), self.selection_sets())
         if self.cfg.curve_steps:
             curve = self.curve_rows(rows, base_dir, trained)
-            text += "\n" + curve_markdown(curve)
-            figure = plot_curves(curve, self.output("curves.png"))
+            text += "\n" + curve_markdown(curve, self.cfg.eval_split)
+            figure = plot_curves(curve, self.output("curves.png"), self.cfg.eval_split)
             if figure is not None:
                 text += f"\n![ASR against over-refusal along training]({figure.name})\n"
             write_text(self.output("curves.csv"), rows_to_csv(curve))
