@@ -17,10 +17,8 @@ class ShieldError(Exception):
 
 
 def exit_with_error(message: str) -> typing.NoReturn:
-    """Print `error: MESSAGE` on stderr (one line) and exit with code 2 (ending this rank's process group
-    first when one is up, `_end_distributed`)."""
+    """Print `error: MESSAGE` on stderr (one line) and exit with code 2."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    _end_distributed(2, together=False)
     sys.exit(2)
 
 
@@ -49,7 +47,9 @@ def exit_on_error(fn: F) -> F:
             result = fn(*args, **kwargs)
         except ShieldError as exc:
             logging.getLogger("shield_ds").debug("user error", exc_info=True)
-            exit_with_error(str(exc))
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            _end_distributed(2, together=False)
+            sys.exit(2)
         _end_distributed(0, together=True)  # a distributed recipe's ranks end together here
         return result
 
