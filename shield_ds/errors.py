@@ -17,8 +17,10 @@ class ShieldError(Exception):
 
 
 def exit_with_error(message: str) -> typing.NoReturn:
-    """Print `error: MESSAGE` on stderr (one line) and exit with code 2."""
+    """Print `error: MESSAGE` on stderr (one line) and exit with code 2 (ending this rank's process group
+    first when one is up, `_end_distributed`)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    _end_distributed(2, together=False)
     sys.exit(2)
 
 
@@ -47,9 +49,7 @@ def exit_on_error(fn: F) -> F:
             result = fn(*args, **kwargs)
         except ShieldError as exc:
             logging.getLogger("shield_ds").debug("user error", exc_info=True)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            _end_distributed(2, together=False)
-            sys.exit(2)
+            exit_with_error(str(exc))
         _end_distributed(0, together=True)  # a distributed recipe's ranks end together here
         return result
 
