@@ -38,6 +38,7 @@ import torch
 import shield_ds
 from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, EngineConfig, option, redefault
+from shield_ds.data.records import check_language
 from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, exit_distributed,
                               gathered, read_run_info, resolve_ds_config, zero_stage)
 from shield_ds.errors import ShieldError
@@ -71,6 +72,10 @@ class TrainConfig(DataConfig, EngineConfig):
                                       "(default runs/identify)")
     benign_targets: Literal["none", "self"] = option(
         "none", "'self': the base model answers benign prompts that have no response (cached in --out)")
+    benign_pivot: str | None = option(
+        None, "with --benign-targets self: a benign prompt of another language is answered by the base model's answer "
+        "to the same prompt in this language (e.g. en, for languages it answers with loops); prompts without that "
+        "version keep their own")
     refusals: str | None = option(None, "JSON/YAML file: language -> list of refusal templates")
     max_new_tokens: int = option(32, "limit of self-generated benign answers (one that reaches it is cut back to its "
                                  "last sentence end and trained without end of turn, or left out)")
@@ -106,6 +111,13 @@ class TrainConfig(DataConfig, EngineConfig):
         super().__post_init__()
         if self.ds_config is None:
             raise ShieldError("--ds-config none is for inference; training needs a DeepSpeed config")
+        if self.benign_pivot is not None:
+            if self.benign_targets != "self":
+                raise ShieldError("--benign-pivot needs --benign-targets self")
+            try:
+                self.benign_pivot = check_language(self.benign_pivot)
+            except ShieldError as exc:
+                raise ShieldError(f"--benign-pivot: {exc}") from None
 
 
 # --- resume safety -------------------------------------------------------------------------------
@@ -384,6 +396,8 @@ class ShieldTrainer:
             raise ShieldError("empty training set: no records for the requested languages and modalities")
         records = self._drop_overlong(with_refusals(records, load_refusals(cfg.refusals)))
         self.needs_self_targets = [r for r in records if not r.response]
+        # record id -> the pivot-language record whose answer becomes its target (--benign-pivot)
+        self.pivots = self._pivot_sources() if cfg.benign_pivot is not None else {}
         if cfg.benign_targets != "self":
             check_targets(records)
         self.records = records
@@ -400,6 +414,23 @@ class ShieldTrainer:
         if cfg.resume and (found := complete_checkpoints(self.out / "checkpoints")):
             check_resume(found[-1], self.fingerprint, cfg.resume_force, world_size=dist.world_size(),
                          universal=bool(self.ds_config.get("checkpoint", {}).get("load_universal")))
+
+    def _pivot_sources(self) -> dict:
+        """The benign records to answer in --benign-pivot's language instead (all of the split's prompts in that
+        language are candidates, not only the sampled ones)."""
+        from shield_ds.data.targets import pivot_sources
+
+        cfg = self.cfg
+        pivot_cfg = replace(cfg, harmful=[], languages=[cfg.benign_pivot], per_group_limit=None,
+                            benign_per_group_limit=None)
+        try:
+            pivot_records = pivot_cfg.load_records(require=("benign",))
+        except ShieldError as exc:
+            raise ShieldError(f"--benign-pivot {cfg.benign_pivot}: {exc}") from None
+        pivots = pivot_sources(self.needs_self_targets, pivot_records, cfg.benign_pivot)
+        log.info("--benign-pivot %s: %d benign prompts are answered by the model's answer to their %s version",
+                 cfg.benign_pivot, len(pivots), cfg.benign_pivot)
+        return pivots
 
     def _load_neuron_set(self):
         """The set this arm trains (or sizes LoRA from), checked against the model; random arms draw theirs."""
@@ -589,14 +620,16 @@ class ShieldTrainer:
         from shield_ds.data.targets import cut_at_sentence_end, with_responses
 
         cache = self.out / BENIGN_TARGETS_FILE
-        wanted = {r.id for r in self.needs_self_targets}
+        # record id -> the record whose prompt the model answers (itself, or its --benign-pivot version)
+        sources = {r.id: self.pivots.get(r.id, r) for r in self.needs_self_targets}
+        wanted = {s.id for s in sources.values()}
         responses: dict[str, tuple[str, bool]] = {}
         if cache.is_file():
             for _, row in read_jsonl(cache, lambda n: f"{cache} line {n}"):
                 if (row.get("model_hash") == self.config_hash and row.get("max_new_tokens") == self.cfg.max_new_tokens
                         and isinstance(row.get("finished"), bool)):
                     responses[row["id"]] = (row["response"], row["finished"])
-        todo = [r for r in self.needs_self_targets if r.id not in responses]
+        todo = list({s.id: s for s in sources.values() if s.id not in responses}.values())
         if todo and engine is None:
             from shield_ds.engine import replica_fits_on_every_rank
 
@@ -630,8 +663,10 @@ class ShieldTrainer:
                                           for k, (v, done) in sorted(responses.items())))
         targets: dict[str, str] = {}
         cut, unended = set(), set()
-        for key in wanted & responses.keys():
-            text, finished = responses[key]
+        for key, source in sources.items():
+            if source.id not in responses:
+                continue
+            text, finished = responses[source.id]
             if finished:
                 # An empty generation is still a target (the model answered with end-of-turn at once).
                 targets[key] = text or " "
@@ -645,6 +680,8 @@ class ShieldTrainer:
         self.records = [replace(r, response_open=True) if r.id in cut | unended else r for r in records]
         self.self_targets = {"generated": len(wanted), "cut": len(cut), "open_without_sentence_end": len(unended),
                              "max_new_tokens": self.cfg.max_new_tokens}
+        if self.cfg.benign_pivot is not None:
+            self.self_targets.update(pivot=self.cfg.benign_pivot, pivoted=len(self.pivots))
         if cut or unended:
             log.warning("self-generated benign answers: %d of %d reached --max-new-tokens %d; %d cut back to their "
                         "last sentence end, %d without a sentence end kept whole; both are trained without the end "

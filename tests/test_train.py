@@ -536,6 +536,41 @@ def test_self_targets_cut_at_sentence_end_and_left_open(setup, tmp_path):
                               return_finished=True)["q"][1] is True
 
 
+def test_benign_pivot_answers_other_languages_with_the_pivot_answer(setup, tmp_path):
+    """--benign-pivot en: a vi benign prompt is trained on the base model's answer to its en version (same prompt
+    key); the cache holds answers by the id of the prompt answered; a prompt with no en version keeps its own."""
+    from shield_ds.errors import ShieldError
+    from shield_ds.train import BENIGN_TARGETS_FILE, ShieldTrainer, TrainConfig
+
+    rows = [{"id": f"q{i}.{lang}", "prompt": f"Question {i} ({lang})?", "language": lang, "label": "benign"}
+            for i in range(3) for lang in ("en", "vi")]
+    rows.append({"id": "only.vi", "prompt": "Only in Vietnamese?", "language": "vi", "label": "benign"})
+    benign = write_jsonl(tmp_path / "parallel.jsonl", rows)
+    common = dict(model=str(setup["model"]), neurons=str(setup["neurons"]), benign=[str(benign)], split="all",
+                  benign_targets="self", max_new_tokens=5, out=str(tmp_path / "t"))
+    trainer = ShieldTrainer(TrainConfig(languages=["vi"], benign_pivot="EN", **common))
+    trainer.prepare()
+    assert trainer.cfg.benign_pivot == "en"
+    assert {k: v.id for k, v in trainer.pivots.items()} == {f"q{i}.vi": f"q{i}.en" for i in range(3)}
+    (tmp_path / "t").mkdir()
+    cached = {f"q{i}.en": f"Answer {i}." for i in range(3)} | {"only.vi": "Own answer."}
+    (tmp_path / "t" / BENIGN_TARGETS_FILE).write_text("".join(
+        json.dumps({"id": key, "response": text, "finished": True, "max_new_tokens": 5,
+                    "model_hash": trainer.config_hash}) + "\n" for key, text in cached.items()))
+    trainer._fill_self_targets(None)  # every answer is cached: nothing is generated
+    targets = {r.id: r.response for r in trainer.records if r.label == "benign"}
+    assert targets == {"q0.vi": "Answer 0.", "q1.vi": "Answer 1.", "q2.vi": "Answer 2.", "only.vi": "Own answer."}
+    assert trainer.self_targets == {"generated": 4, "cut": 0, "open_without_sentence_end": 0, "max_new_tokens": 5,
+                                    "pivot": "en", "pivoted": 3}
+    # Flag errors: one line naming the flag; a pivot language missing from the data names it and the source.
+    with pytest.raises(ShieldError, match="--benign-pivot needs --benign-targets self"):
+        TrainConfig(benign_pivot="en", **{**common, "benign_targets": "none"})
+    with pytest.raises(ShieldError, match="--benign-pivot: unknown language code 'xx'"):
+        TrainConfig(benign_pivot="xx", **common)
+    with pytest.raises(ShieldError, match="--benign-pivot it: requested languages not in the data: it"):
+        ShieldTrainer(TrainConfig(languages=["vi"], benign_pivot="it", **common)).prepare()
+
+
 def test_lora_delta_matches_peft_merge():
     from peft import LoraConfig, inject_adapter_in_model
     from shield_ds.train import lora_delta

@@ -3,7 +3,9 @@
 Harmful records without a response get a refusal in their language from the templates below
 (or from a user file: JSON/YAML mapping language -> list of refusals). Benign records without a
 response need answers from somewhere: `--benign-targets self` has the base model answer them once
-before training (distillation keeps its utility); the recipe caches those answers.
+before training (distillation keeps its utility); the recipe caches those answers. With a pivot language
+(`--benign-pivot en`) a benign prompt of another language is answered by the model's answer to the same
+question in the pivot language, for a model whose own answers in that language are loops or garbled text.
 """
 
 from __future__ import annotations
@@ -93,6 +95,17 @@ def with_refusals(records: list[SafetyRecord], refusals: dict[str, list[str]]) -
 def with_responses(records: list[SafetyRecord], responses: dict[str, str]) -> list[SafetyRecord]:
     """Fill missing responses from `responses` (record id -> text)."""
     return [replace(r, response=responses[r.id]) if not r.response and r.id in responses else r for r in records]
+
+
+def pivot_sources(records: list[SafetyRecord], pivot_records: list[SafetyRecord],
+                  pivot: str) -> dict[str, SafetyRecord]:
+    """Record id -> the `pivot`-language record whose answer becomes its target: for every benign record
+    without a response in another language, the pivot record of the same prompt key and modality. Records
+    without such a version are left out (they keep their own prompt)."""
+    by_key = {(r.prompt_key, r.modality): r for r in pivot_records if r.label == "benign" and r.language == pivot}
+    return {r.id: by_key[(r.prompt_key, r.modality)] for r in records
+            if r.label == "benign" and not r.response and r.language != pivot
+            and (r.prompt_key, r.modality) in by_key}
 
 
 def check_targets(records: list[SafetyRecord]) -> None:
