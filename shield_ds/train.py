@@ -121,6 +121,8 @@ class TrainConfig(DataConfig, EngineConfig):
 
 
 # --- resume safety -------------------------------------------------------------------------------
+# Options added after checkpoints were first written, with the value such a checkpoint's run had.
+LATER_TRAIN_OPTIONS = {**LATER_DATA_OPTIONS, "benign_pivot": None}
 # TrainConfig fields a resumed run may change: where and how often it writes, and how it computes the same
 # numbers. The batch plan, lr and ds_config enter run_fingerprint in a world-size-independent form instead.
 RESUME_FREE_FIELDS = ("out", "save_every", "keep_last", "resume", "resume_force", "export", "export_steps",
@@ -165,8 +167,8 @@ def run_fingerprint(cfg: TrainConfig, ds_config: dict[str, Any], world_size: int
 
 def fingerprint_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'name (saved -> now)' for each entry that differs, in a stable order (an entry a checkpoint predates
-    counts as its LATER_DATA_OPTIONS value)."""
-    saved = {**{k: v for k, v in LATER_DATA_OPTIONS.items() if k in now}, **saved}
+    counts as its LATER_TRAIN_OPTIONS value)."""
+    saved = {**{k: v for k, v in LATER_TRAIN_OPTIONS.items() if k in now}, **saved}
 
     def show(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)

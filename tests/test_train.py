@@ -562,6 +562,12 @@ def test_benign_pivot_answers_other_languages_with_the_pivot_answer(setup, tmp_p
     assert targets == {"q0.vi": "Answer 0.", "q1.vi": "Answer 1.", "q2.vi": "Answer 2.", "only.vi": "Own answer."}
     assert trainer.self_targets == {"generated": 4, "cut": 0, "open_without_sentence_end": 0, "max_new_tokens": 5,
                                     "pivot": "en", "pivoted": 3}
+    # A checkpoint written before the flag existed resumes (its missing entry reads as no pivot).
+    from shield_ds.train import fingerprint_differences
+
+    now = {"benign_pivot": None, "lr": 1e-3}
+    assert fingerprint_differences({"lr": 1e-3}, now) == []
+    assert fingerprint_differences({"lr": 1e-3}, {**now, "benign_pivot": "en"}) == ['benign_pivot (null -> "en")']
     # Flag errors: one line naming the flag; a pivot language missing from the data names it and the source.
     with pytest.raises(ShieldError, match="--benign-pivot needs --benign-targets self"):
         TrainConfig(benign_pivot="en", **{**common, "benign_targets": "none"})
