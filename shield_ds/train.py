@@ -683,12 +683,13 @@ class ShieldTrainer:
         self.self_targets = {"generated": len(wanted), "cut": len(cut), "open_without_sentence_end": len(unended),
                              "max_new_tokens": self.cfg.max_new_tokens}
         if self.cfg.benign_pivot is not None:
-            self.self_targets.update(pivot=self.cfg.benign_pivot, pivoted=len(self.pivots))
+            # several records can share one pivot answer: "generated" counts answers, the rest records
+            self.self_targets.update(pivot=self.cfg.benign_pivot, pivoted=len(self.pivots), records=len(sources))
         if cut or unended:
             log.warning("self-generated benign answers: %d of %d reached --max-new-tokens %d; %d cut back to their "
                         "last sentence end, %d without a sentence end kept whole; both are trained without the end "
                         "of turn",
-                        len(cut) + len(unended), len(wanted), self.cfg.max_new_tokens, len(cut), len(unended))
+                        len(cut) + len(unended), len(sources), self.cfg.max_new_tokens, len(cut), len(unended))
 
     # --- logging -------------------------------------------------------------------------------
     def _log(self, writer, step: int, window: dict, engine: ShieldEngine, bar) -> None:

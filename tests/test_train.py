@@ -543,15 +543,16 @@ def test_benign_pivot_answers_other_languages_with_the_pivot_answer(setup, tmp_p
     from shield_ds.train import BENIGN_TARGETS_FILE, ShieldTrainer, TrainConfig
 
     rows = [{"id": f"q{i}.{lang}", "prompt": f"Question {i} ({lang})?", "language": lang, "label": "benign"}
-            for i in range(3) for lang in ("en", "vi")]
+            for i in range(3) for lang in ("en", "vi", "zh")]
     rows.append({"id": "only.vi", "prompt": "Only in Vietnamese?", "language": "vi", "label": "benign"})
     benign = write_jsonl(tmp_path / "parallel.jsonl", rows)
     common = dict(model=str(setup["model"]), neurons=str(setup["neurons"]), benign=[str(benign)], split="all",
                   benign_targets="self", max_new_tokens=5, out=str(tmp_path / "t"))
-    trainer = ShieldTrainer(TrainConfig(languages=["vi"], benign_pivot="EN", **common))
+    trainer = ShieldTrainer(TrainConfig(languages=["vi", "zh"], benign_pivot="EN", **common))
     trainer.prepare()
     assert trainer.cfg.benign_pivot == "en"
-    assert {k: v.id for k, v in trainer.pivots.items()} == {f"q{i}.vi": f"q{i}.en" for i in range(3)}
+    assert {k: v.id for k, v in trainer.pivots.items()} == {f"q{i}.{lang}": f"q{i}.en" for i in range(3)
+                                                            for lang in ("vi", "zh")}
     (tmp_path / "t").mkdir()
     cached = {f"q{i}.en": f"Answer {i}." for i in range(3)} | {"only.vi": "Own answer."}
     (tmp_path / "t" / BENIGN_TARGETS_FILE).write_text("".join(
@@ -559,9 +560,10 @@ def test_benign_pivot_answers_other_languages_with_the_pivot_answer(setup, tmp_p
                     "model_hash": trainer.config_hash}) + "\n" for key, text in cached.items()))
     trainer._fill_self_targets(None)  # every answer is cached: nothing is generated
     targets = {r.id: r.response for r in trainer.records if r.label == "benign"}
-    assert targets == {"q0.vi": "Answer 0.", "q1.vi": "Answer 1.", "q2.vi": "Answer 2.", "only.vi": "Own answer."}
+    assert targets == {**{f"q{i}.{lang}": f"Answer {i}." for i in range(3) for lang in ("vi", "zh")},
+                       "only.vi": "Own answer."}
     assert trainer.self_targets == {"generated": 4, "cut": 0, "open_without_sentence_end": 0, "max_new_tokens": 5,
-                                    "pivot": "en", "pivoted": 3}
+                                    "pivot": "en", "pivoted": 6, "records": 7}
     # A checkpoint written before the flag existed resumes (its missing entry reads as no pivot).
     from shield_ds.train import fingerprint_differences
 
