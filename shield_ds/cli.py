@@ -191,7 +191,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, embedded_de
     if distributed:
         from shield_ds.engine import init_distributed
 
-        init_distributed()
+        init_distributed(cpu_threads=getattr(cfg, "cpu_threads", None))
     dist.setup_logging()
     if getattr(cfg, "model", None) == default_model_path():
         from shield_ds.defaults import default_model

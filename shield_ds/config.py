@@ -25,7 +25,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 Modality = Literal["text", "image", "typographic"]
 # Data options added after outputs were first written, with the value an output that predates them ran with
 # (identify's reuse check and train's resume check read a missing entry as this value).
-LATER_DATA_OPTIONS = {"benign_per_group_limit": None, "validation_fraction": 0.0}
+LATER_DATA_OPTIONS = {"benign_per_group_limit": None, "validation_fraction": 0.0, "benign_mix": []}
 Split = Literal["train", "validation", "test", "all"]
 
 
@@ -111,9 +111,14 @@ class EngineConfig(ModelConfig):
                                    "plain PyTorch (a replica per rank, as --zero off)")
     ds_overrides: list[str] = option([], "override a ds_config entry, e.g. --ds zero_optimization.offload_param."
                                      "device=cpu (repeatable)", aliases=["--ds"], metavar="KEY=VALUE", commas=False)
+    cpu_threads: int | None = option(None, "intra-op CPU threads per rank (default: OMP_NUM_THREADS when set; else "
+                                     "on a CPU backend the cores of the node over its ranks, on GPU torch's default)",
+                                     metavar="N")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ShieldError(f"--cpu-threads must be at least 1, not {self.cpu_threads}")
         if isinstance(self.ds_config, str) and self.ds_config.lower() == "none":
             self.ds_config = None
 
@@ -133,7 +138,11 @@ class DataConfig:
 
     harmful: list[str] = option(["multijail"], "harmful prompts: files, hub datasets or builtin names (repeatable)",
                                 metavar="SOURCE", commas=False)
-    benign: list[str] = option(["multiq"], "benign prompts (repeatable)", metavar="SOURCE", commas=False)
+    benign: list[str] = option(["multiq", "requests"], "benign prompts (repeatable): the default pairs MultiQ's "
+                               "questions with the shipped requests and borderline prompts, the forms of the "
+                               "harmful side", metavar="SOURCE", commas=False)
+    benign_mix: list[str] = option([], "share of each --benign source in the benign per-group limit, SOURCE=WEIGHT "
+                                   "(default: equal shares)", metavar="SOURCE=WEIGHT")
     languages: list[str] | None = option(None, "comma-separated ISO 639-1 codes (default: all in the data)")
     modalities: list[Modality] = option(["text"], "comma-separated: text, image, typographic")
     image: str | None = option(None, "image file for the 'image' modality view")
@@ -149,14 +158,16 @@ class DataConfig:
     split_seed: int = option(0, "seed of the train/validation/test split")
     data_dir: str | None = option(None, "where the builtin datasets live (default: ../shared/data)")
 
-    def load_records(self, require: Sequence[str] = ("harmful",)) -> list:
-        """The harmful and benign records these flags name (`shield_ds.data.load_labeled`)."""
+    def load_records(self, require: Sequence[str] = ("harmful",), evaluation: bool = False) -> list:
+        """The harmful and benign records these flags name (`shield_ds.data.load_labeled`); `evaluation`: an
+        evaluation may read the evaluation-only sources."""
         from shield_ds.data import load_labeled
 
         return load_labeled(self.harmful, self.benign, modalities=self.modalities, languages=self.languages,
                             image=self.image, per_group_limit=self.per_group_limit,
                             benign_per_group_limit=self.benign_per_group_limit, seed=self.seed,
-                            data_dir=self.data_dir, require=require, split=self.split_spec)
+                            data_dir=self.data_dir, require=require, split=self.split_spec,
+                            benign_mix=self.benign_mix, evaluation=evaluation)
 
     @property
     def split_spec(self):

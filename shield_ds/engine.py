@@ -43,8 +43,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int = 60) -> None:
-    """Start torch.distributed through DeepSpeed, whichever way the ranks were launched.
+def init_distributed(timeout_minutes: int = 60, cpu_threads: int | None = None) -> None:
+    """Start torch.distributed through DeepSpeed, whichever way the ranks were launched, and set the
+    ranks' intra-op CPU threads (`dist.set_cpu_threads(cpu_threads)`).
 
     The deepspeed launcher and torchrun set RANK/WORLD_SIZE/...; Slurm (srun) and Open MPI
     variables are mapped by `shield_ds.launch.env`; a plain `python recipe.py` becomes a
@@ -68,6 +69,7 @@ def init_distributed(timeout_minutes: int = 60) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
     dist.setup_logging()
+    dist.set_cpu_threads(cpu_threads)
 
 
 def _destroy_process_group() -> None:

@@ -126,7 +126,7 @@ LATER_TRAIN_OPTIONS = {**LATER_DATA_OPTIONS, "benign_pivot": None}
 # TrainConfig fields a resumed run may change: where and how often it writes, and how it computes the same
 # numbers. The batch plan, lr and ds_config enter run_fingerprint in a world-size-independent form instead.
 RESUME_FREE_FIELDS = ("out", "save_every", "keep_last", "resume", "resume_force", "export", "export_steps",
-                      "gradient_checkpointing",
+                      "gradient_checkpointing", "cpu_threads",
                       "micro_batch_size", "grad_accum", "lr", "ds_config", "ds_overrides")
 # Entries of the resolved ds_config (dotted prefixes) that leave the result alone: batch sizes (in
 # global_batch_size), the lr (in lr), the ZeRO layout, checkpoint I/O, logging, and torch vs fused Adam
@@ -819,7 +819,7 @@ class ShieldTrainer:
 
         ns = self.neuron_set
         summary = {"arm": self.arm, "update": self.cfg.update, "steps": state["step"], "total_steps": total_steps,
-                   "world_size": dist.world_size(), "total_params": self.total_params, "trainable_params": trainable,
+                   "world_size": dist.world_size(), "threads": dist.thread_choice(), "total_params": self.total_params, "trainable_params": trainable,
                    "optimizer_params": self.optimizer_params,
                    "trainable_fraction": trainable / self.total_params, "train_seconds": round(state["seconds"], 3),
                    "patch": patch, "neurons": ns.count if ns is not None else None,

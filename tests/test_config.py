@@ -47,7 +47,7 @@ def test_yaml_presets_and_cli_overrides(tmp_path):
     args = parse(IdentifyConfig, ["--config", cfg, "--model", "m", "--harmful", "a.jsonl", "b.csv",
                                   "--harmful", "c.json", "--ratio", "0.2", "--languages", "vi"])
     assert args.harmful == ["a.jsonl", "b.csv", "c.json"] and args.ratio == 0.2 and args.languages == ["vi"]
-    assert args.benign == ["multiq"]
+    assert args.benign == ["multiq", "requests"]  # the default: questions + the shipped requests
     cfg.write_text("no_such_flag: 1\n")
     with pytest.raises(ShieldError, match="unknown key 'no_such_flag'"):
         parse(IdentifyConfig, ["--config", cfg])

@@ -475,3 +475,100 @@ def test_collator_train_labels(tiny_llava):
     with pytest.raises(ShieldError) as exc:
         SafetyCollator(processor, adapter, train=True)([records[0], replace(records[1], response=None)])
     assert_one_line_message(exc, "record b")
+
+
+# --- the shipped benign requests (issue #30) -----------------------------------------------------------------
+SCRIPTS = {"zh": (0x4E00, 0x9FFF), "ko": (0xAC00, 0xD7A3), "th": (0x0E00, 0x0E7F), "bn": (0x0980, 0x09FF),
+           "ar": (0x0600, 0x06FF)}
+VIETNAMESE = set("ăâđêôơưàáảãạằắẳẵặầấẩẫậèéẻẽẹềếểễệìíỉĩịòóỏõọồốổỗộờớởỡợùúủũụừứửữựỳýỷỹỵ")
+
+
+def test_requests_source_is_parallel_checked_and_splits_by_key(shared_data):
+    from shield_ds.data.layouts import PACKAGE_DATA_DIR
+    from shield_ds.data.splits import SplitSpec
+
+    rows = list(csv.DictReader(open(PACKAGE_DATA_DIR / "requests.csv", encoding="utf-8")))
+    assert list(rows[0]) == ["id", "form", "topic", *LANGUAGES]
+    assert len(rows) >= 300 and len({r["id"] for r in rows}) == len(rows)
+    assert {r["form"] for r in rows} == {"request", "borderline"}
+    assert sum(r["form"] == "borderline" for r in rows) >= 90
+    for lang in LANGUAGES:
+        texts = [r[lang].strip() for r in rows]
+        assert all(texts) and len(set(t.lower() for t in texts)) == len(texts), lang
+    for r in rows:
+        for lang, (low, high) in SCRIPTS.items():
+            assert any(low <= ord(c) <= high for c in r[lang]), (r["id"], lang)
+        assert set(r["vi"].lower()) & VIETNAMESE, r["id"]
+        assert all(r[lang] != r["en"] for lang in ("it", "vi", "sw", "jv")), r["id"]
+    # none of it is MultiJail's text, in any language
+    multijail = {" ".join(r.prompt.lower().split()) for r in load_source("multijail", data_dir=shared_data)}
+    assert not [r["id"] for r in rows for lang in LANGUAGES if " ".join(r[lang].lower().split()) in multijail]
+
+    records = load_source("requests")
+    assert len(records) == 10 * len(rows) and {r.label for r in records} == {"benign"}
+    assert {r.form for r in records} == {"request", "borderline"} and all(r.source == "requests" for r in records)
+    # every language of a prompt key lands on one side of the split
+    spec = SplitSpec("test", 0.3, 0.15)
+    for split in ("train", "validation", "test"):
+        part = SplitSpec(split, 0.3, 0.15).apply(records, source="requests")
+        keys = collections.Counter(r.prompt_key for r in part)
+        assert part and set(keys.values()) == {10}, split
+    assert 0.2 < len(spec.apply(records, source="requests")) / len(records) < 0.4
+
+
+def test_forms_default_and_errors(tmp_path, shared_data):
+    assert {r.form for r in load_source("multiq", data_dir=shared_data)} == {"question"}
+    assert {r.form for r in load_source("multijail", data_dir=shared_data)} == {None}
+    no_form = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "What is a cat?", "language": "en", "label": "benign"}])
+    assert load_source(str(no_form))[0].form == "question"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "language": "en", "label": "benign", "form": "riddle"}])
+    with pytest.raises(ShieldError, match=r"bad.jsonl line 1: unknown form 'riddle'"):
+        load_source(str(bad))
+    text = load_source("safebench-text", data_dir=shared_data)
+    typographic = load_source("figstep", data_dir=shared_data)
+    assert len(text) == 500 and {r.group for r in text} == {"harmful.en.text"}
+    assert {r.source for r in text} == {"safebench-text"} and not any(r.has_image for r in text)
+    assert {r.prompt_key for r in text} == {r.prompt_key for r in typographic}  # one prompt, two views
+
+
+def test_benign_mix_shares_the_limit(shared_data):
+    from shield_ds.data import load_labeled
+    from shield_ds.data.selection import mix_quotas
+
+    assert mix_quotas(5, [1, 1]) == [3, 2] and mix_quotas(40, [1, 3]) == [10, 30] and mix_quotas(1, [1, 1]) == [1, 0]
+
+    def benign(**kwargs):
+        records = load_labeled(["multijail"], ["multiq", "requests"], modalities=["text"], languages=["en", "vi"],
+                               data_dir=shared_data, per_group_limit=20, **kwargs)
+        return collections.Counter((r.language, r.source) for r in records if r.label == "benign")
+
+    assert benign() == {(lang, src): 10 for lang in ("en", "vi") for src in ("multiq", "requests")}
+    assert benign(benign_mix=["multiq=1", "requests=3"]) == {
+        **{(lang, "multiq"): 5 for lang in ("en", "vi")}, **{(lang, "requests"): 15 for lang in ("en", "vi")}}
+    # one source: the selection as before (a mix never changes a single-source run)
+    one = load_labeled(["multijail"], ["multiq"], modalities=["text"], languages=["en"], data_dir=shared_data,
+                       per_group_limit=20)
+    assert [r.id for r in one] == [r.id for r in select_records(
+        load_source("multijail", data_dir=shared_data) + [], languages=["en"], per_group_limit=20)] + \
+        [r.id for r in select_records(load_source("multiq", data_dir=shared_data), languages=["en"],
+                                      per_group_limit=20)]
+    for mix, needle in ((["multiq=0", "requests=1"], "positive number"), (["multiq=x", "requests=1"], "positive"),
+                        (["multiq=1"], "no weight for the --benign source 'requests'"),
+                        (["multiq=1", "other=1", "requests=1"], "'other' is not a --benign source")):
+        with pytest.raises(ShieldError, match=needle):
+            benign(benign_mix=mix)
+    with pytest.raises(ShieldError, match="--benign-mix needs a benign limit"):
+        load_labeled(["multijail"], ["multiq", "requests"], modalities=["text"], languages=["en"],
+                     data_dir=shared_data, benign_mix=["multiq=1", "requests=1"])
+
+
+def test_eval_only_source_is_its_own_selection_and_never_trained(shared_data):
+    from shield_ds.data import load_labeled
+
+    kwargs = dict(modalities=["text"], languages=["en", "zh"], data_dir=shared_data, per_group_limit=6)
+    records = load_labeled(["multijail", "safebench-text"], ["multiq"], evaluation=True, **kwargs)
+    counts = collections.Counter((r.language, r.source) for r in records if r.label == "harmful")
+    # the trained source keeps its whole limit per language; SafeBench (English only) gets its own
+    assert counts == {("en", "multijail"): 6, ("zh", "multijail"): 6, ("en", "safebench-text"): 6}
+    with pytest.raises(ShieldError, match="safebench-text: an evaluation-only source"):
+        load_labeled(["multijail", "safebench-text"], ["multiq"], **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -9,8 +11,9 @@ import pytest
 import torch
 
 from shield_ds import dist
+from shield_ds.errors import ShieldError
 from shield_ds.train import rank_rng_state, rng_state, set_rng_state
-from conftest import assert_one_line_error, run_deepspeed, run_python
+from conftest import assert_one_line_error, child_env, run_deepspeed, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE = re.compile(r"\b(torch\.distributed|torch_dist|dist)\.(all_reduce|all_gather|all_gather_object|"
@@ -102,3 +105,66 @@ def test_user_error_on_two_ranks_exits_without_a_collective(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "error: bad input on rank" in out and "interpreter teardown ran" not in out, out[-3000:]
+
+
+# --- intra-op threads per rank ---------------------------------------------------------------------------
+def test_threads_per_rank_divides_the_node_cores():
+    assert [dist.threads_per_rank(2, n) for n in (1, 2, 3)] == [2, 1, 1]
+    assert [dist.threads_per_rank(12, n) for n in (1, 2, 3)] == [12, 6, 4]
+
+
+@pytest.mark.parametrize("local_ranks", [1, 2, 3])
+def test_thread_choice_on_a_cpu_backend(local_ranks):
+    shared = [set(range(12))] * local_ranks  # every rank may run on all 12 cores (deepspeed, mpirun)
+    choice = dist.choose_threads(None, {}, shared, on_gpu=False, torch_default=12)
+    assert (choice.threads, choice.source, choice.cores, choice.local_ranks) == \
+        (12 // local_ranks, "cores / local ranks", 12, local_ranks)
+    # Slurm's --cpu-bind gives each task its own cores: their union is the node's share, divided again
+    bound = [set(range(4 * i, 4 * i + 4)) for i in range(local_ranks)]
+    assert dist.choose_threads(None, {}, bound, on_gpu=False, torch_default=12).threads == 4
+
+
+def test_thread_choice_precedence():
+    node = [set(range(8))] * 2
+    assert dist.choose_threads(3, {"OMP_NUM_THREADS": "1"}, node, False, 8).as_dict() == \
+        {"threads": 3, "source": "--cpu-threads", "cores": 8, "local_ranks": 2}
+    omp = dist.choose_threads(None, {"OMP_NUM_THREADS": "2"}, node, False, 8)
+    assert (omp.threads, omp.source) == (2, "OMP_NUM_THREADS")
+    gpu = dist.choose_threads(None, {}, node, on_gpu=True, torch_default=8)
+    assert (gpu.threads, gpu.source) == (8, "torch default")
+    with pytest.raises(ShieldError, match="OMP_NUM_THREADS='many'"):
+        dist.choose_threads(None, {"OMP_NUM_THREADS": "many"}, node, False, 8)
+    with pytest.raises(ShieldError, match="--cpu-threads"):
+        dist.choose_threads(0, {}, node, False, 8)
+
+
+THREADS_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch
+from shield_ds import dist
+from shield_ds.errors import ShieldError
+from shield_ds.engine import exit_distributed, init_distributed
+
+init_distributed()
+print("THREADS", json.dumps({{"rank": dist.rank(), "torch": torch.get_num_threads(), **dist.thread_choice()}}),
+      flush=True)
+exit_distributed(0)
+"""
+
+
+@pytest.mark.distributed
+def test_two_ranks_as_users_launch_them_share_the_cores(tmp_path):
+    """Under the deepspeed launcher with no OMP_NUM_THREADS, each of 2 ranks takes half the cores."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT.format(repo=str(REPO)))
+    env = child_env()
+    env.pop("OMP_NUM_THREADS")
+    proc = run_deepspeed(script, [], num_ranks=2, timeout=180, env=env)
+    rows = [json.loads(line.split("THREADS ", 1)[1]) for line in proc.stdout.splitlines() if "THREADS {" in line]
+    cores = len(os.sched_getaffinity(0))
+    assert sorted(row["rank"] for row in rows) == [0, 1], proc.stdout[-3000:]
+    for row in rows:
+        assert row["source"] == "cores / local ranks" and row["local_ranks"] == 2 and row["cores"] == cores
+        assert row["threads"] == row["torch"] == max(1, cores // 2)
+    assert "intra-op CPU threads per rank: " in proc.stderr, proc.stderr[-3000:]

@@ -49,6 +49,11 @@ def test_zero3_two_ranks_generate_like_one_process(tiny_checkpoint, one_process,
     assert table["zero"] == "on" and table["world_size"] == 2
     assert json.loads((tmp_path / "one" / "asr.json").read_text())["zero"] == "off"  # --ds-config none
     assert set(table["languages"]) == {"en", "ar"}
+    # the default benign side (MultiQ questions + the shipped requests, equal shares) is reported per form
+    forms = {r["form"]: r["benign_n"] for r in table["over_refusal_by_form"] if r["language"] == "all"}
+    assert forms["question"] == 8 and sum(forms.values()) == 12 and set(forms) - {"question"} <= {"request", "borderline"}
+    evaluate_json = json.loads((tmp_path / "two" / "evaluate.json").read_text())
+    assert evaluate_json["threads"]["local_ranks"] == 2 and evaluate_json["generate_seconds"] > 0
     assert (tmp_path / "two" / "asr_heatmap.png").stat().st_size > 1000
     # utility: the base on its own answers (one process) and on one's answers via --compare (two ranks)
     base = json.loads((tmp_path / "one" / "asr.json").read_text())
@@ -232,9 +237,13 @@ def test_bad_input_one_line_errors(tiny_checkpoint, tmp_path):
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join(json.dumps({"id": i, "prompt": f"How do I do harm number {i}?", "language": "en",
                                         "label": "harmful"}) + "\n" for i in ids))
+    riddle = tmp_path / "riddle.jsonl"
+    riddle.write_text(json.dumps({"prompt": "What has keys but no locks?", "language": "en", "form": "riddle"}) + "\n")
     for extra, needle in ((["--harmful", str(tiny)], "'en' prompt falls in the test split"),
                           (["--test-fraction", "1.5"], "--test-fraction"),
-                          (["--benign-per-group-limit", "0"], "--benign-per-group-limit")):
+                          (["--benign-per-group-limit", "0"], "--benign-per-group-limit"),
+                          (["--benign-mix", "multiq=-1,requests=1"], "--benign-mix 'multiq=-1'"),
+                          (["--benign", str(riddle)], f"{riddle} line 1: unknown form 'riddle'")):
         proc = run_python([EVALUATE, *_args(model, tmp_path / "out", "--languages", "en", *extra, "--ds-config", "none")],
                           check=False, timeout=300)
         assert_one_line_error(proc, needle, *([str(tiny)] if extra[0] == "--harmful" else []))

@@ -12,9 +12,10 @@ import pytest
 from conftest import DEEPSPEED, REPO, assert_one_line_error, free_port, run_python, timeout_above
 from shield_ds.defaults import TINY_NOTE
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.asr import asr_table, wilson_interval, write_asr_reports, write_generations
+from shield_ds.evaluate.asr import AsrTable, asr_table, wilson_interval, write_asr_reports, write_generations
 from shield_ds.experiment import Experiment, ExperimentConfig
-from shield_ds.experiment.results import arm_row, curve_markdown, rates, results_markdown
+from shield_ds.experiment.results import (arm_row, curve_markdown, paired_counts, paired_markdown, prompt_outcomes, rates,
+                                         results_markdown)
 from shield_ds.io import write_json
 
 TRAINED = ({"en", "zh"}, {"text"})
@@ -121,7 +122,9 @@ def test_paired_counts_and_mcnemar(tmp_path):
             for name, rows in (("safety", safety), ("control", control), ("fewer", control[:-1]))}
     counts = paired_counts(read["safety"], read["control"], ("safety", "control"))
     assert counts == {"trained": (6, 1, 10), "held_out_languages": (0, 0, 0), "held_out_modalities": (0, 0, 0),
-                      "over_refusal": (1, 2, 7), "over_refusal_trained": (1, 0, 2)}
+                      "safebench_text": (0, 0, 0), "over_refusal": (1, 2, 7), "over_refusal_trained": (1, 0, 2),
+                      "over_refusal_question": (1, 2, 7), "over_refusal_request": (0, 0, 0),
+                      "over_refusal_borderline": (0, 0, 0)}
     text = paired_markdown([("safety", "random-s0", counts)])
     assert "held-out languages" not in text  # no such prompts
     assert "over-refusal trained: control only / safety only (n) / p" in text
@@ -638,3 +641,34 @@ def test_curve_rows_from_snapshot_evaluations(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "ASR against over-refusal along training" in text and "| safety | 10 | 60.0 [" in text
     assert (tmp_path / "curves.png").exists()
+
+
+def test_over_refusal_per_form_and_the_eval_only_harmful_slice(tmp_path):
+    """Benign refusals are counted per form (a row without one is a question), in the rates, the arms table,
+    the paired table and asr.json; SafeBench questions as text are a harmful slice of their own."""
+    rows = _rows({("en", "text"): 2}, benign_refused=1)  # 10 question prompts, 1 refused
+    rows += [dict(_gen(300 + i, "en", "text", "benign", i < 6), form="request") for i in range(8)]
+    rows += [dict(_gen(400 + i, "zh", "text", "benign", i < 3), form="borderline") for i in range(4)]
+    rows += [dict(_gen(500 + i, "en", "text", "harmful", i < 1), source="safebench-text") for i in range(5)]
+    r = rates(rows, TRAINED)
+    assert [(r[k].successes, r[k].n) for k in ("over_refusal_question", "over_refusal_request",
+                                               "over_refusal_borderline")] == [(1, 10), (6, 8), (3, 4)]
+    assert (r["over_refusal"].successes, r["over_refusal"].n) == (10, 22)
+    assert (r["trained"].successes, r["trained"].n) == (2, 10)  # the SafeBench prompts are not in it
+    assert (r["safebench_text"].successes, r["safebench_text"].n) == (1, 5)
+    arm = arm_row("safety", "safety", None, _eval_dir(tmp_path / "arm", rows), None, _eval_dir(tmp_path / "b", rows),
+                  TRAINED)
+    text = results_markdown([arm], "T", model="m")
+    assert "over-refusal requests % [95% CI]" in text and "| 75.0 [" in text
+    assert "over-refusal borderlines % [95% CI]" in text and "ASR SafeBench text % [95% CI]" in text
+    outcomes = prompt_outcomes(tmp_path / "arm", TRAINED)
+    counts = paired_counts(outcomes, outcomes, ("a", "b"))
+    assert counts["over_refusal_request"] == (0, 0, 8) and counts["safebench_text"] == (0, 0, 5)
+    assert "over-refusal requests: control only" in paired_markdown([("safety", "random-s0", counts)])
+    table = asr_table(rows)
+    by_form = {(f["language"], f["form"]): (f["benign_refusals"], f["benign_n"]) for f in table.form_rows()}
+    assert by_form[("all", "request")] == (6, 8) and by_form[("zh", "borderline")] == (3, 4)
+    assert by_form[("all", "question")] == (1, 10)
+    assert {s["source"]: s["harmful_n"] for s in table.source_rows()}["safebench-text"] == 5
+    again = AsrTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert again.form_rows() == table.form_rows() and again.source_rows() == table.source_rows()

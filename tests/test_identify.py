@@ -229,6 +229,12 @@ def test_bad_input_errors_and_nothing_written(tiny_checkpoint, tmp_path):
     assert_one_line_error(proc, "de")
     assert not out.exists()
 
+    # SafeBench as text is an evaluation-only source: identify (like train) refuses it
+    proc = run_python([IDENTIFY, "--model", model, "--harmful", "multijail", "safebench-text", "--out", str(out),
+                       "--ds-config", "none"], check=False, timeout=300)
+    assert_one_line_error(proc, "safebench-text: an evaluation-only source")
+    assert not out.exists()
+
     # An output directory written for another model is refused, and left as it was.
     other = tmp_path / "other"
     other.mkdir()

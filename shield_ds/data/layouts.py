@@ -2,15 +2,18 @@
 
 Layouts understood (detected from the columns):
   MultiJail     wide CSV `id, source, tags, en, zh, ...`: one record per language column (harmful)
+  requests      wide CSV `id, form, topic, en, zh, ...`: the project's benign requests and borderline
+                prompts (`shield_ds/data/builtin/`), one record per language column, `form` per row
   MultiQ        `id, language, prompt, domain`: benign questions, parallel by id
   FigStep       SafeBench `category_id, task_id, category_name, question, instruction`: the instruction
-                is rendered into a typographic image, the text is a neutral carrier prompt (harmful)
+                is rendered into a typographic image, the text is a neutral carrier prompt (harmful);
+                built-in `safebench-text` reads the same rows as English text records of the `question`
   MM-SafetyBench `processed_questions/<scenario>.json` ({"0": {"Rephrased Question": ...}, ...}) with
                 images in `imgs/<scenario>/<SD|SD_TYPO|TYPO>/<id>.jpg` (harmful)
   VLGuard       `train.json`/`test.json` ([{"id", "image", "safe", "instr-resp": [...]}]) with images
                 under `<train|test>/` beside the JSON (safe_instruction -> benign, others -> harmful)
   generic       columns prompt, language, label [, modality, image, image_text, response, category,
-                id, source]; `image` is a path relative to the file, or (hub datasets, `save_to_disk`
+                id, source, form]; `image` is a path relative to the file, or (hub datasets, `save_to_disk`
                 directories, Parquet) an image object / {"bytes", "path"} struct, which is written
                 once to the content-addressed image cache (`readers.image_cache_dir()`)
 Raw rows come from `shield_ds.data.readers`.
@@ -26,7 +29,8 @@ from typing import Any
 
 from shield_ds.data.readers import (Row, cache_image, is_saved_dataset, read_csv_rows, read_hub_rows, read_jsonl_rows,
                                     read_parquet_rows, read_saved_dataset_rows)
-from shield_ds.data.records import CARRIER_PROMPT, KNOWN_LANGUAGES, SafetyRecord, check_label, check_modality
+from shield_ds.data.records import (CARRIER_PROMPT, KNOWN_LANGUAGES, SafetyRecord, check_form, check_label,
+                                   check_modality)
 from shield_ds.data.splits import derive_prompt_key, make_prompt_key
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
@@ -39,7 +43,14 @@ BUILTIN = {
     "multiq": "multiq_benign.csv",
     "figstep": "figstep_safebench.csv",
     "safebench": "figstep_safebench.csv",
+    "safebench-text": "figstep_safebench.csv",  # the questions as English text: an evaluation-only harmful slice
 }
+# Harmful sources that only evaluations may read (never identified on or trained on): each is its own slice of
+# the results and is selected on its own, not pooled with the other harmful sources under one limit.
+EVAL_ONLY_SOURCES = ("safebench-text",)
+# Built-in sources shipped inside the package (not in the shared data directory).
+PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "builtin"
+PACKAGED = {"requests": "requests.csv"}
 FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 MM_SAFETY_VARIANTS = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question"}
 
@@ -101,6 +112,21 @@ def _multijail(rows, name: str, label: str | None) -> list[SafetyRecord]:
     return records
 
 
+def _requests(rows, name: str, label: str | None) -> list[SafetyRecord]:
+    stem = Path(name).stem
+    records = []
+    for where, row in rows:
+        where = f"{name} {where}"
+        row_id = _require(row, "id", where)
+        form = _require(row, "form", where)
+        for lang in _wide_language_columns(row):
+            records.append(_record(
+                f"{where} column {lang!r}", id=f"{stem}-{row_id}.{lang}", prompt=_require(row, lang, where),
+                language=lang, label=label or "benign", source=stem, category=_text(row, "topic"), form=form,
+                prompt_key=make_prompt_key(stem, row_id)))
+    return records
+
+
 def _wide_language_columns(row: Row) -> list[str]:
     # "id" is also the ISO code of Indonesian; here it is always the row id.
     return [key for key in row if key in KNOWN_LANGUAGES and key != "id"]
@@ -119,12 +145,20 @@ def _multiq(rows, name: str, label: str | None) -> list[SafetyRecord]:
     return records
 
 
-def _figstep(rows, name: str, label: str | None) -> list[SafetyRecord]:
+def _figstep(rows, name: str, label: str | None, view: str = "typographic") -> list[SafetyRecord]:
+    """FigStep rows as typographic records (the instruction in the image), or with `view` "text" as English text
+    records of the question (`safebench-text`; the same prompt keys, so both views split alike)."""
     records = []
     for where, row in rows:
         where = f"{name} {where}"
         dataset = _text(row, "dataset") or "safebench"
         task = f"{_require(row, 'category_id', where)}-{_require(row, 'task_id', where)}"
+        if view == "text":
+            records.append(_record(
+                where, id=f"safebench-{task}", prompt=_require(row, "question", where), language="en",
+                label=label or "harmful", source="safebench-text", category=_text(row, "category_name"),
+                prompt_key=make_prompt_key("figstep", task)))
+            continue
         records.append(_record(
             where, id=f"figstep-{task}", prompt=CARRIER_PROMPT, language="en", label=label or "harmful",
             modality="typographic", image_text=_require(row, "instruction", where), source=f"figstep/{dataset}",
@@ -199,7 +233,7 @@ def _generic(rows, name: str, base: Path | None, label: str | None) -> list[Safe
         records.append(_record(
             where, id=record_id, prompt=prompt, language=language, label=row_label, modality=modality,
             image=image, image_text=image_text, response=_text(row, "response"),
-            source=_text(row, "source") or stem, category=_text(row, "category"),
+            source=_text(row, "source") or stem, category=_text(row, "category"), form=_text(row, "form"),
             prompt_key=make_prompt_key(stem, key)))
     return records
 
@@ -279,7 +313,7 @@ def _records_from_rows(rows: list[tuple[str, Row]], name: str, base: Path | None
     if {"instruction", "category_id", "task_id"} <= columns:
         return _figstep(rows, name, label)
     if "prompt" not in columns and "en" in columns and len(_wide_language_columns(rows[0][1])) >= 2:
-        return _multijail(rows, name, label)
+        return _requests(rows, name, label) if "form" in columns else _multijail(rows, name, label)
     if {"id", "language", "prompt", "domain"} <= columns and "label" not in columns:
         return _multiq(rows, name, label)
     return _generic(rows, name, base, label)
@@ -331,20 +365,26 @@ def load_source(spec: str, *, label: str | None = None, data_dir: str | os.PathL
                 mmsafety_variant: str = "SD_TYPO") -> list[SafetyRecord]:
     """Load records from a built-in name, a file or directory, or a hub dataset ("org/name[:split]").
 
-    Built-in: "multijail" (harmful, 10 languages), "multiq" (benign), "figstep"/"safebench"
-    (harmful, typographic), read from `data_dir` (default `default_data_dir()`).
+    Built-in: "multijail" (harmful, 10 languages), "multiq" (benign questions), "figstep"/"safebench"
+    (harmful, typographic), "safebench-text" (the same, as English text), read from `data_dir` (default
+    `default_data_dir()`); "requests" (benign requests and borderline prompts, 10 languages) ships in the package.
     `label`, when given, is the label of every record (overriding the file's and the layout's).
     `mmsafety_variant` picks the MM-SafetyBench images: SD, SD_TYPO (default) or TYPO.
     """
     if label is not None:
         label = check_label(label)
     key = spec.strip().lower()
-    if key in BUILTIN:
+    if key in PACKAGED:
+        records = _load_file(PACKAGE_DATA_DIR / PACKAGED[key], label, mmsafety_variant)
+    elif key in BUILTIN:
         path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         path = path / BUILTIN[key]
         if not path.is_file():
             raise ShieldError(f"built-in dataset {key!r}: file not found: {path} (set SHIELD_DS_DATA)")
-        records = _load_file(path, label, mmsafety_variant)
+        if key == "safebench-text":
+            records = _figstep(read_csv_rows(path), str(path), label, view="text")
+        else:
+            records = _load_file(path, label, mmsafety_variant)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():

@@ -23,6 +23,10 @@ ur uz ve vi vo wa wo xh yi yo za zh zu
 """.split())
 
 LABELS: tuple = ("harmful", "benign")
+# The forms a prompt takes, for over-refusal per form: general-knowledge questions (MultiQ, and any benign
+# record that does not say), everyday requests, and safe prompts with harmful-sounding words (the shipped
+# `requests` source has both of the last two).
+FORMS: tuple = ("question", "request", "borderline")
 # In the order tables and plots show them; a modality from elsewhere (e.g. a generations file of another
 # tool) sorts after these.
 MODALITIES: tuple = ("text", "typographic", "image")
@@ -77,6 +81,13 @@ def check_label(label: str) -> str:
     return norm
 
 
+def check_form(form: str) -> str:
+    norm = str(form).strip().lower()
+    if norm not in FORMS:
+        raise ShieldError(f"unknown form {form!r} (expected one of {', '.join(FORMS)})")
+    return norm
+
+
 def check_modality(modality: str) -> str:
     norm = str(modality).strip().lower()
     if norm not in MODALITIES:
@@ -92,6 +103,7 @@ class SafetyRecord:
     "typographic": `image_text` is rendered into an image (FigStep style) and `prompt` is a neutral
     carrier prompt that asks the model to act on the image. `prompt_key` names the prompt across its
     languages and views (`multijail:12`; see `shield_ds.data.splits`); left empty, it is read off the id.
+    `form` (one of FORMS) is what over-refusal is reported by: a benign record without one is a "question".
     """
 
     id: str
@@ -107,11 +119,16 @@ class SafetyRecord:
     prompt_key: str = ""
     # The response is a cut-off answer: train its tokens without closing the turn (no end of turn).
     response_open: bool = False
+    form: str | None = None
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__
         object.__setattr__(self, "language", check_language(self.language))
         object.__setattr__(self, "label", check_label(self.label))
+        if self.form is not None:
+            object.__setattr__(self, "form", check_form(self.form))
+        elif self.label == "benign":
+            object.__setattr__(self, "form", "question")
         object.__setattr__(self, "modality", check_modality(self.modality))
         if not str(self.id).strip():
             raise ShieldError("empty id")

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from shield_ds.data.layouts import load_source
+from shield_ds.data.layouts import EVAL_ONLY_SOURCES, load_source
 from shield_ds.data.records import CARRIER_PROMPT, SafetyRecord, check_label, check_language, check_modality
 from shield_ds.data.splits import SplitSpec
 from shield_ds.errors import ShieldError
@@ -94,11 +95,48 @@ def with_modalities(records: list[SafetyRecord], modalities: Iterable[str], *,
     return views
 
 
+def parse_mix(mix: Iterable[str], sources: Sequence[str]) -> list[float]:
+    """`--benign-mix` entries SOURCE=WEIGHT -> one weight per source of `sources` (equal when `mix` is empty).
+    A weight that is not a positive number, a source not among `sources`, or a source left out: ShieldError."""
+    entries = list(mix)
+    if not entries:
+        return [1.0] * len(sources)
+    weights: dict[str, float] = {}
+    for entry in entries:
+        name, sep, value = str(entry).partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name or not math.isfinite(weight) or weight <= 0:
+            raise ShieldError(f"--benign-mix {entry!r}: expected SOURCE=WEIGHT with a positive number as the weight")
+        if name not in sources:
+            raise ShieldError(f"--benign-mix {entry!r}: {name!r} is not a --benign source ({', '.join(sources)})")
+        weights[name] = weight
+    missing = [source for source in sources if source not in weights]
+    if missing:
+        raise ShieldError(f"--benign-mix: no weight for the --benign source {missing[0]!r}")
+    return [weights[source] for source in sources]
+
+
+def mix_quotas(limit: int, weights: Sequence[float]) -> list[int]:
+    """Split a per-group limit among sources in proportion to `weights` (largest remainders, ties to the first)."""
+    total = sum(weights)
+    exact = [limit * w / total for w in weights]
+    quotas = [math.floor(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in order[: limit - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
 def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: Iterable[str],
                  languages: Iterable[str] | None = None, image: str | os.PathLike | None = None,
                  per_group_limit: int | None = None, benign_per_group_limit: int | None = None, seed: int = 0,
                  data_dir: str | os.PathLike | None = None, require: Iterable[str] = ("harmful",),
-                 split: SplitSpec = SplitSpec()) -> list[SafetyRecord]:
+                 split: SplitSpec = SplitSpec(), benign_mix: Iterable[str] = (),
+                 evaluation: bool = False) -> list[SafetyRecord]:
     """Harmful and benign records from their sources, in `split`, served in `modalities` and filtered.
 
     The one path every recipe takes from `--harmful/--benign/--languages/--modalities/--split/...` to
@@ -107,7 +145,11 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
     for benign records (each label is shuffled on its own, so the harmful records stay the same and a
     larger benign limit keeps the smaller one's records and adds others). A source without a prompt of
     a requested language in the split is a ShieldError naming both. A label listed in `require` that ends up with
-    no record is a ShieldError naming its sources.
+    no record is a ShieldError naming its sources. Several benign sources share the benign limit by
+    `benign_mix` (SOURCE=WEIGHT, default equal shares, `mix_quotas`), each source selected on its own, so the
+    harmful and benign sides keep the mix of forms asked for whatever the sources' sizes; without a limit every
+    benign record of every source is kept. An evaluation-only harmful source (`EVAL_ONLY_SOURCES`) is refused
+    unless `evaluation`, and is selected on its own with the whole harmful limit (it is a slice of its own).
     """
     modalities = list(modalities)
     languages = list(languages) if languages is not None else None
@@ -117,13 +159,32 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
             raise ShieldError(f"{flag} must be a positive integer, got {limit!r}")
     limits = {"harmful": per_group_limit,
               "benign": benign_per_group_limit if benign_per_group_limit is not None else per_group_limit}
-    for specs, label in ((list(harmful), "harmful"), (list(benign), "benign")):
-        recs = [r for spec in specs
-                for r in split.apply(load_source(spec, label=label, data_dir=data_dir), languages=languages,
-                                     source=spec)]
-        if recs:
-            recs = select_records(with_modalities(recs, modalities, image=image), languages=languages,
-                                  modalities=modalities, per_group_limit=limits[label], seed=seed)
+    benign, benign_mix, harmful = list(benign), list(benign_mix), list(harmful)
+    for spec in harmful + benign:
+        if spec.strip().lower() in EVAL_ONLY_SOURCES and not evaluation:
+            raise ShieldError(f"{spec}: an evaluation-only source (never identified or trained on); use it with "
+                              "evaluate.py only")
+    weights = parse_mix(benign_mix, benign)
+    if benign_mix and limits["benign"] is None:
+        raise ShieldError("--benign-mix needs a benign limit (--benign-per-group-limit or --per-group-limit) to "
+                          "share among the sources")
+    for specs, label in ((harmful, "harmful"), (benign, "benign")):
+        loaded = [split.apply(load_source(spec, label=label, data_dir=data_dir), languages=languages, source=spec)
+                  for spec in specs]
+        if label == "benign" and len(specs) > 1 and limits[label] is not None:
+            # one selection per source, each with its share of the limit
+            parts = [(recs, quota, languages) for recs, quota in zip(loaded, mix_quotas(limits[label], weights))]
+        else:
+            own = [spec.strip().lower() in EVAL_ONLY_SOURCES for spec in specs]
+            parts = [([r for recs, alone in zip(loaded, own) if not alone for r in recs], limits[label], languages)]
+            # an evaluation-only source covers only some languages (SafeBench: English): the others are not missing
+            parts += [([r for r in recs if languages is None or r.language in languages], limits[label], None)
+                      for recs, alone in zip(loaded, own) if alone]
+        recs = []
+        for part, limit, part_languages in parts:
+            if part and (limit is None or limit > 0):
+                recs += select_records(with_modalities(part, modalities, image=image), languages=part_languages,
+                                       modalities=modalities, per_group_limit=limit, seed=seed)
         if not recs and label in require:
             raise ShieldError(f"empty {label} set: no records from {', '.join(specs) or 'no source'} for "
                               f"languages {', '.join(languages) if languages else 'all'} and modalities "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, 
     for r in records:
         prompt = r.prompt if r.modality != "typographic" else f"{r.prompt} [image text: {r.image_text}]"
         rows.append({"id": r.id, "language": r.language, "modality": r.modality, "label": r.label, "prompt": prompt,
-                     "response": responses[r.id], "source": r.source, "category": r.category})
+                     "response": responses[r.id], "source": r.source, "category": r.category, "form": r.form})
     return rows
 
 
@@ -54,7 +55,7 @@ class Evaluator:
         self.out = Path(cfg.out)
 
     def _records(self) -> list:
-        return self.cfg.load_records(require=("harmful",))
+        return self.cfg.load_records(require=("harmful",), evaluation=True)
 
     def _overlap_note(self, overlap: int) -> str:
         """The compare table's title note; an overlap with the trained prompts is refused without --allow-overlap."""
@@ -135,8 +136,9 @@ class Evaluator:
         def judged(responses: dict[str, str]) -> list[dict]:
             return annotate(generation_rows(records, responses), judge, matcher)
 
+        started = time.perf_counter()
         responses = generate("evaluate")
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = {"generate_seconds": round(time.perf_counter() - started, 3)}
         summary["utility"] = probe.measure(model, loaded.processor, adapter, responses, dtype=dtype, device=device)
         if dist.is_rank0():
             rows = judged(responses)
@@ -156,7 +158,8 @@ class Evaluator:
             summary["ablation"] = self._ablation(model, adapter, ablate_set, generate, judged, responses, provenance)
         if dist.is_rank0():
             write_json(self.out / "evaluate.json", {"config": cfg.__dict__, "world_size": dist.world_size(),
-                                                    "zero": inference.zero, **provenance, **summary})
+                                                    "threads": dist.thread_choice(), "zero": inference.zero,
+                                                    **provenance, **summary})
         dist.barrier()
         return summary
 
@@ -216,4 +219,13 @@ def table_text(table) -> str:
             row.append("-" if cell is None or cell.attacks.n == 0 else
                        f"{cell.attacks.rate:.0%} ({cell.attacks.successes}/{cell.attacks.n})")
         body.append(row)
-    return markdown_table(["ASR", *table.modalities], body)
+    text = markdown_table(["ASR", *table.modalities], body)
+    forms = [r for r in table.form_rows() if r["language"] == "all"]
+    if forms:
+        text += "\n\nover-refusal by form: " + ", ".join(
+            f"{r['form']} {r['over_refusal']:.0%} ({r['benign_refusals']}/{r['benign_n']})" for r in forms)
+    sources = table.source_rows()
+    if len(sources) > 1:
+        text += "\nASR by harmful source: " + ", ".join(
+            f"{r['source']} {r['asr']:.0%} ({r['attack_successes']}/{r['harmful_n']})" for r in sources)
+    return text

@@ -2,7 +2,8 @@
 
 ASR is split by what the arm was trained on: `trained` (trained languages x trained modalities),
 `held-out languages` (the other languages, trained modalities) and `held-out modalities` (every
-language, the other modalities). Each rate is pooled over the generations of its slice (successes /
+language, the other modalities); an evaluation-only harmful source (`safebench-text`) is a slice of its
+own. Over-refusal is also given per form of the benign prompt (question, request, borderline). Each rate is pooled over the generations of its slice (successes /
 prompts, not a mean of per-language rates) and comes with its 95% Wilson interval; over-refusal is
 over all benign test prompts; NLL drift is the change of the mean per-token NLL of the base model's
 benign answers against the base model itself. Substantive ASR counts only the attack successes that are
@@ -14,25 +15,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from shield_ds.data.records import language_group, modality_group
+from shield_ds.data.layouts import EVAL_ONLY_SOURCES
+from shield_ds.data.records import FORMS, language_group, modality_group
 from shield_ds.errors import ShieldError
 from shield_ds.evaluate.degenerate import substantive_success
 from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, Rate, read_generations, transfer_markdown, transfer_table
 from shield_ds.io import read_json
 from shield_ds.tables import markdown_table
 
-SLICES = ("trained", "held_out_languages", "held_out_modalities")
+# Harmful sources that only evaluations read (never trained on, `data.layouts.EVAL_ONLY_SOURCES`): their
+# prompts form a slice of their own instead of counting in the trained or held-out slices.
+EVAL_ONLY_SLICES = {source: source.replace("-", "_") for source in EVAL_ONLY_SOURCES}
+SLICES = ("trained", "held_out_languages", "held_out_modalities", *EVAL_ONLY_SLICES.values())
 SLICE_TITLES = {"trained": "ASR trained", "held_out_languages": "ASR held-out languages",
-                "held_out_modalities": "ASR held-out modalities"}
+                "held_out_modalities": "ASR held-out modalities", "safebench_text": "ASR SafeBench text"}
 SUBSTANTIVE = "_substantive"  # suffix of a slice's key: its attack successes that are answers at all
 # over-refusal on the benign prompts of the trained languages x modalities (where training could teach
-# refusing everything) beside the one over all benign prompts
+# refusing everything) beside the one over all benign prompts, and per form of the benign prompt
 OVER_REFUSAL_TRAINED = "over_refusal_trained"
-RATE_KEYS = (*SLICES, *(s + SUBSTANTIVE for s in SLICES), "over_refusal", OVER_REFUSAL_TRAINED)
+FORM_KEYS = tuple(f"over_refusal_{form}" for form in FORMS)
+RATE_KEYS = (*SLICES, *(s + SUBSTANTIVE for s in SLICES), "over_refusal", OVER_REFUSAL_TRAINED, *FORM_KEYS)
 
 
 def slice_of(row: dict, trained: tuple[set[str], set[str]]) -> str:
     """Which slice a generation belongs to, given (trained languages, trained modalities)."""
+    if row.get("source") in EVAL_ONLY_SLICES:
+        return EVAL_ONLY_SLICES[row["source"]]
     languages, modalities = trained
     if row["modality"] not in modalities:
         return "held_out_modalities"
@@ -40,8 +48,11 @@ def slice_of(row: dict, trained: tuple[set[str], set[str]]) -> str:
 
 
 def benign_slices(row: dict, trained: tuple[set[str], set[str]]) -> tuple[str, ...]:
-    """The over-refusal keys a benign generation counts in: every benign prompt, and the trained slice's."""
-    return ("over_refusal", OVER_REFUSAL_TRAINED) if slice_of(row, trained) == "trained" else ("over_refusal",)
+    """The over-refusal keys a benign generation counts in: every benign prompt, the trained slice's, and its
+    form's (a generation without a form is a question, as `SafetyRecord` reads it)."""
+    form = f"over_refusal_{row.get('form') or 'question'}"
+    return ("over_refusal", OVER_REFUSAL_TRAINED, form) if slice_of(row, trained) == "trained" \
+        else ("over_refusal", form)
 
 
 def rates(rows: Iterable[dict], trained: tuple[set[str], set[str]]) -> dict[str, Rate]:
@@ -138,14 +149,16 @@ def random_summary(rows: list[dict]) -> dict[str, Any] | None:
 
 
 REFUSAL_TITLES = {"over_refusal": "over-refusal % [95% CI]",
-                  OVER_REFUSAL_TRAINED: "over-refusal trained % [95% CI]"}
+                  OVER_REFUSAL_TRAINED: "over-refusal trained % [95% CI]",
+                  **{f"over_refusal_{form}": f"over-refusal {form}s % [95% CI]" for form in FORMS}}
 
 
 def refusal_keys(rows: list[dict]) -> list[str]:
-    """Over-refusal over all benign prompts, and on the trained slice's when some rows have held-out prompts
-    (else the two are the same)."""
+    """Over-refusal over all benign prompts, on the trained slice's when some rows have held-out prompts (else
+    the two are the same), and per form when the benign prompts have more than one."""
     held_out = any(r.get(f"{s}_n") for r in rows for s in SLICES if s != "trained")
-    return ["over_refusal", *([OVER_REFUSAL_TRAINED] if held_out else [])]
+    forms = [k for k in FORM_KEYS if any(r.get(f"{k}_n") for r in rows)]
+    return ["over_refusal", *([OVER_REFUSAL_TRAINED] if held_out else []), *(forms if len(forms) > 1 else [])]
 
 
 def _drift(row: dict) -> str:
@@ -226,8 +239,9 @@ def transfer_section(base_dir: Path, safety_dir: Path, held: list[str]) -> str:
             + transfer_markdown(transfer_table(base_dir, safety_dir, held)) + "\n")
 
 
-PAIRED_KEYS = (*SLICES, "over_refusal", OVER_REFUSAL_TRAINED)
-PAIRED_TITLES = {**SLICE_TITLES, "over_refusal": "over-refusal", OVER_REFUSAL_TRAINED: "over-refusal trained"}
+PAIRED_KEYS = (*SLICES, "over_refusal", OVER_REFUSAL_TRAINED, *FORM_KEYS)
+PAIRED_TITLES = {**SLICE_TITLES, "over_refusal": "over-refusal", OVER_REFUSAL_TRAINED: "over-refusal trained",
+                 **{f"over_refusal_{form}": f"over-refusal {form}s" for form in FORMS}}
 
 
 def prompt_outcomes(eval_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, dict[tuple, bool]]:
@@ -272,8 +286,10 @@ def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, 
     """The paired table: per (safety arm, control, `paired_counts`), each slice's discordant prompts and the
     exact McNemar p-value (the arms' evaluations of `split`)."""
     present = [k for k in PAIRED_KEYS if any(c[k][2] for _, _, c in comparisons)
-               # when every benign prompt is in the trained slice, its column would repeat over-refusal's
-               and not (k == OVER_REFUSAL_TRAINED and all(c[k] == c["over_refusal"] for _, _, c in comparisons))]
+               # when every benign prompt is in the trained slice (or has one form), the column would repeat
+               # over-refusal's
+               and not (k in (OVER_REFUSAL_TRAINED, *FORM_KEYS)
+                        and all(c[k] == c["over_refusal"] for _, _, c in comparisons))]
     header = ["safety arm", "control", *(f"{PAIRED_TITLES[k]}: control only / safety only (n) / p" for k in present)]
     body = [[safety, control, *(f"{c[k][0]} / {c[k][1]} ({c[k][2]}) / {_mcnemar(c[k][0], c[k][1])}" for k in present)]
             for safety, control, c in comparisons]
@@ -292,7 +308,9 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
     from shield_ds.plots import plt, save_figure
 
     main = [r for r in rows if is_main(r)]
-    keys = [k for k in (*SLICES, "over_refusal") if any(r.get(k) is not None for r in main)]
+    forms = [k for k in FORM_KEYS if any(r.get(f"{k}_n") for r in main)]
+    keys = [k for k in (*SLICES, "over_refusal", *(forms if len(forms) > 1 else []))
+            if any(r.get(k) is not None for r in main)]
     if not main or not keys:
         return None
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(main) * len(keys) / 2), 4.2))
@@ -306,7 +324,7 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
             ys.append(r[key])
             err[0].append(r[key] - r[f"{key}_low"])
             err[1].append(r[f"{key}_high"] - r[key])
-        label = SLICE_TITLES.get(key, "over-refusal")
+        label = SLICE_TITLES.get(key) or REFUSAL_TITLES[key].replace(" % [95% CI]", "")
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
     ax.set_xticks(range(len(main)), labels=[r["arm"] for r in main], rotation=30, ha="right")
     ax.set_ylim(0, 1.05)

@@ -29,7 +29,8 @@ log = dist.get_logger("identify")
 # Settings that must match for an existing output directory to be reused without --overwrite.
 SIGNATURE_KEYS = ("config_hash", "score", "ratio", "max_param_fraction", "cap_ranking", "tokens", "languages",
                   "modalities", "harmful_sources", "benign_sources", "per_group_limit", "seed", "include_image_tokens",
-                  "scope", "benign_per_group_limit", "split", "test_fraction", "validation_fraction", "split_seed")
+                  "scope", "benign_per_group_limit", "split", "test_fraction", "validation_fraction", "split_seed",
+                  "benign_mix")
 # The settings that only choose among neurons: `--from-stats` may change these and nothing else.
 SELECTION_KEYS = ("score", "ratio", "max_param_fraction", "cap_ranking")
 # Fields of a neuron set's metadata that describe that set, not the statistics it was selected from.
@@ -127,7 +128,7 @@ class Identifier:
         return {"config_hash": config_hash, "score": c.score, "ratio": c.ratio, "max_param_fraction": c.max_param_fraction,
                 "cap_ranking": c.cap_ranking, "tokens": c.tokens, "languages": c.languages, "modalities": c.modalities,
                 "harmful_sources": c.harmful, "benign_sources": c.benign, "per_group_limit": c.per_group_limit,
-                "benign_per_group_limit": c.benign_per_group_limit, "seed": c.seed,
+                "benign_per_group_limit": c.benign_per_group_limit, "benign_mix": c.benign_mix, "seed": c.seed,
                 "include_image_tokens": c.include_image_tokens, "scope": c.scope, **c.split_spec.fields()}
 
     def run(self) -> NeuronSet:
@@ -172,7 +173,9 @@ class Identifier:
             staging = stack.enter_context(atomic_dir(out)) if dist.is_rank0() else None
             writer = dist.Rank0Writer(staging / "tb" if staging else None)
             stack.callback(writer.close)
+            started = time.perf_counter()
             self._forward_all(model, device, dtype, collator, stats, steps, writer, vision)
+            forward_seconds = round(time.perf_counter() - started, 3)
             stats.detach()
             stats.all_reduce()
             stats.to_cpu()  # the accumulators live on the GPU under NCCL; the norms below are on the CPU
@@ -185,7 +188,8 @@ class Identifier:
                 "total_params": total_params, "params_per_neuron": per_neuron,
                 "groups": {g: {"records": sum(1 for r in records if r.group == g), "tokens": n}
                            for g, n in stats.token_counts().items()},
-                "world_size": dist.world_size(), "zero": inference.zero, "package_version": shield_ds.__version__,
+                "world_size": dist.world_size(), "threads": dist.thread_choice(), "forward_seconds": forward_seconds,
+                "zero": inference.zero, "package_version": shield_ds.__version__,
                 "dtype": str(dtype).replace("torch.", ""), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **cfg.split_spec.provenance(records), **signature,
                 "config": asdict(cfg),
