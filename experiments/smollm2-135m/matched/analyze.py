@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     runs = {"old (questions)": args.old, "matched (questions + requests)": args.new}
-    data = {(mix, arm): outcomes(run, arm) for mix, run in runs.items() for arm in ARMS}
+    # arms evaluated in both runs (DEVIATIONS.md: one random seed per mix in the first run)
+    arms = [arm for arm in ARMS if all((eval_dir(run, arm) / GENERATIONS_FILE).is_file() for run in runs.values())]
+    data = {(mix, arm): outcomes(run, arm) for mix, run in runs.items() for arm in arms}
     header = ["mix", "arm", *(title + " % [95% CI]" for _, title in MEASURES)]
-    body = [[mix, arm, *(rate(data[mix, arm].get(key)) for key, _ in MEASURES)] for mix in runs for arm in ARMS]
+    body = [[mix, arm, *(rate(data[mix, arm].get(key)) for key, _ in MEASURES)] for mix in runs for arm in arms]
     old, new = (data[mix, "safety"] for mix in runs)
     lines = ["| measure | old safety only | matched safety only | prompts | exact McNemar p |", "|---|---:|---:|---:|---:|"]
     for key, title in [("refusal_matched_trained", "refusals, requests + borderline, trained languages"),
