@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
 INFER_CONFIG = "ds_configs/zero3_infer.json"
@@ -112,7 +112,8 @@ def plain_generate(model, processor, adapter, records: list, *, batch_size: int,
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config
+    from shield_ds.engine import ShieldEngine, resolve_ds_config
+    from shield_ds.process_group import init_distributed
     from shield_ds.evaluate.generate import generate_responses
 
     init_distributed()

@@ -31,7 +31,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error  # noqa: E402
+from shield_ds.errors import ShieldError  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
 TINY = {"tiny-llava": "llava", "tiny-llama": "llama"}

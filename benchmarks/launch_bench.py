@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
 from run import child_env, free_port, remove_shm_buffers  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import read_json, write_json  # noqa: E402
 
 SETTINGS = ("as launched", "1 thread/rank", "all cores/rank")

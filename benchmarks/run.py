@@ -41,7 +41,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_text  # noqa: E402
 
 # Per size: micro-batch per rank, max tokens per sequence, records (cycled through by the steps).

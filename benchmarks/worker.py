@@ -21,8 +21,9 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
-from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.engine import ShieldEngine, resolve_ds_config  # noqa: E402
+from shield_ds.process_group import init_distributed  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
 
 IDENTIFY_CONFIG = "ds_configs/zero3_infer.json"

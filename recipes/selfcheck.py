@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.errors import ToolParser  # noqa: E402
+from shield_ds.process_group import ToolParser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,12 +189,12 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, embedded_de
     from shield_ds import dist
 
     if distributed:
-        from shield_ds.engine import init_distributed
+        from shield_ds.process_group import init_distributed
 
         init_distributed(cpu_threads=getattr(cfg, "cpu_threads", None))
     dist.setup_logging()
     if getattr(cfg, "model", None) == default_model_path():
-        from shield_ds.defaults import default_model
+        from shield_ds.models.tiny import default_model
 
         default_model()
     dist.get_logger("config").info("%s (%s): %s", cls.__name__, where, json.dumps(dataclasses.asdict(cfg)))

@@ -1,12 +1,13 @@
-"""The embedded defaults: the tiny demo checkpoint and the shared data directory."""
+"""The embedded defaults (ground floor): where the tiny demo checkpoint lives and how to recognise one.
+`shield_ds.models.tiny.default_model` builds it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from shield_ds import dist
-from shield_ds.io import atomic_dir
+from shield_ds.errors import ShieldError
+from shield_ds.io import read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCH = "llava"
@@ -26,9 +27,6 @@ def default_model_dir() -> Path:
 def is_tiny_checkpoint(model: str | os.PathLike) -> bool:
     """Whether `model` is a tiny generated checkpoint: its config.json carries TINY_MARKER, or it is the
     embedded default's directory (built before the marker existed)."""
-    from shield_ds.errors import ShieldError
-    from shield_ds.io import read_json
-
     path = Path(model)
     if (path / "config.json").is_file():
         try:
@@ -38,15 +36,3 @@ def is_tiny_checkpoint(model: str | os.PathLike) -> bool:
         if isinstance(config, dict) and config.get(TINY_MARKER):
             return True
     return path.exists() and path.resolve() == default_model_dir().resolve()
-
-
-def default_model() -> Path:
-    """The tiny default checkpoint, built (seeded, identical every time) by rank 0 on first use."""
-    from shield_ds.models.tiny import build_tiny
-
-    path = default_model_dir()
-    if not (path / "config.json").exists() and dist.is_rank0():
-        with atomic_dir(path) as tmp:
-            build_tiny(DEFAULT_ARCH, tmp)
-    dist.barrier()
-    return path

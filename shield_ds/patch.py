@@ -26,7 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.io import atomic_dir, atomic_path
 
 FORMAT = "shield_ds.patch"

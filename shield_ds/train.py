@@ -39,8 +39,10 @@ import shield_ds
 from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, EngineConfig, option, redefault
 from shield_ds.data.records import check_language
-from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, exit_distributed,
-                              gathered, read_run_info, resolve_ds_config, zero_stage)
+from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, read_run_info,
+                              resolve_ds_config, zero_stage)
+from shield_ds.process_group import exit_distributed
+from shield_ds.zero_internals import gathered
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_jsonl, write_json, write_text
 from shield_ds.trainable import LORA_TARGETS, LoraSettings, ffn_parameters, is_lora_layer, lora_delta

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from shield_ds.engine import SHM_BUFFER_PREFIX  # noqa: E402  (imports torch: after the thread settings above)
+from shield_ds.process_group import SHM_BUFFER_PREFIX  # noqa: E402  (imports torch: after the thread settings above)
 
 
 def data_dir() -> Path:
@@ -140,7 +140,7 @@ def timeout_above(*inner: float) -> pytest.MarkDecorator:
     return pytest.mark.timeout(sum(inner) + TIMEOUT_MARGIN)
 
 
-# DeepSpeed's CPU backend names one ~70 MB all-reduce buffer per rank; `engine.init_distributed` unlinks
+# DeepSpeed's CPU backend names one ~70 MB all-reduce buffer per rank; `process_group.init_distributed` unlinks
 # them once every rank mapped them, but a rank killed before that (a timeout, a test that kills a launch
 # on purpose) leaves its buffer behind until reboot.
 SHM_BUFFERS = f"{SHM_BUFFER_PREFIX}_{os.getuid()}_*"

@@ -36,16 +36,6 @@ class EvalConfig(DataConfig, InferenceConfig):
     ablate_controls: int = option(3, "random control sets for --ablate")
 
 
-def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, Any]]:
-    """One generations.jsonl row per record (without verdicts)."""
-    rows = []
-    for r in records:
-        prompt = r.prompt if r.modality != "typographic" else f"{r.prompt} [image text: {r.image_text}]"
-        rows.append({"id": r.id, "language": r.language, "modality": r.modality, "label": r.label, "prompt": prompt,
-                     "response": responses[r.id], "source": r.source, "category": r.category, "form": r.form})
-    return rows
-
-
 class Evaluator:
     """Generates on every rank (its shard of the prompts; in lockstep under ZeRO-3), judges on rank 0,
     writes the ASR tables."""
@@ -82,7 +72,7 @@ class Evaluator:
         error, judge = None, None
         if dist.is_rank0():
             try:
-                judge = ModelJudge.from_pretrained(self.cfg.judge)
+                judge = load_judge(self.cfg.judge)
             except ShieldError as exc:
                 error = str(exc)
         error = dist.broadcast_object(error)
@@ -196,15 +186,6 @@ class Evaluator:
             write_text(self.out / "ablation.md", md + "\n")
             print(md, flush=True)
         return results
-
-
-def overall(rows: list[dict]) -> dict[str, float]:
-    """Overall harmful refusal rate, ASR and benign over-refusal of judged generation rows."""
-    harmful = [r for r in rows if r["label"] == "harmful"]
-    benign = [r for r in rows if r["label"] == "benign"]
-    rate = lambda xs, key: sum(bool(x[key]) for x in xs) / len(xs) if xs else 0.0  # noqa: E731
-    return {"harmful_refusal": rate(harmful, "refused"), "asr": rate(harmful, "attack_success"),
-            "benign_over_refusal": rate(benign, "refused"), "harmful_n": len(harmful), "benign_n": len(benign)}
 
 
 def table_text(table) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, read_generations, write_generations
+from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, generation_rows, read_generations, write_generations
 from shield_ds.io import read_json, write_json, write_text
 from shield_ds.tables import markdown_table
 
@@ -131,8 +131,6 @@ class UtilityProbe:
     def _check_rows(self, rows: list[dict], where: str, required: bool = True) -> int:
         """How many answers are for this run's benign prompts (by id and prompt); none is an error when
         `required`, and an answer for another prompt under a matching id always is."""
-        from shield_ds.evaluate.evaluator import generation_rows
-
         expected = {row["id"]: row["prompt"] for row in generation_rows(self.benign, {r.id: "" for r in self.benign})}
         matched = 0
         for row in rows:

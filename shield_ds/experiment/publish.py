@@ -19,7 +19,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.evaluate.degenerate import degeneration
 from shield_ds.experiment.runner import BUDGETS_DIR, SELECTIONS_DIR, split_name
 from shield_ds.io import read_json, write_text

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as torch_dist
 
 from shield_ds import dist
-from shield_ds.engine import init_distributed
+from shield_ds.process_group import init_distributed
 from shield_ds.launch.env import export_distributed_env
 from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue, restart_count
 

@@ -91,7 +91,7 @@ def run_recipe(recipe: str, args: list[str]) -> int:
     saved_argv = sys.argv
     sys.argv = [str(path), *args]
     try:
-        from shield_ds.engine import hosted_recipe
+        from shield_ds.process_group import hosted_recipe
 
         with hosted_recipe():
             runpy.run_path(str(path), run_name="__main__")

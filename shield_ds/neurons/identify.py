@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import shield_ds
 from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, InferenceConfig, option
-from shield_ds.engine import ShieldEngine, gathered, resolve_ds_config
+from shield_ds.engine import ShieldEngine, resolve_ds_config
+from shield_ds.zero_internals import gathered
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
