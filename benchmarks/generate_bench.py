@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from shield_ds.errors import ShieldError  # noqa: E402
 from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
+from shield_ds.models.tiny import build_tiny  # noqa: E402
 
 TINY = {"tiny-llava": "llava", "tiny-llama": "llama"}
 HIDE_KERNELS = "import sys; sys.modules['kernels'] = None"  # `import kernels` then fails: transformers sees none
@@ -86,8 +87,6 @@ def install_version(version: str, work_dir: Path) -> Path:
 def resolve_model(name: str, work_dir: Path) -> Path:
     """A tiny generated checkpoint (built once with the installed transformers) or a checkpoint directory."""
     if name in TINY:
-        from shield_ds.models.tiny import build_tiny
-
         out = work_dir / f"generate-{name}"
         if not (out / "config.json").is_file():
             build_tiny(TINY[name], out)

@@ -17,7 +17,6 @@ and loading are left out. Settings alternate within each round. Ratios are again
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -31,9 +30,10 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
-from run import child_env, free_port, remove_shm_buffers  # noqa: E402
+from run import child_env, remove_shm_buffers  # noqa: E402
 from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import read_json, write_json  # noqa: E402
+from shield_ds.launch.env import free_local_port  # noqa: E402
 
 SETTINGS = ("as launched", "1 thread/rank", "all cores/rank")
 # stage -> (recipe, extra flags, JSON file, what to read)
@@ -65,7 +65,7 @@ def run_stage(stage: str, setting: str, work: Path, ranks: int, identify_dir: Pa
     out = work / f"{stage.replace(' ', '_')}-{setting.replace(' ', '_').replace('/', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--neurons", str(identify_dir)] if stage == "train" else []
-    port = free_port()
+    port = free_local_port()
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port),
            str(REPO / "recipes" / recipe), "--out", str(out), *flags, *extra, *thread_flags]
     started = time.perf_counter()

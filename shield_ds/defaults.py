@@ -10,6 +10,9 @@ from shield_ds.errors import ShieldError
 from shield_ds.io import read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Run outputs (runs/...) go under the checkout when the package runs from one (an editable install), else
+# under the working directory, like every recipe's --out.
+RUNS_ROOT = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
 DEFAULT_ARCH = "llava"
 # config.json entry that marks a checkpoint built by shield_ds.models.tiny (random weights, byte-level
 # tokenizer); exports of a trained tiny model copy the base's config.json, so they carry it too.
@@ -21,7 +24,7 @@ TINY_NOTE = ("The model is one of the project's tiny generated checkpoints: its 
 
 def default_model_dir() -> Path:
     """Where the tiny default checkpoint lives (env SHIELD_DS_DEFAULT_MODEL overrides)."""
-    return Path(os.environ.get("SHIELD_DS_DEFAULT_MODEL", REPO_ROOT / "runs" / "models" / f"tiny-{DEFAULT_ARCH}"))
+    return Path(os.environ.get("SHIELD_DS_DEFAULT_MODEL", RUNS_ROOT / "runs" / "models" / f"tiny-{DEFAULT_ARCH}"))
 
 
 def is_tiny_checkpoint(model: str | os.PathLike) -> bool:

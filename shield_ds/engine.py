@@ -6,42 +6,44 @@ arithmetic, dtype choice, ZeRO-3 parameter gathering and checkpoint layout live 
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import copy
-import glob
 import json
 import math
 import os
 import re
 import shutil
-import socket
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, read_mapping, write_json
-from shield_ds.zero_internals import gathered, is_partitioned
+from shield_ds.zero_internals import full_numel
+from shield_ds.loss import response_loss, response_window
+from shield_ds.masking import GradientMasker, build_masks, delta_masks
+from shield_ds.models import count_parameters, load_model
+from shield_ds.patch import resolve_checkpoint_dir
+from shield_ds.trainable import setup_trainable
 
 log = dist.get_logger("engine")
 
 COMPLETE_MARKER = "COMPLETE"
 RUN_INFO_FILE = "run_info.json"  # beside a checkpoint: what the run that wrote it was (see save_checkpoint)
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # package data; <checkout>/ds_configs links here
 
 
 # --- ds_config ---------------------------------------------------------------------------------
 def load_ds_config(path_or_dict: str | os.PathLike | dict) -> dict:
-    """Read a DeepSpeed JSON config (a path, or a name under ds_configs/); errors name the file."""
+    """Read a DeepSpeed JSON config: a path, or a shipped config by name (`zero3_fp32.json`) or as
+    `ds_configs/NAME` from any working directory; errors name the file."""
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict)
     path = Path(path_or_dict)
-    if not path.exists() and (DS_CONFIG_DIR / path).exists():
-        path = DS_CONFIG_DIR / path
+    if not path.exists():
+        shipped = DS_CONFIG_DIR / (path.name if path.parent == Path("ds_configs") else path)
+        path = shipped if shipped.exists() else path
     return read_mapping(path, "DeepSpeed config")
 
 
@@ -149,8 +151,6 @@ def replica_fits_on_every_rank(model: str | os.PathLike, dtype: torch.dtype) -> 
     Free memory differs between ranks, and a rank that takes the replica path while another takes ZeRO-3
     would wait forever in the next collective; so one "no" anywhere is "no" everywhere.
     """
-    from shield_ds.patch import resolve_checkpoint_dir
-
     try:
         fits = fits_replicated(resolve_checkpoint_dir(model), dtype)
     except ShieldError:
@@ -223,7 +223,6 @@ class ShieldEngine:
         """Wrap an already loaded model (`shield_ds.models.LoadedModel`); prefer `ShieldEngine.load`."""
         import deepspeed
 
-        from shield_ds.models import count_parameters
 
         check_mode(mode)
         self.mode, self.loaded = mode, loaded
@@ -240,7 +239,6 @@ class ShieldEngine:
         else:
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            from shield_ds.trainable import setup_trainable
 
             self.lora = setup_trainable(model, loaded.adapter, mode, neuron_set, lora)
         if ds_config is None:  # inference on a plain replica
@@ -265,8 +263,6 @@ class ShieldEngine:
         if not training:
             self.module.eval()
         elif mode in MASKED_MODES:
-            from shield_ds.masking import GradientMasker, build_masks, delta_masks
-
             masks = (build_masks(self.module, loaded.adapter, neuron_set) if mode == "mask"
                      else delta_masks(self.module))
             self.masker = GradientMasker(self.ds, masks)
@@ -283,8 +279,6 @@ class ShieldEngine:
         need `neuron_set`, lora `lora` (`shield_ds.trainable.LoraSettings`); `lr_scheduler` is passed to
         deepspeed.initialize (a callable of the optimizer).
         """
-        from shield_ds.models import load_model
-
         check_mode(mode)
         dtype = config_dtype(ds_config) if ds_config else torch.float32
         if mode == "infer" and choose_zero(zero, ds_config, model, dtype) == "off":
@@ -317,8 +311,6 @@ class ShieldEngine:
         the weighted response loss, backward, then `step`. Returns the per-sample losses (detached) and
         whether an optimizer step was taken (the accumulation boundary). `logits_window` False computes
         logits on every position (the same loss; the benchmark's baseline)."""
-        from shield_ds.loss import response_loss, response_window
-
         keep = response_window(batch.labels) if logits_window else batch.labels.shape[1]
         logits = self.ds(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
         per_sample = response_loss(logits, batch.labels[:, -keep:])
@@ -355,8 +347,6 @@ class ShieldEngine:
 
     def optimizer_params(self) -> int:
         """Parameters the optimizer holds (full sizes under ZeRO-3)."""
-        from shield_ds.zero_internals import full_numel
-
         return sum(full_numel(p) for p in self.module.parameters() if p.requires_grad)
 
     def destroy(self) -> None:

@@ -12,6 +12,18 @@ from shield_ds.config import DataConfig, InferenceConfig, Modality, Split, optio
 from shield_ds.engine import ShieldEngine, resolve_ds_config
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
+from shield_ds.data.splits import OVERLAP_NOTE, overlap_note, trained_overlap
+from shield_ds.evaluate.ablation import ablate_neurons, random_like
+from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, compare_page, generation_rows, overall,
+                                    write_asr_reports, write_generations)
+from shield_ds.evaluate.generate import generate_responses
+from shield_ds.evaluate.judge_loader import load_judge
+from shield_ds.evaluate.judges import annotate
+from shield_ds.evaluate.refusal import RefusalMatcher
+from shield_ds.evaluate.utility import UtilityProbe
+from shield_ds.models import config_hash, get_adapter, load_config
+from shield_ds.neurons import NeuronSet
+from shield_ds.tables import markdown_table, rows_to_csv
 
 log = dist.get_logger("evaluate")
 
@@ -49,8 +61,6 @@ class Evaluator:
 
     def _overlap_note(self, overlap: int) -> str:
         """The compare table's title note; an overlap with the trained prompts is refused without --allow-overlap."""
-        from shield_ds.data.splits import OVERLAP_NOTE, overlap_note
-
         cfg = self.cfg
         if overlap:
             log.warning("%s was trained on %d of the evaluated prompts (--split %s)", cfg.model, overlap, cfg.split)
@@ -63,9 +73,6 @@ class Evaluator:
 
     def _judges(self):
         """(attack-success judge, refusal matcher); a bad judge path fails on every rank before any work."""
-        from shield_ds.evaluate.judges import ModelJudge
-        from shield_ds.evaluate.refusal import RefusalMatcher
-
         matcher = RefusalMatcher.from_file(self.cfg.refusal_phrases) if self.cfg.refusal_phrases else RefusalMatcher()
         if self.cfg.judge is None:
             return matcher, matcher
@@ -81,14 +88,6 @@ class Evaluator:
         return judge, matcher
 
     def run(self) -> dict[str, Any]:
-        from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, compare_page, write_asr_reports,
-                                            write_generations)
-        from shield_ds.evaluate.generate import generate_responses
-        from shield_ds.data.splits import trained_overlap
-        from shield_ds.evaluate.judges import annotate
-        from shield_ds.models import get_adapter, load_config
-        from shield_ds.neurons import NeuronSet
-
         cfg = self.cfg
         adapter = get_adapter(load_config(cfg.model))
         adapter.check_modalities(cfg.modalities)
@@ -100,8 +99,6 @@ class Evaluator:
         provenance = cfg.split_spec.provenance(records)
         note = self._overlap_note(overlap)
         judge, matcher = self._judges()
-        from shield_ds.evaluate.utility import UtilityProbe
-        from shield_ds.models import config_hash
 
         probe = UtilityProbe(cfg, records, self.out, config_hash(load_config(cfg.model)))
 
@@ -112,8 +109,6 @@ class Evaluator:
         loaded, model, device, dtype = inference.loaded, inference.module, inference.device, inference.dtype
         zero3 = inference.zero3
         if ablate_set is not None:
-            from shield_ds.models import config_hash
-
             ablate_set.check_matches(config_hash(loaded.config), adapter.num_layers(loaded.config),
                                      adapter.intermediate_size(loaded.config), adapter.hidden_size(loaded.config),
                                      where=f"neuron set {cfg.ablate}", model=str(cfg.model))
@@ -157,9 +152,6 @@ class Evaluator:
                   provenance: dict[str, Any]) -> list[dict]:
         """Answers with the set's neurons zeroed, and with random controls; ablation.json/.csv/.md on rank 0
         (the JSON: the evaluated prompts' split provenance and `variants`, one row per ablation)."""
-        from shield_ds.evaluate.ablation import ablate_neurons, random_like
-        from shield_ds.tables import markdown_table, rows_to_csv
-
         variants = [("safety neurons", neuron_set)] + [(f"random control (seed {s})", random_like(neuron_set, s))
                                                        for s in range(self.cfg.ablate_controls)]
         base = overall(judged(base_responses)) if dist.is_rank0() else {}
@@ -190,8 +182,6 @@ class Evaluator:
 
 def table_text(table) -> str:
     """A compact ASR table for the console."""
-    from shield_ds.tables import markdown_table
-
     body = []
     for lang in table.languages:
         row = [lang]

@@ -15,7 +15,6 @@ The judges do not look at the record's label: ASR is computed on harmful prompts
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from shield_ds.dist import device as rank_device, get_logger

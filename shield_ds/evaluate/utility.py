@@ -32,6 +32,8 @@ from shield_ds.errors import ShieldError
 from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, generation_rows, read_generations, write_generations
 from shield_ds.io import read_json, write_json, write_text
 from shield_ds.tables import markdown_table
+from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+from shield_ds.loss import response_nll, response_window
 
 log = dist.get_logger("evaluate.utility")
 
@@ -219,9 +221,6 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
     Same on every rank: the batches are sharded in lockstep (zero-weight fillers keep the forwards equal)
     and one all_reduce sums the float64 totals.
     """
-    from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-    from shield_ds.loss import response_nll, response_window
-
     collator = SafetyCollator(processor, adapter, train=True)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     steps = shard_batches(plan_batches(records, batch_size), dist.rank(), dist.world_size()) if records else []
