@@ -17,9 +17,11 @@ DEFAULT_ARCH = "llava"
 # config.json entry that marks a checkpoint built by shield_ds.models.tiny (random weights, byte-level
 # tokenizer); exports of a trained tiny model copy the base's config.json, so they carry it too.
 TINY_MARKER = "shield_ds_tiny"
-TINY_NOTE = ("The model is one of the project's tiny generated checkpoints: its numbers are not expected to "
-             "move (a random byte-level model cannot learn refusals) and only show the machinery; measured "
-             "differences between arms on it are noise. Real models: `experiments/`.")
+TINY_NOTE = ("The model is one of the project's tiny generated checkpoints (random weights, a byte-level "
+             "tokenizer): it shows the machinery, not the method. Its numbers do move: a trained arm can learn to "
+             "emit the refusal template to every prompt (ASR near 0% with over-refusal near 100%), which says "
+             "nothing about safety neurons; a difference between arms here is not evidence either way. Real "
+             "models: `experiments/`.")
 
 
 def default_model_dir() -> Path:
