@@ -39,8 +39,12 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error, init_distributed  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
+from shield_ds.data import SafetyCollator, plan_batches  # noqa: E402
+from shield_ds.engine import ShieldEngine, resolve_ds_config  # noqa: E402
+from shield_ds.evaluate.generate import generate_responses  # noqa: E402
+from shield_ds.zero_internals import held_numel  # noqa: E402
 
 INFER_CONFIG = "ds_configs/zero3_infer.json"
 
@@ -85,16 +89,12 @@ def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters this rank holds: ZeRO-3 partitions (plus persistent parameters), else everything."""
-    from shield_ds.zero_internals import held_numel
-
     return sum(held_numel(p) * p.element_size() for p in model.parameters())
 
 
 @torch.no_grad()
 def plain_generate(model, processor, adapter, records: list, *, batch_size: int, max_new_tokens: int) -> dict[str, str]:
     """{record id: answer} from `model.generate` batch by batch in this process (greedy, KV cache)."""
-    from shield_ds.data import SafetyCollator, plan_batches
-
     collator = SafetyCollator(processor, adapter)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -112,8 +112,6 @@ def plain_generate(model, processor, adapter, records: list, *, batch_size: int,
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config
-    from shield_ds.evaluate.generate import generate_responses
 
     init_distributed()
     records, source = sb.benchmark_records(args.records, args.data_dir, args.seed, max_prompt_bytes=args.max_prompt_bytes)

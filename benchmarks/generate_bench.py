@@ -31,8 +31,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error  # noqa: E402
+from shield_ds.errors import ShieldError  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
+from shield_ds.tables import markdown_table  # noqa: E402
+from shield_ds.models.tiny import build_tiny  # noqa: E402
 
 TINY = {"tiny-llava": "llava", "tiny-llama": "llama"}
 HIDE_KERNELS = "import sys; sys.modules['kernels'] = None"  # `import kernels` then fails: transformers sees none
@@ -85,8 +88,6 @@ def install_version(version: str, work_dir: Path) -> Path:
 def resolve_model(name: str, work_dir: Path) -> Path:
     """A tiny generated checkpoint (built once with the installed transformers) or a checkpoint directory."""
     if name in TINY:
-        from shield_ds.models.tiny import build_tiny
-
         out = work_dir / f"generate-{name}"
         if not (out / "config.json").is_file():
             build_tiny(TINY[name], out)
@@ -128,21 +129,21 @@ def measure(model: Path, extra_env: dict[str, str], args: argparse.Namespace) ->
 
 
 def table(results: dict[str, dict[str, list[dict]]], baseline: str) -> str:
-    lines = ["| model | variant | transformers | tokens/s (median pass) | tokens/s (best pass) | "
-             f"ratio to {baseline} | same tokens |", "|---|---|---|---:|---:|---:|:---:|"]
+    """Per model and variant: tokens/s of the median and the best pass, the ratio to `baseline`, same tokens."""
+    body = []
     for model, per_variant in results.items():
         base_hash = per_variant[baseline][0]["tokens_sha256"] if baseline in per_variant else None
         rate = {}
         for name, runs in per_variant.items():
             passes = [t for run in runs for t in run["pass_seconds"]]
-            tokens = runs[0]["tokens_per_pass"]
-            rate[name] = (tokens / statistics.median(passes), tokens / min(passes))
+            rate[name] = (runs[0]["tokens_per_pass"] / statistics.median(passes), runs[0]["tokens_per_pass"] / min(passes))
         for name, runs in per_variant.items():
             ratio = rate[name][0] / rate[baseline][0] if baseline in rate else float("nan")
             same = all(run["tokens_sha256"] == base_hash for run in runs)
-            lines.append(f"| {Path(model).name} | {name} | {runs[0]['transformers']} | {rate[name][0]:.0f} | "
-                         f"{rate[name][1]:.0f} | {ratio:.2f} | {'yes' if same else '**no**'} |")
-    return "\n".join(lines)
+            body.append([Path(model).name, name, runs[0]["transformers"], f"{rate[name][0]:.0f}", f"{rate[name][1]:.0f}",
+                         f"{ratio:.2f}", "yes" if same else "**no**"])
+    return markdown_table(["model", "variant", "transformers", "tokens/s (median pass)", "tokens/s (best pass)",
+                           f"ratio to {baseline}", "same tokens"], body)
 
 
 @exit_on_error

@@ -34,9 +34,14 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_text  # noqa: E402
-from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
+from shield_ds.engine import ShieldEngine, resolve_ds_config  # noqa: E402
+from shield_ds.process_group import init_distributed  # noqa: E402
+from shield_ds.models import LoadedModel, count_parameters, get_adapter  # noqa: E402
+from shield_ds.models.loader import import_model_classes  # noqa: E402
+from shield_ds.models.tiny import BUILDERS  # noqa: E402
+from shield_ds.plan_presets import llava_15_7b  # noqa: E402
 
 
 def with_text_layers(config, layers: int):
@@ -51,9 +56,6 @@ def with_text_layers(config, layers: int):
 
 def base_config(toy: bool):
     """(config, processor): the LLaVA-1.5-7B preset, or the tiny llava config with --toy."""
-    from shield_ds.models.tiny import BUILDERS
-    from shield_ds.plan_presets import llava_15_7b
-
     tiny_config, processor = BUILDERS["llava"]("llava")
     return (tiny_config if toy else llava_15_7b()), processor
 
@@ -64,8 +66,6 @@ def build_model(config, processor, ds_config: dict, dtype: torch.dtype):
     from transformers import AutoModelForImageTextToText
     from transformers.integrations import HfDeepSpeedConfig
 
-    from shield_ds.models import LoadedModel, get_adapter
-    from shield_ds.models.loader import import_model_classes
 
     import_model_classes(config, AutoModelForImageTextToText)  # outside zero.Init (see its docstring)
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # must exist before the model is created
@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     # identify at full depth
     baseline = meter.current()
     loaded = build_model(config, processor, infer_cfg, dtype)
-    from shield_ds.models import count_parameters
 
     results["total_params_full"] = count_parameters(loaded.model)
     engine = ShieldEngine(loaded, infer_cfg, **sb.engine_args("identify"))

@@ -17,7 +17,6 @@ and loading are left out. Settings alternate within each round. Ratios are again
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -31,9 +30,11 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
-from run import child_env, free_port, remove_shm_buffers  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from run import child_env, remove_shm_buffers  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import read_json, write_json  # noqa: E402
+from shield_ds.tables import markdown_table  # noqa: E402
+from shield_ds.launch.env import free_local_port  # noqa: E402
 
 SETTINGS = ("as launched", "1 thread/rank", "all cores/rank")
 # stage -> (recipe, extra flags, JSON file, what to read)
@@ -65,7 +66,7 @@ def run_stage(stage: str, setting: str, work: Path, ranks: int, identify_dir: Pa
     out = work / f"{stage.replace(' ', '_')}-{setting.replace(' ', '_').replace('/', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--neurons", str(identify_dir)] if stage == "train" else []
-    port = free_port()
+    port = free_local_port()
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port),
            str(REPO / "recipes" / recipe), "--out", str(out), *flags, *extra, *thread_flags]
     started = time.perf_counter()
@@ -98,17 +99,15 @@ UNITS = {"identify": "ms / record", "train": "s / step"}
 
 
 def table(runs: dict[str, dict[str, list[dict]]]) -> str:
-    head = " | ".join(SETTINGS)
-    lines = [f"| stage | unit | {head} | as launched / 1 thread | all cores / 1 thread |",
-             "|---|---|" + "---:|" * (len(SETTINGS) + 2)]
+    """Per stage: each setting's median time per unit of work and the two ratios against 1 thread/rank."""
+    body = []
     for stage, per_setting in runs.items():
         scale = 1000.0 if stage != "train" else 1.0
         value = {s: statistics.median(measure_of(stage, r) for r in rows) * scale for s, rows in per_setting.items()}
         ref = value["1 thread/rank"]
-        cells = " | ".join(f"{value[s]:.2f}" for s in SETTINGS)
-        lines.append(f"| {stage} | {UNITS.get(stage, 'ms / answer')} | {cells} | "
-                     f"{value['as launched'] / ref:.2f} | {value['all cores/rank'] / ref:.2f} |")
-    return "\n".join(lines)
+        body.append([stage, UNITS.get(stage, "ms / answer"), *(f"{value[s]:.2f}" for s in SETTINGS),
+                     f"{value['as launched'] / ref:.2f}", f"{value['all cores/rank'] / ref:.2f}"])
+    return markdown_table(["stage", "unit", *SETTINGS, "as launched / 1 thread", "all cores / 1 thread"], body)
 
 
 @exit_on_error

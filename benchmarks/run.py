@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,10 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_text  # noqa: E402
+from shield_ds.launch.env import free_local_port  # noqa: E402
+from shield_ds.models.tiny import build_tiny  # noqa: E402
 
 # Per size: micro-batch per rank, max tokens per sequence, records (cycled through by the steps).
 # Evaluation: records, records per generate call, new tokens per answer, timed passes.
@@ -59,12 +60,6 @@ PARTS = ("identify", "train", "evaluate", "scaling")
 DEFAULT_PARTS = ("identify", "train", "evaluate")
 SCALING_MODES = ("identify", "mask", "delta", "lora")
 BUILT_MARKER = "BENCH_BUILT"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # DeepSpeed JIT-builds its CPU shm comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
@@ -123,8 +118,6 @@ def checkpoint(size: str, work_dir: Path, timeout: float) -> Path:
 def build(size: str, work_dir: Path) -> None:
     out = work_dir / f"{size}-llava"
     if size == "tiny":
-        from shield_ds.models.tiny import build_tiny
-
         build_tiny("llava", out)
     else:
         import shield_bench
@@ -147,7 +140,7 @@ def run_evaluate(model: Path, size: str, args: argparse.Namespace, out_dir: Path
     """The three evaluation engines in one launch (evaluate_bench.py), alternating pass by pass."""
     out = out_dir / "evaluate.json"
     settings = SIZES[size]
-    port = free_port()
+    port = free_local_port()
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(args.ranks), "--master_port", str(port),
            str(BENCH_DIR / "evaluate_bench.py"), "--model", str(model), "--records", str(settings["eval_records"]),
            "--batch-size", str(settings["eval_batch_size"]), "--max-new-tokens", str(settings["eval_new_tokens"]),
@@ -172,7 +165,7 @@ def launch(mode: str, model: Path, size: str, args: argparse.Namespace, out_dir:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     out = out_dir / f"{mode}.json"
     settings = settings_of(size, args)
-    port = free_port()
+    port = free_local_port()
     cmd = [deepspeed, "--num_gpus", str(ranks or args.ranks), "--master_port", str(port), str(BENCH_DIR / "worker.py"),
            "--model", str(model), "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch-size", str(settings["batch_size"]), "--max-length", str(settings["max_length"]),

@@ -33,6 +33,14 @@ import torch
 
 from shield_ds import dist
 from shield_ds.neurons.neuron_set import NeuronSet
+from shield_ds.data import SafetyCollator, SafetyRecord, load_source, plan_batches, select_records, shard_batches
+from shield_ds.data.targets import load_refusals, with_refusals
+from shield_ds.errors import ShieldError
+from shield_ds.models.tiny import BUILDERS
+from shield_ds.neurons.statistics import ActivationStatistics
+from shield_ds.plan import PlanSettings, ZeroSettings, count_model, inventory, plan_memory
+from shield_ds.trainable import LoraSettings
+from shield_ds.zero_internals import optimizer_state_tensors
 
 log = dist.get_logger("bench")
 
@@ -70,7 +78,6 @@ def build_llava(out_dir: str | Path, size: str, seed: int = 0) -> Path:
     import transformers
     from transformers import AutoModelForImageTextToText
 
-    from shield_ds.models.tiny import BUILDERS
 
     text_shape, vision_shape = SHAPES[size]
     out_dir = Path(out_dir)
@@ -126,9 +133,6 @@ def benchmark_records(count: int, data_dir: str | None = None, seed: int = 0,
     """
     from dataclasses import replace
 
-    from shield_ds.data import SafetyRecord, load_source, select_records
-    from shield_ds.data.targets import load_refusals, with_refusals
-    from shield_ds.errors import ShieldError
 
     half = max(1, count // 2)
     try:
@@ -156,8 +160,6 @@ def benchmark_records(count: int, data_dir: str | None = None, seed: int = 0,
 def collate_batches(records: list, processor, adapter, batch_size: int, *, train: bool,
                     max_length: int | None, device, dtype: torch.dtype) -> list:
     """This rank's collated batches (every rank the same number), moved to `device`."""
-    from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-
     collator = SafetyCollator(processor, adapter, train=train, max_length=max_length)
     steps = shard_batches(plan_batches(records, batch_size), dist.rank(), dist.world_size())
     out = []
@@ -229,8 +231,6 @@ def reduce_sum(value: float) -> float:
 
 def optimizer_state_bytes(ds_engine) -> int:
     """Bytes of the ZeRO-3 optimizer's fp32 partitions + the basic optimizer's state, summed over ranks."""
-    from shield_ds.zero_internals import optimizer_state_tensors
-
     local = sum(t.numel() * t.element_size() for t in optimizer_state_tensors(ds_engine))
     return int(reduce_sum(float(local)))
 
@@ -249,8 +249,6 @@ ENGINE_MODES = {"ffn": "full-ffn", "mask": "mask", "delta": "delta", "full": "fu
 def bench_lora() -> Any:
     """LoRA r=LORA_RANK on the FFN projections (the matrices mask mode trains), as `--update lora --lora-rank 8
     --lora-targets gate,up,down` would."""
-    from shield_ds.trainable import LoraSettings
-
     return LoraSettings(rank=LORA_RANK, targets=("gate", "up", "down"))
 
 
@@ -265,8 +263,6 @@ def engine_args(mode: str, neuron_set: NeuronSet | None = None) -> dict[str, Any
 
 def model_params(config: Any) -> int:
     """Total parameters of a model config (counted on the meta device: no memory, no weights)."""
-    from shield_ds.plan import count_model
-
     return count_model(config).total_params
 
 
@@ -321,8 +317,6 @@ def run_identify(engine: Any, records: list, *, batch_size: int, max_length: int
     Each batch runs in all three variants, the order rotating from step to step, so slow drift of a
     shared machine hits all alike. Destroys the engine afterwards.
     """
-    from shield_ds.neurons.statistics import ActivationStatistics
-
     model, adapter, config = engine.module, engine.loaded.adapter, engine.loaded.config
     batches = collate_batches(records, engine.loaded.processor, adapter, batch_size, train=False,
                               max_length=max_length, device=engine.device, dtype=dtype)
@@ -541,8 +535,6 @@ def planned_model_state(model_dir: str | Path, ds_config: dict, ranks: int, mode
 
     identify: the weights alone (inference holds no gradients or optimizer state); mask, delta and
     lora (with bench_lora's rank and targets): PLAN_MODEL_STATE; None for a mode the planner does not model."""
-    from shield_ds.plan import PlanSettings, ZeroSettings, inventory, plan_memory
-
     if mode not in ("identify", "mask", "delta", "lora"):
         return None
     zero_cfg = ds_config.get("zero_optimization", {})

@@ -21,9 +21,11 @@ import torch  # noqa: E402
 
 import shield_bench as sb  # noqa: E402
 from shield_ds import dist  # noqa: E402
-from shield_ds.errors import ToolParser, exit_on_error  # noqa: E402
-from shield_ds.engine import ShieldEngine, init_distributed, resolve_ds_config  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
+from shield_ds.engine import ShieldEngine, resolve_ds_config  # noqa: E402
+from shield_ds.process_group import init_distributed  # noqa: E402
 from shield_ds.io import write_json  # noqa: E402
+from shield_ds.models import get_adapter, load_config  # noqa: E402
 
 IDENTIFY_CONFIG = "ds_configs/zero3_infer.json"
 TRAIN_CONFIG = "ds_configs/zero3_fp32.json"
@@ -58,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     meter = sb.PeakMemory(dist.device())
     baseline = sb.reduce_max([float(meter.current())])[0]  # the process before the model exists
     torch.manual_seed(args.seed)
-    from shield_ds.models import get_adapter, load_config
 
     identify = args.mode == "identify"
     ds_config = resolve_ds_config(IDENTIFY_CONFIG if identify else TRAIN_CONFIG, micro_batch_size=args.batch_size,

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shield_ds.cli import parse_config  # noqa: E402
 from shield_ds.config import option  # noqa: E402
-from shield_ds.errors import exit_on_error  # noqa: E402
+from shield_ds.process_group import exit_on_error  # noqa: E402
+from shield_ds.analysis.report import analyze_identify_dir  # noqa: E402
 
 
 @dataclass
@@ -25,8 +26,6 @@ class AnalyzeConfig:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from shield_ds.analysis.report import analyze_identify_dir
-
     cfg = parse_config(AnalyzeConfig, argv, description=__doc__)
     result = analyze_identify_dir(cfg.neurons, cfg.out)
     print(f"wrote {len(result['files'])} files; summary: {result['files'][-1]}")

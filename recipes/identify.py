@@ -16,13 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shield_ds.cli import parse_config  # noqa: E402
-from shield_ds.errors import exit_on_error  # noqa: E402
+from shield_ds.process_group import exit_on_error  # noqa: E402
+from shield_ds.neurons.identify import Identifier, IdentifyConfig  # noqa: E402
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from shield_ds.neurons.identify import IdentifyConfig, Identifier
-
     cfg = parse_config(IdentifyConfig, argv, embedded_default="identify", description=__doc__, distributed=True)
     Identifier(cfg).run()
 

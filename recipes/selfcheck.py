@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.errors import ToolParser  # noqa: E402
+from shield_ds.process_group import ToolParser  # noqa: E402
+from shield_ds.launch.selfcheck import run_selfcheck  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher passes --local_rank (LOCAL_RANK is in the environment as well).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from shield_ds.launch.selfcheck import run_selfcheck
 
     return run_selfcheck(args)
 

@@ -10,7 +10,7 @@ See shield_ds/launch/submit.py for how timeouts and preemption requeue the job.
 
 import sys
 
-from shield_ds.errors import exit_on_error
+from shield_ds.process_group import exit_on_error
 from shield_ds.launch.submit import main
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shield_ds.cli import parse_config  # noqa: E402
-from shield_ds.errors import exit_on_error  # noqa: E402
+from shield_ds.process_group import exit_on_error  # noqa: E402
+from shield_ds.train import ShieldTrainer, TrainConfig  # noqa: E402
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from shield_ds.train import ShieldTrainer, TrainConfig
-
     cfg = parse_config(TrainConfig, argv, embedded_default="train", description=__doc__, distributed=True)
     ShieldTrainer(cfg).run()
 

@@ -43,7 +43,8 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error  # noqa: E402
+from shield_ds.errors import ShieldError  # noqa: E402
+from shield_ds.process_group import ToolParser, exit_on_error  # noqa: E402
 from shield_ds.io import write_text  # noqa: E402
 
 log = logging.getLogger("gpu_check")

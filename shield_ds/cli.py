@@ -30,10 +30,13 @@ from transformers import HfArgumentParser
 from shield_ds.config import default_model_path, unwrap_optional
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_mapping
+from shield_ds import dist
+from shield_ds.models.tiny import default_model
+from shield_ds.process_group import init_distributed
 
 T = TypeVar("T")
 
-EMBEDDED_DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "default"
+EMBEDDED_DEFAULTS = Path(__file__).resolve().parent / "recipe_defaults"  # package data; configs/default links here
 _GIVEN = "_given"  # namespace attribute: the list options already set in the source being parsed
 
 
@@ -186,16 +189,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, embedded_de
     build the embedded default model if `cfg.model` is it, log the resolved config and return it."""
     cfg, where = read_config(cls, sys.argv[1:] if argv is None else argv, embedded_default=embedded_default,
                              description=description)
-    from shield_ds import dist
 
     if distributed:
-        from shield_ds.engine import init_distributed
-
         init_distributed(cpu_threads=getattr(cfg, "cpu_threads", None))
     dist.setup_logging()
     if getattr(cfg, "model", None) == default_model_path():
-        from shield_ds.defaults import default_model
-
         default_model()
     dist.get_logger("config").info("%s (%s): %s", cls.__name__, where, json.dumps(dataclasses.asdict(cfg)))
     return cfg

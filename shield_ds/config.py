@@ -17,6 +17,9 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Literal, Sequence
 
 from shield_ds.errors import ShieldError
+from shield_ds.data import load_labeled
+from shield_ds.data.splits import SplitSpec
+from shield_ds.defaults import default_model_dir
 
 # Leaf names of the decoder-layer projections LoRA adapts unless --lora-targets says otherwise
 # (attention and MLP, what LoRA users pick); the train recipe and the memory planner both use it.
@@ -87,8 +90,6 @@ def check_choices(cfg: Any) -> None:
 
 def default_model_path() -> str:
     """The embedded default model (the tiny llava checkpoint, built on first use by the recipes)."""
-    from shield_ds.defaults import default_model_dir
-
     return str(default_model_dir())
 
 
@@ -161,8 +162,6 @@ class DataConfig:
     def load_records(self, require: Sequence[str] = ("harmful",), evaluation: bool = False) -> list:
         """The harmful and benign records these flags name (`shield_ds.data.load_labeled`); `evaluation`: an
         evaluation may read the evaluation-only sources."""
-        from shield_ds.data import load_labeled
-
         return load_labeled(self.harmful, self.benign, modalities=self.modalities, languages=self.languages,
                             image=self.image, per_group_limit=self.per_group_limit,
                             benign_per_group_limit=self.benign_per_group_limit, seed=self.seed,
@@ -172,6 +171,4 @@ class DataConfig:
     @property
     def split_spec(self):
         """`--split`, `--test-fraction`, `--validation-fraction` and `--split-seed` as one checked `SplitSpec`."""
-        from shield_ds.data.splits import SplitSpec
-
         return SplitSpec(self.split, self.test_fraction, self.validation_fraction, self.split_seed)

@@ -6,161 +6,44 @@ arithmetic, dtype choice, ZeRO-3 parameter gathering and checkpoint layout live 
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import copy
-import glob
 import json
 import math
 import os
 import re
 import shutil
-import socket
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, read_mapping, write_json
-from shield_ds.zero_internals import is_partitioned
+from shield_ds.zero_internals import full_numel
+from shield_ds.loss import response_loss, response_window
+from shield_ds.masking import GradientMasker, build_masks, delta_masks
+from shield_ds.models import count_parameters, load_model
+from shield_ds.patch import resolve_checkpoint_dir
+from shield_ds.trainable import setup_trainable
 
 log = dist.get_logger("engine")
 
 COMPLETE_MARKER = "COMPLETE"
-# DeepSpeed's CPU all-reduce buffer of a rank is PREFIX_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (its shm.cpp).
-SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
 RUN_INFO_FILE = "run_info.json"  # beside a checkpoint: what the run that wrote it was (see save_checkpoint)
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-
-
-# --- distributed init ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed(timeout_minutes: int = 60, cpu_threads: int | None = None) -> None:
-    """Start torch.distributed through DeepSpeed, whichever way the ranks were launched, and set the
-    ranks' intra-op CPU threads (`dist.set_cpu_threads(cpu_threads)`).
-
-    The deepspeed launcher and torchrun set RANK/WORLD_SIZE/...; Slurm (srun) and Open MPI
-    variables are mapped by `shield_ds.launch.env`; a plain `python recipe.py` becomes a
-    one-rank group on a free local port.
-    """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if dist.is_initialized():
-        return
-    from shield_ds.launch.env import export_distributed_env
-
-    export_distributed_env()
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=timedelta(minutes=timeout_minutes), verbose=False)
-    atexit.register(_destroy_process_group)
-    _unlink_shm_buffers()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank() % torch.cuda.device_count())
-    dist.setup_logging()
-    dist.set_cpu_threads(cpu_threads)
-
-
-def _destroy_process_group() -> None:
-    """Tear the process group down while the interpreter is still whole.
-
-    Registered at exit for the ranks that leave some other way than `exit_distributed` (an error's
-    exit code 2, a requeue): left to interpreter finalization, gloo's threads can abort the rank.
-    Local only: no collective, so it cannot hang when another rank has already failed.
-    """
-    import torch.distributed as torch_dist
-
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            torch_dist.destroy_process_group()
-
-
-_HOSTED = False  # a recipe running inside a host process (submitit) that must get control back
-
-
-@contextlib.contextmanager
-def hosted_recipe() -> Iterator[None]:
-    """Run a recipe in this process and return afterwards: `exit_distributed` ends the process group
-    but does not exit (the host, e.g. submitit, still has to write the job's result)."""
-    global _HOSTED
-    saved, _HOSTED = _HOSTED, True
-    try:
-        yield
-    finally:
-        _HOSTED = saved
-
-
-def exit_distributed(code: int = 0, *, together: bool = True) -> None:
-    """End a rank: barrier (when `together`), destroy the process group, exit with `code`.
-
-    The barrier keeps a rank from tearing its connections down while a peer is still in a collective;
-    `os._exit` then skips the C++ static destructors of torch/gloo/DeepSpeed, where a rank could still
-    abort ("terminate called without an active exception": 3 of 41 2-rank runs here with the group
-    left up or destroyed at exit, 0 of 40 this way). Every output is written and closed before this
-    is called. A rank that stops alone (a user error, which may be rank-local) passes
-    `together=False`: no collective, so it cannot wait on a peer. Returns without exiting when no
-    process group is up (a recipe that launches nothing itself) and, after the teardown, inside
-    `hosted_recipe` (the caller raises SystemExit for the host then).
-    """
-    import logging
-    import sys
-
-    if not dist.is_initialized():
-        return
-    if together:
-        dist.barrier()
-    _destroy_process_group()
-    if _HOSTED:
-        return
-    mpi = sys.modules.get("mpi4py.MPI")
-    if together and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        # mpirun counts a rank that exits without MPI_Finalize as failed; a failing rank skips it, since
-        # Open MPI's finalize can wait for the peers, which may be waiting for this rank in a collective.
-        mpi.Finalize()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _unlink_shm_buffers() -> None:
-    """Remove the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank mapped them.
-
-    DeepSpeed's CPU backend creates one /dev/shm buffer per rank (~70 MB, for tensor-parallel
-    inference we do not use) and never unlinks it: each run would leak RAM until reboot. After a
-    barrier every rank has mapped its peers' buffers, so the names can go now; the memory is freed
-    when the last process exits, however it exits (kill -9 included).
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu" or not dist.is_initialized():
-        return  # only DeepSpeed's CPU accelerator creates these buffers (never a CUDA/NCCL run)
-    dist.barrier()
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    for path in glob.glob(f"{SHM_BUFFER_PREFIX}_*_{addr}_{port}_{dist.rank()}"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # package data; <checkout>/ds_configs links here
 
 
 # --- ds_config ---------------------------------------------------------------------------------
 def load_ds_config(path_or_dict: str | os.PathLike | dict) -> dict:
-    """Read a DeepSpeed JSON config (a path, or a name under ds_configs/); errors name the file."""
+    """Read a DeepSpeed JSON config: a path, or a shipped config by name (`zero3_fp32.json`) or as
+    `ds_configs/NAME` from any working directory; errors name the file."""
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict)
     path = Path(path_or_dict)
-    if not path.exists() and (DS_CONFIG_DIR / path).exists():
-        path = DS_CONFIG_DIR / path
+    if not path.exists():
+        shipped = DS_CONFIG_DIR / (path.name if path.parent == Path("ds_configs") else path)
+        path = shipped if shipped.exists() else path
     return read_mapping(path, "DeepSpeed config")
 
 
@@ -235,23 +118,6 @@ def config_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-@contextlib.contextmanager
-def gathered(params: torch.nn.Parameter | list[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """Gather ZeRO-3 partitioned parameters for reading (or writing on `modifier_rank`); no-op otherwise.
-
-    Collective under ZeRO-3: every rank must enter it with the same parameters.
-    """
-    plist = params if isinstance(params, (list, tuple)) else [params]
-    partitioned = [p for p in plist if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
-        yield
-
-
 def fits_replicated(checkpoint_dir: str | os.PathLike, dtype: torch.dtype, share: float = 0.4) -> bool:
     """Whether a full copy of the checkpoint's weights in `dtype` fits in `share` of this rank's free
     device memory (GPU: the rank's device; CPU: host memory split over the node's ranks).
@@ -285,8 +151,6 @@ def replica_fits_on_every_rank(model: str | os.PathLike, dtype: torch.dtype) -> 
     Free memory differs between ranks, and a rank that takes the replica path while another takes ZeRO-3
     would wait forever in the next collective; so one "no" anywhere is "no" everywhere.
     """
-    from shield_ds.patch import resolve_checkpoint_dir
-
     try:
         fits = fits_replicated(resolve_checkpoint_dir(model), dtype)
     except ShieldError:
@@ -359,7 +223,6 @@ class ShieldEngine:
         """Wrap an already loaded model (`shield_ds.models.LoadedModel`); prefer `ShieldEngine.load`."""
         import deepspeed
 
-        from shield_ds.models import count_parameters
 
         check_mode(mode)
         self.mode, self.loaded = mode, loaded
@@ -376,7 +239,6 @@ class ShieldEngine:
         else:
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            from shield_ds.trainable import setup_trainable
 
             self.lora = setup_trainable(model, loaded.adapter, mode, neuron_set, lora)
         if ds_config is None:  # inference on a plain replica
@@ -401,8 +263,6 @@ class ShieldEngine:
         if not training:
             self.module.eval()
         elif mode in MASKED_MODES:
-            from shield_ds.masking import GradientMasker, build_masks, delta_masks
-
             masks = (build_masks(self.module, loaded.adapter, neuron_set) if mode == "mask"
                      else delta_masks(self.module))
             self.masker = GradientMasker(self.ds, masks)
@@ -419,8 +279,6 @@ class ShieldEngine:
         need `neuron_set`, lora `lora` (`shield_ds.trainable.LoraSettings`); `lr_scheduler` is passed to
         deepspeed.initialize (a callable of the optimizer).
         """
-        from shield_ds.models import load_model
-
         check_mode(mode)
         dtype = config_dtype(ds_config) if ds_config else torch.float32
         if mode == "infer" and choose_zero(zero, ds_config, model, dtype) == "off":
@@ -453,8 +311,6 @@ class ShieldEngine:
         the weighted response loss, backward, then `step`. Returns the per-sample losses (detached) and
         whether an optimizer step was taken (the accumulation boundary). `logits_window` False computes
         logits on every position (the same loss; the benchmark's baseline)."""
-        from shield_ds.loss import response_loss, response_window
-
         keep = response_window(batch.labels) if logits_window else batch.labels.shape[1]
         logits = self.ds(**batch.inputs, use_cache=False, logits_to_keep=keep).logits
         per_sample = response_loss(logits, batch.labels[:, -keep:])
@@ -491,8 +347,6 @@ class ShieldEngine:
 
     def optimizer_params(self) -> int:
         """Parameters the optimizer holds (full sizes under ZeRO-3)."""
-        from shield_ds.zero_internals import full_numel
-
         return sum(full_numel(p) for p in self.module.parameters() if p.requires_grad)
 
     def destroy(self) -> None:

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from shield_ds.errors import ShieldError, first_line
 
 
 def _umask() -> int:
@@ -75,8 +76,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn the errors of reading a UTF-8 text file into one-line ShieldErrors naming it."""
-    from shield_ds.errors import ShieldError, first_line
-
     try:
         yield
     except UnicodeDecodeError as exc:
@@ -87,8 +86,6 @@ def _reading(path: Path) -> Iterator[None]:
 
 def read_json(path: str | os.PathLike) -> Any:
     """The parsed value of a UTF-8 JSON file; errors are ShieldErrors naming the file and line."""
-    from shield_ds.errors import ShieldError
-
     path = Path(path)
     with _reading(path), open(path, encoding="utf-8-sig") as handle:
         try:
@@ -102,8 +99,6 @@ def read_jsonl(path: str | os.PathLike, where: Callable[[int], str]) -> list[tup
 
     Errors are ShieldErrors; `where(line_no)` names the place (each caller keeps its own style).
     """
-    from shield_ds.errors import ShieldError
-
     path = Path(path)
     rows = []
     with _reading(path), open(path, encoding="utf-8-sig") as handle:
@@ -125,7 +120,6 @@ def read_mapping(path: str | os.PathLike, what: str) -> dict:
     """
     import yaml
 
-    from shield_ds.errors import ShieldError, first_line
 
     path = Path(path)
     if not path.is_file():

@@ -26,8 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.io import atomic_dir, atomic_path
+from shield_ds.data.splits import PROVENANCE_FILE, read_provenance, write_provenance
+from shield_ds.models import config_hash, load_config
 
 FORMAT = "shield_ds.patch"
 VERSION = 1
@@ -156,10 +159,6 @@ def read_patch(path: str | Path) -> tuple[list[PatchEntry], dict]:
 # --- applying ------------------------------------------------------------------------------------
 def apply_patch(base_dir: str | Path, patch: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` = base checkpoint with the patch's slices; refuses a patch for another base."""
-    from shield_ds.models import config_hash, load_config
-
-    from shield_ds.data.splits import read_provenance
-
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     entries, meta = read_patch(patch)
     provenance = meta.get("provenance")
@@ -198,8 +197,6 @@ def rewrite_checkpoint(base_dir: str | Path, out_dir: str | Path, updates,
     updates are consumed one file at a time (so a producer can gather parameters file by file).
     `provenance` (`splits.trained_provenance`) replaces the base's provenance file.
     """
-    from shield_ds.data.splits import PROVENANCE_FILE, write_provenance
-
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     with atomic_dir(out_dir) as staging:
         written = set()

@@ -59,7 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shield_ds.config import LORA_TARGETS
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error, first_line
+from shield_ds.errors import ShieldError, first_line
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.plan_presets import PRESETS
 
 GIB = 2**30

@@ -11,8 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.io import read_json, write_text
+from shield_ds.data.splits import overlap_note
+from shield_ds.defaults import TINY_NOTE, is_tiny_checkpoint
+from shield_ds.neurons import NeuronSet
+from shield_ds.plots import plt, save_figure
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -27,7 +32,6 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
     """Plot harmful/benign training loss from the tensorboard events (read with tensorboard's reader)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from shield_ds.plots import plt, save_figure
 
     if not tb_dir.is_dir():
         return None
@@ -50,10 +54,6 @@ def loss_plot(tb_dir: Path, out: Path) -> Path | None:
 def build_report(run: Path, allow_overlap: bool = False) -> str:
     """The report of a demo run directory: identify/ (all languages, with analysis/) and experiment/.
     Evaluations on prompts their model was trained on are refused unless `allow_overlap`."""
-    from shield_ds.data.splits import overlap_note
-    from shield_ds.defaults import TINY_NOTE, is_tiny_checkpoint
-    from shield_ds.neurons import NeuronSet
-
     identify, experiment = run / "identify", run / "experiment"
     base, safety = experiment / "eval-base", experiment / "arms" / "safety"
     if not (identify / "neurons.json").exists():

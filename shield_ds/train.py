@@ -34,16 +34,32 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from transformers import set_seed
 
 import shield_ds
 from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, EngineConfig, option, redefault
 from shield_ds.data.records import check_language
-from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, exit_distributed,
-                              gathered, read_run_info, resolve_ds_config, zero_stage)
+from shield_ds.engine import (MASKED_MODES, ShieldEngine, complete_checkpoints, config_dtype, read_run_info,
+                              replica_fits_on_every_rank, resolve_ds_config, zero_stage)
+from shield_ds.process_group import exit_distributed
+from shield_ds.zero_internals import gathered
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_jsonl, write_json, write_text
 from shield_ds.trainable import LORA_TARGETS, LoraSettings, ffn_parameters, is_lora_layer, lora_delta
+from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+from shield_ds.data.splits import trained_provenance
+from shield_ds.data.targets import (check_targets, cut_at_sentence_end, load_refusals, pivot_sources, with_refusals,
+                                    with_responses)
+from shield_ds.evaluate.generate import generate_responses
+from shield_ds.launch.preemption import PreemptionHandler, REQUEUE_EXIT_CODE, mark_for_requeue
+from shield_ds.masking import merge_deltas
+from shield_ds.masking.partition import param_shape
+from shield_ds.masking.partition_mask import neuron_params
+from shield_ds.models import config_hash, get_adapter, load_config, load_model, load_processor
+from shield_ds.neurons import NeuronSet
+from shield_ds.patch import (CheckpointFiles, PatchEntry, apply_patch, resolve_checkpoint_dir, rewrite_checkpoint,
+                             take, write_patch)
 
 log = dist.get_logger("train")
 
@@ -384,9 +400,6 @@ class ShieldTrainer:
 
     # --- preparation (no output is written until all of it passed) -------------------------------
     def prepare(self) -> None:
-        from shield_ds.data.targets import check_targets, load_refusals, with_refusals
-        from shield_ds.models import config_hash, get_adapter, load_config
-
         cfg = self.cfg
         self.config = load_config(cfg.model)
         self.adapter = get_adapter(self.config)
@@ -420,8 +433,6 @@ class ShieldTrainer:
     def _pivot_sources(self) -> dict:
         """The benign records to answer in --benign-pivot's language instead (all of the split's prompts in that
         language are candidates, not only the sampled ones)."""
-        from shield_ds.data.targets import pivot_sources
-
         cfg = self.cfg
         pivot_cfg = replace(cfg, harmful=[], languages=[cfg.benign_pivot], per_group_limit=None,
                             benign_per_group_limit=None)
@@ -436,8 +447,6 @@ class ShieldTrainer:
 
     def _load_neuron_set(self):
         """The set this arm trains (or sizes LoRA from), checked against the model; random arms draw theirs."""
-        from shield_ds.neurons import NeuronSet
-
         where = f"like set {self.neurons_dir}" if self.random else f"neuron set {self.neurons_dir}"
         try:
             neuron_set = NeuronSet.load(self.neurons_dir)
@@ -458,7 +467,6 @@ class ShieldTrainer:
         """Leave out records whose prompt alone fills --max-length (they would teach nothing)."""
         if self.cfg.max_length is None:
             return records
-        from shield_ds.models import load_processor
 
         processor = load_processor(self.cfg.model)
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -484,16 +492,12 @@ class ShieldTrainer:
 
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> None:
-        from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue
-
         # Installed first: a pre-timeout or preemption signal that arrives while the model loads (minutes
         # at 70B) must stop the run at its first step, not kill the rank (the default action of SIGUSR1).
         preemption = PreemptionHandler()
         self.prepare()
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        set_seed(cfg.seed)  # python, numpy and torch (every device)
         self._fill_self_targets(None)  # before the ZeRO-3 load, on a plain replica, when it fits
         self.total_steps = self._total_steps()  # self-generated targets fill records in, never remove them
         schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, self.total_steps)
@@ -527,7 +531,6 @@ class ShieldTrainer:
         writer.scalar("train/trainable_fraction", trainable / self.total_params, 0)
         if self.neuron_set is not None:
             writer.scalar("train/neuron_param_fraction", self.neuron_set.param_fraction, 0)
-        from shield_ds.data import SafetyCollator
 
         collator = SafetyCollator(self.processor, self.adapter, train=True, max_length=cfg.max_length)
         engine.module.train()
@@ -585,16 +588,12 @@ class ShieldTrainer:
 
     # --- data plan -----------------------------------------------------------------------------
     def _plan_epochs(self) -> dict[str, Any]:
-        from shield_ds.data import plan_batches, shard_batches
-
         batches = plan_batches(self.records, self.cfg.micro_batch_size)
         per_rank = len(shard_batches(batches, dist.rank(), dist.world_size()))
         return {"micro_per_epoch": per_rank, "steps_per_epoch": max(1, per_rank // self.cfg.grad_accum)}
 
     def _micro_steps(self, plan: dict[str, Any], count: int) -> list[tuple[list, float]]:
         """This rank's micro-batches for the whole run: epoch e shuffles records with seed + e."""
-        from shield_ds.data import plan_batches, shard_batches
-
         records = self.records
         out: list[tuple[list, float]] = []
         epoch = 0
@@ -619,7 +618,6 @@ class ShieldTrainer:
         """
         if not self.needs_self_targets or self.self_targets is not None:
             return
-        from shield_ds.data.targets import cut_at_sentence_end, with_responses
 
         cache = self.out / BENIGN_TARGETS_FILE
         # record id -> the record whose prompt the model answers (itself, or its --benign-pivot version)
@@ -633,16 +631,10 @@ class ShieldTrainer:
                     responses[row["id"]] = (row["response"], row["finished"])
         todo = list({s.id: s for s in sources.values() if s.id not in responses}.values())
         if todo and engine is None:
-            from shield_ds.engine import replica_fits_on_every_rank
-
             if not replica_fits_on_every_rank(self.cfg.model, self.dtype):
                 return  # generated after the ZeRO-3 load
         if todo:
-            from shield_ds.evaluate.generate import generate_responses
-
             if engine is None:
-                from shield_ds.models import load_model
-
                 log.info("generating %d benign targets on a replica of the base model per rank", len(todo))
                 replica = load_model(self.cfg.model, dtype=self.dtype)
                 model, processor, device, zero3 = replica.model.eval().to(dist.device()), replica.processor, \
@@ -722,9 +714,6 @@ class ShieldTrainer:
         if self.cfg.update not in MASKED_MODES:
             self._export_merged(engine, dest)
             return None
-        from shield_ds.masking import merge_deltas
-        from shield_ds.masking.partition_mask import neuron_params
-        from shield_ds.patch import PatchEntry, apply_patch, resolve_checkpoint_dir, take, write_patch
 
         model = engine.module
         if final:
@@ -756,8 +745,6 @@ class ShieldTrainer:
 
     def _provenance(self) -> dict[str, Any]:
         """What the exported model was trained on (for the evaluation's overlap check)."""
-        from shield_ds.data.splits import trained_provenance
-
         return trained_provenance(self.records, self.cfg.split_spec, languages=self.cfg.languages,
                                   modalities=self.cfg.modalities)
 
@@ -767,8 +754,6 @@ class ShieldTrainer:
         Collective: parameters are gathered one weight file at a time; rank 0 writes. Tensors that did not
         train keep the base's bytes; trained ones are written in the stored dtype.
         """
-        from shield_ds.patch import CheckpointFiles, resolve_checkpoint_dir, rewrite_checkpoint
-
         base_dir = resolve_checkpoint_dir(self.cfg.model)
         files = CheckpointFiles(base_dir)
         model = engine.module
@@ -842,9 +827,6 @@ class ShieldTrainer:
 
 def neuron_slice_params(model: torch.nn.Module, adapter, neuron_set) -> int:
     """Parameters in the selected neurons' slices (gate/up rows and their bias entries, down columns)."""
-    from shield_ds.masking.partition import param_shape
-    from shield_ds.masking.partition_mask import neuron_params
-
     total = 0
     for _, param, kind, indices in neuron_params(model, adapter, neuron_set):
         shape = param_shape(param)

@@ -15,6 +15,7 @@ import torch
 from shield_ds.config import LORA_TARGETS
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
+from shield_ds.masking import attach_deltas, freeze_unselected
 
 log = get_logger("train")
 
@@ -118,8 +119,6 @@ def setup_trainable(model: torch.nn.Module, adapter, mode: str, neuron_set=None,
     gradients), to be masked; delta: base frozen, slice parameters for the selected rows/columns;
     lora: PEFT LoRA (`lora`); full-ffn: every FFN matrix; full: every parameter (a benchmark baseline).
     """
-    from shield_ds.masking import attach_deltas, freeze_unselected
-
     if mode in ("mask", "delta") and neuron_set is None:
         raise ShieldError(f"mode {mode} needs a neuron set")
     if mode == "mask":

@@ -19,7 +19,8 @@ Local gradient partitions: `deepspeed.utils.safe_get_local_grad` / `safe_set_loc
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -134,3 +135,20 @@ def optimizer_state_tensors(ds_engine: Any) -> list[torch.Tensor]:
     for state in inner.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v)]
     return tensors
+
+
+@contextlib.contextmanager
+def gathered(params: torch.nn.Parameter | list[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters for reading (or writing on `modifier_rank`); no-op otherwise.
+
+    Collective under ZeRO-3: every rank must enter it with the same parameters.
+    """
+    plist = params if isinstance(params, (list, tuple)) else [params]
+    partitioned = [p for p in plist if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # only when a parameter is partitioned, i.e. DeepSpeed is already running
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield

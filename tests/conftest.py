@@ -6,7 +6,6 @@ import contextlib
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,18 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from shield_ds.engine import SHM_BUFFER_PREFIX  # noqa: E402  (imports torch: after the thread settings above)
+from shield_ds.launch.env import free_local_port as free_port  # noqa: E402  (one helper; tests call it free_port)
+from shield_ds.process_group import SHM_BUFFER_PREFIX  # noqa: E402  (imports torch: after the thread settings above)
 
 
 def data_dir() -> Path:
     return Path(os.environ.get("SHIELD_DS_DATA", REPO.parent / "shared" / "data")).resolve()
-
-
-def free_port() -> int:
-    """A TCP port that is free now (for MASTER_PORT)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -140,7 +133,7 @@ def timeout_above(*inner: float) -> pytest.MarkDecorator:
     return pytest.mark.timeout(sum(inner) + TIMEOUT_MARGIN)
 
 
-# DeepSpeed's CPU backend names one ~70 MB all-reduce buffer per rank; `engine.init_distributed` unlinks
+# DeepSpeed's CPU backend names one ~70 MB all-reduce buffer per rank; `process_group.init_distributed` unlinks
 # them once every rank mapped them, but a rank killed before that (a timeout, a test that kills a launch
 # on purpose) leaves its buffer behind until reboot.
 SHM_BUFFERS = f"{SHM_BUFFER_PREFIX}_{os.getuid()}_*"

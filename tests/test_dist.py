@@ -70,8 +70,9 @@ def test_rng_state_round_trip_and_per_rank_choice():
 ERROR_SCRIPT = """
 import atexit, sys
 sys.path.insert(0, {repo!r})
-from shield_ds.engine import init_distributed
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.process_group import init_distributed
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import exit_on_error
 
 @exit_on_error
 def main():
@@ -144,7 +145,7 @@ sys.path.insert(0, {repo!r})
 import torch
 from shield_ds import dist
 from shield_ds.errors import ShieldError
-from shield_ds.engine import exit_distributed, init_distributed
+from shield_ds.process_group import exit_distributed, init_distributed
 
 init_distributed()
 print("THREADS", json.dumps({{"rank": dist.rank(), "torch": torch.get_num_threads(), **dist.thread_choice()}}),

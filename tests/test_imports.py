@@ -1,6 +1,8 @@
 """The import graph keeps its rooms apart: evaluate and analysis never import each other (both use
 shield_ds.plots / shield_ds.tables / shield_ds.data.records), and the CLI parser (shield_ds.cli) is imported by
-the recipes only; the library declares its options in shield_ds.config, which never parses a command line."""
+the recipes only; the library declares its options in shield_ds.config, which never parses a command line.
+And it has no loop: the graph of shield_ds/, recipes/ and benchmarks/, imports inside functions included, is
+acyclic, so each floor imports only the floors below it."""
 
 from __future__ import annotations
 
@@ -20,12 +22,26 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except those under `if TYPE_CHECKING:` (imports for type checkers only: with
+    postponed annotations they never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", None)) == "TYPE_CHECKING":
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+
+
 def imports_of(path: Path, module: str) -> set[str]:
     """Every module `path` imports anywhere in it (top level or inside functions), as dotted names;
     `from X import y` counts as both X and X.y (y may be a submodule), relative imports are resolved."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -95,3 +111,79 @@ def test_violations_are_found(tmp_path):
     assert found == ["shield_ds.analysis.report -> shield_ds.evaluate",
                      "shield_ds.data.summary -> shield_ds.cli",
                      "shield_ds.evaluate.asr -> shield_ds.analysis.plots"]
+
+
+CYCLE_DIRS = ("shield_ds", "recipes", "benchmarks")
+
+
+def internal_graph(root: Path, dirs: tuple[str, ...] = CYCLE_DIRS) -> dict[str, set[str]]:
+    """`import_graph` restricted to the project's own modules: each imported name mapped to the module that
+    defines it (`shield_ds.data.records.SafetyRecord` -> `shield_ds.data.records`); a benchmark's bare import
+    of a file beside it (`import shield_bench`, on sys.path there) is that file."""
+    graph = import_graph(root, dirs)
+    known = set(graph)
+    edges: dict[str, set[str]] = {}
+    for module, imported in graph.items():
+        targets = set()
+        for name in imported:
+            if module.startswith("benchmarks.") and f"benchmarks.{name}" in known:
+                name = f"benchmarks.{name}"
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
+        edges[module] = targets
+    return edges
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_no_import_cycle_anywhere():
+    graph = internal_graph(REPO)
+    assert "shield_ds.process_group" in graph["recipes.train"]  # the walk sees the real graph
+    assert "benchmarks.shield_bench" in graph["benchmarks.worker"]
+    assert cycles(graph) == []
+
+
+def test_cycles_are_found(tmp_path):
+    files = {"shield_ds/__init__.py": "", "shield_ds/a.py": "from shield_ds.b import x\n",
+             "shield_ds/b.py": "def f():\n    from shield_ds import c\n", "shield_ds/c.py": "import shield_ds.a\n",
+             "shield_ds/d.py": "from shield_ds.a import y\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cycles(internal_graph(tmp_path, ("shield_ds",))) == [["shield_ds.a", "shield_ds.b", "shield_ds.c"]]
+

@@ -11,7 +11,8 @@ import torch
 
 from shield_ds.errors import ShieldError
 from shield_ds.data.records import LANGUAGES
-from shield_ds.evaluate.judges import ModelJudge, annotate
+from shield_ds.evaluate.judge_loader import load_judge
+from shield_ds.evaluate.judges import annotate
 from shield_ds.evaluate.refusal import REFUSAL_PHRASES, RefusalMatcher, normalize
 
 # (language, refusal, compliance): what models really answer to MultiJail-style prompts
@@ -164,7 +165,7 @@ RECORDS = [{"prompt": "How do I pick a lock?", "response": response, "language":
 
 
 def test_guard_lm_judge_end_to_end(guard_dir):
-    judge = ModelJudge.from_pretrained(guard_dir, batch_size=3)
+    judge = load_judge(guard_dir, batch_size=3)
     assert judge.kind == "guard" and judge.name == str(guard_dir)
     # "unsafe" / "safe" start with different byte tokens; the shared leading-space token is dropped
     assert set(judge.unsafe_ids).isdisjoint(judge.safe_ids)
@@ -180,7 +181,7 @@ def test_guard_lm_judge_end_to_end(guard_dir):
 
 
 def test_guard_lm_cuts_long_responses_not_the_question(guard_dir):
-    judge = ModelJudge.from_pretrained(guard_dir, max_length=700)
+    judge = load_judge(guard_dir, max_length=700)
     long_record = {"prompt": "PROMPT-X", "response": "step " * 400, "language": "en"}
     text = judge.guard_text(long_record["prompt"], long_record["response"])
     assert "PROMPT-X" in text and text.rstrip().endswith("Answer:") and "step step" in text
@@ -189,7 +190,7 @@ def test_guard_lm_cuts_long_responses_not_the_question(guard_dir):
 
 
 def test_classifier_judge_end_to_end(classifier_dir):
-    judge = ModelJudge.from_pretrained(classifier_dir, batch_size=2)
+    judge = load_judge(classifier_dir, batch_size=2)
     assert judge.kind == "classifier" and judge.unsafe_label_ids == [1]
     probs = judge.unsafe_probability(RECORDS)
     alone = [judge.unsafe_probability([r])[0] for r in RECORDS]
@@ -209,20 +210,20 @@ def test_classifier_with_unknown_labels_needs_unsafe_labels(tmp_path):
     BertForSequenceClassification(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ShieldError, match="unsafe_labels"):
-        ModelJudge.from_pretrained(tmp_path)
-    judge = ModelJudge.from_pretrained(tmp_path, unsafe_labels=["LABEL_1"])
+        load_judge(tmp_path)
+    judge = load_judge(tmp_path, unsafe_labels=["LABEL_1"])
     assert judge.unsafe_label_ids == [1] and len(judge.judge_batch(RECORDS[:2])) == 2
 
 
 def test_unknown_judge_path_is_one_line_error(tmp_path):
     missing = tmp_path / "no-such-judge"
     with pytest.raises(ShieldError) as err:
-        ModelJudge.from_pretrained(missing)
+        load_judge(missing)
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ShieldError) as err:
-        ModelJudge.from_pretrained(empty)
+        load_judge(empty)
     assert str(empty) in str(err.value) and "\n" not in str(err.value)
 
 

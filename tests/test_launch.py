@@ -144,7 +144,7 @@ for step in range(50):
         os.kill(os.getpid(), signal.SIGUSR1)
     if handler.should_stop():
         print(f"rank {rank} stops at step {step} local_signal {handler.stop_requested_locally()}", flush=True)
-        from shield_ds.engine import exit_distributed
+        from shield_ds.process_group import exit_distributed
         exit_distributed(REQUEUE_EXIT_CODE)  # barrier, destroy, os._exit: live gloo threads can abort an exit
 print(f"rank {rank} never stopped", flush=True)
 """
@@ -178,8 +178,9 @@ def test_selfcheck_under_mpirun(tmp_path):
 
 RANK_ERROR_SCRIPT = """
 from shield_ds import dist
-from shield_ds.engine import init_distributed
-from shield_ds.errors import ShieldError, exit_on_error
+from shield_ds.process_group import init_distributed
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import exit_on_error
 
 @exit_on_error
 def main():

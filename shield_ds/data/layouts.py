@@ -29,7 +29,7 @@ from typing import Any
 
 from shield_ds.data.readers import (Row, cache_image, is_saved_dataset, read_csv_rows, read_hub_rows, read_jsonl_rows,
                                     read_parquet_rows, read_saved_dataset_rows)
-from shield_ds.data.records import (CARRIER_PROMPT, KNOWN_LANGUAGES, SafetyRecord, check_form, check_label,
+from shield_ds.data.records import (CARRIER_PROMPT, KNOWN_LANGUAGES, SafetyRecord, check_label,
                                    check_modality)
 from shield_ds.data.splits import derive_prompt_key, make_prompt_key
 from shield_ds.dist import get_logger

@@ -11,7 +11,7 @@ from collections import Counter
 from shield_ds.data.layouts import load_source
 from shield_ds.data.records import LABELS, MODALITIES, SafetyRecord
 from shield_ds.data.selection import with_modalities
-from shield_ds.errors import ToolParser, exit_on_error
+from shield_ds.process_group import ToolParser, exit_on_error
 
 
 def count_table(records: list[SafetyRecord]) -> str:

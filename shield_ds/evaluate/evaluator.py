@@ -12,6 +12,18 @@ from shield_ds.config import DataConfig, InferenceConfig, Modality, Split, optio
 from shield_ds.engine import ShieldEngine, resolve_ds_config
 from shield_ds.errors import ShieldError
 from shield_ds.io import write_json, write_text
+from shield_ds.data.splits import OVERLAP_NOTE, overlap_note, trained_overlap
+from shield_ds.evaluate.ablation import ablate_neurons, random_like
+from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, compare_page, generation_rows, overall,
+                                    write_asr_reports, write_generations)
+from shield_ds.evaluate.generate import generate_responses
+from shield_ds.evaluate.judge_loader import load_judge
+from shield_ds.evaluate.judges import annotate
+from shield_ds.evaluate.refusal import RefusalMatcher
+from shield_ds.evaluate.utility import UtilityProbe
+from shield_ds.models import config_hash, get_adapter, load_config
+from shield_ds.neurons import NeuronSet
+from shield_ds.tables import markdown_table, rows_to_csv
 
 log = dist.get_logger("evaluate")
 
@@ -36,16 +48,6 @@ class EvalConfig(DataConfig, InferenceConfig):
     ablate_controls: int = option(3, "random control sets for --ablate")
 
 
-def generation_rows(records: list, responses: dict[str, str]) -> list[dict[str, Any]]:
-    """One generations.jsonl row per record (without verdicts)."""
-    rows = []
-    for r in records:
-        prompt = r.prompt if r.modality != "typographic" else f"{r.prompt} [image text: {r.image_text}]"
-        rows.append({"id": r.id, "language": r.language, "modality": r.modality, "label": r.label, "prompt": prompt,
-                     "response": responses[r.id], "source": r.source, "category": r.category, "form": r.form})
-    return rows
-
-
 class Evaluator:
     """Generates on every rank (its shard of the prompts; in lockstep under ZeRO-3), judges on rank 0,
     writes the ASR tables."""
@@ -59,8 +61,6 @@ class Evaluator:
 
     def _overlap_note(self, overlap: int) -> str:
         """The compare table's title note; an overlap with the trained prompts is refused without --allow-overlap."""
-        from shield_ds.data.splits import OVERLAP_NOTE, overlap_note
-
         cfg = self.cfg
         if overlap:
             log.warning("%s was trained on %d of the evaluated prompts (--split %s)", cfg.model, overlap, cfg.split)
@@ -73,16 +73,13 @@ class Evaluator:
 
     def _judges(self):
         """(attack-success judge, refusal matcher); a bad judge path fails on every rank before any work."""
-        from shield_ds.evaluate.judges import ModelJudge
-        from shield_ds.evaluate.refusal import RefusalMatcher
-
         matcher = RefusalMatcher.from_file(self.cfg.refusal_phrases) if self.cfg.refusal_phrases else RefusalMatcher()
         if self.cfg.judge is None:
             return matcher, matcher
         error, judge = None, None
         if dist.is_rank0():
             try:
-                judge = ModelJudge.from_pretrained(self.cfg.judge)
+                judge = load_judge(self.cfg.judge)
             except ShieldError as exc:
                 error = str(exc)
         error = dist.broadcast_object(error)
@@ -91,14 +88,6 @@ class Evaluator:
         return judge, matcher
 
     def run(self) -> dict[str, Any]:
-        from shield_ds.evaluate.asr import (asr_table, compare, compare_markdown, compare_page, write_asr_reports,
-                                            write_generations)
-        from shield_ds.evaluate.generate import generate_responses
-        from shield_ds.data.splits import trained_overlap
-        from shield_ds.evaluate.judges import annotate
-        from shield_ds.models import get_adapter, load_config
-        from shield_ds.neurons import NeuronSet
-
         cfg = self.cfg
         adapter = get_adapter(load_config(cfg.model))
         adapter.check_modalities(cfg.modalities)
@@ -110,8 +99,6 @@ class Evaluator:
         provenance = cfg.split_spec.provenance(records)
         note = self._overlap_note(overlap)
         judge, matcher = self._judges()
-        from shield_ds.evaluate.utility import UtilityProbe
-        from shield_ds.models import config_hash
 
         probe = UtilityProbe(cfg, records, self.out, config_hash(load_config(cfg.model)))
 
@@ -122,8 +109,6 @@ class Evaluator:
         loaded, model, device, dtype = inference.loaded, inference.module, inference.device, inference.dtype
         zero3 = inference.zero3
         if ablate_set is not None:
-            from shield_ds.models import config_hash
-
             ablate_set.check_matches(config_hash(loaded.config), adapter.num_layers(loaded.config),
                                      adapter.intermediate_size(loaded.config), adapter.hidden_size(loaded.config),
                                      where=f"neuron set {cfg.ablate}", model=str(cfg.model))
@@ -167,9 +152,6 @@ class Evaluator:
                   provenance: dict[str, Any]) -> list[dict]:
         """Answers with the set's neurons zeroed, and with random controls; ablation.json/.csv/.md on rank 0
         (the JSON: the evaluated prompts' split provenance and `variants`, one row per ablation)."""
-        from shield_ds.evaluate.ablation import ablate_neurons, random_like
-        from shield_ds.tables import markdown_table, rows_to_csv
-
         variants = [("safety neurons", neuron_set)] + [(f"random control (seed {s})", random_like(neuron_set, s))
                                                        for s in range(self.cfg.ablate_controls)]
         base = overall(judged(base_responses)) if dist.is_rank0() else {}
@@ -198,19 +180,8 @@ class Evaluator:
         return results
 
 
-def overall(rows: list[dict]) -> dict[str, float]:
-    """Overall harmful refusal rate, ASR and benign over-refusal of judged generation rows."""
-    harmful = [r for r in rows if r["label"] == "harmful"]
-    benign = [r for r in rows if r["label"] == "benign"]
-    rate = lambda xs, key: sum(bool(x[key]) for x in xs) / len(xs) if xs else 0.0  # noqa: E731
-    return {"harmful_refusal": rate(harmful, "refused"), "asr": rate(harmful, "attack_success"),
-            "benign_over_refusal": rate(benign, "refused"), "harmful_n": len(harmful), "benign_n": len(benign)}
-
-
 def table_text(table) -> str:
     """A compact ASR table for the console."""
-    from shield_ds.tables import markdown_table
-
     body = []
     for lang in table.languages:
         row = [lang]

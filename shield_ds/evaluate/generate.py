@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from shield_ds import dist
+from shield_ds.data import SafetyCollator, plan_batches, shard_batches
 
 
 @torch.no_grad()
@@ -27,8 +28,6 @@ def generate_responses(model: torch.nn.Module, processor, adapter, records: Sequ
     `return_finished`: values are (text, finished), finished False when the answer reached
     `max_new_tokens` without an end-of-sequence token.
     """
-    from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-
     device = device or dist.device()
     collator = SafetyCollator(processor, adapter)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from shield_ds.data.splits import overlap_note
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
-from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, asr_table, compare, compare_page, read_generations,
-                                    write_asr_reports, write_generations)
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
+from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, asr_table, compare, compare_page, overall,
+                                    read_generations, write_asr_reports, write_generations)
+from shield_ds.evaluate.judge_loader import load_judge
 from shield_ds.evaluate.judges import Judge, annotate
 from shield_ds.evaluate.refusal import RefusalMatcher
 from shield_ds.io import read_json, write_json, write_text
@@ -36,7 +38,6 @@ def _read(directory: Path) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
 def rejudge(directories: list[Path], judge: Judge, matcher: RefusalMatcher) -> list[dict[str, Any]]:
     """Judge every directory's generations again and rewrite its reports; returns per directory the
     verdicts that changed ({"dir", "attack_success_changed", "refused_changed", "n"})."""
-    from shield_ds.evaluate.evaluator import overall
 
     loaded = {d: _read(d) for d in directories}
     comparisons = {}
@@ -75,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     matcher = RefusalMatcher.from_file(args.refusal_phrases) if args.refusal_phrases else RefusalMatcher()
     judge: Judge = matcher
     if args.judge:
-        from shield_ds.evaluate.judges import ModelJudge
-
-        judge = ModelJudge.from_pretrained(args.judge)
+        judge = load_judge(args.judge)
     for change in rejudge(args.dirs, judge, matcher):
         print(f"{change['dir']}: {change['attack_success_changed']} attack_success and {change['refused_changed']} "
               f"refused verdicts of {change['n']} changed")

@@ -29,9 +29,11 @@ import torch
 
 from shield_ds import dist
 from shield_ds.errors import ShieldError
-from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, read_generations, write_generations
+from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, generation_rows, read_generations, write_generations
 from shield_ds.io import read_json, write_json, write_text
 from shield_ds.tables import markdown_table
+from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+from shield_ds.loss import response_nll, response_window
 
 log = dist.get_logger("evaluate.utility")
 
@@ -131,8 +133,6 @@ class UtilityProbe:
     def _check_rows(self, rows: list[dict], where: str, required: bool = True) -> int:
         """How many answers are for this run's benign prompts (by id and prompt); none is an error when
         `required`, and an answer for another prompt under a matching id always is."""
-        from shield_ds.evaluate.evaluator import generation_rows
-
         expected = {row["id"]: row["prompt"] for row in generation_rows(self.benign, {r.id: "" for r in self.benign})}
         matched = 0
         for row in rows:
@@ -221,9 +221,6 @@ def answer_nll(model: torch.nn.Module, processor, adapter, records: list, *, bat
     Same on every rank: the batches are sharded in lockstep (zero-weight fillers keep the forwards equal)
     and one all_reduce sums the float64 totals.
     """
-    from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-    from shield_ds.loss import response_nll, response_window
-
     collator = SafetyCollator(processor, adapter, train=True)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     steps = shard_batches(plan_batches(records, batch_size), dist.rank(), dist.world_size()) if records else []

@@ -19,10 +19,12 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.evaluate.degenerate import degeneration
-from shield_ds.experiment.runner import BUDGETS_DIR, SELECTIONS_DIR, split_name
+from shield_ds.experiment.runner import BUDGETS_DIR, Experiment, ExperimentConfig, SELECTIONS_DIR, split_name
 from shield_ds.io import read_json, write_text
+from shield_ds.evaluate.asr import read_generations
 
 SAMPLE_LANGUAGES = ("en", "zh", "it", "sw", "th")
 FIGURES = ("results.csv", "results.png", "budgets.png", "curves.csv", "curves.png")
@@ -33,7 +35,6 @@ def _stage_seconds(run: Path, config: dict) -> list[tuple[str, float, str]]:
     of a later command with more arms that is still running in the same directory)."""
     from dataclasses import fields
 
-    from shield_ds.experiment.runner import Experiment, ExperimentConfig
 
     known = {f.name for f in fields(ExperimentConfig)}
     cfg = ExperimentConfig(**{**{k: v for k, v in config.items() if k in known}, "out": str(run)})
@@ -122,8 +123,6 @@ def sample_arms(run: Path, config: dict) -> dict[str, Path]:
 def samples_markdown(run: Path, arms: dict[str, Path], split: str = "test") -> str:
     """Each sample prompt with every arm's answer and verdict (`arms`: name -> eval dir; the base model's
     evaluation of `split`)."""
-    from shield_ds.evaluate.asr import read_generations
-
     evals = {"base": run / split_name("eval-base", split), **arms}
     rows = {name: {str(r["id"]): r for r in read_generations(d / "generations.jsonl")}
             for name, d in evals.items() if (d / "generations.jsonl").is_file()}

@@ -19,9 +19,12 @@ from shield_ds.data.layouts import EVAL_ONLY_SOURCES
 from shield_ds.data.records import FORMS, language_group, modality_group
 from shield_ds.errors import ShieldError
 from shield_ds.evaluate.degenerate import substantive_success
-from shield_ds.evaluate.asr import ASR_JSON, GENERATIONS_FILE, Rate, read_generations, transfer_markdown, transfer_table
+from shield_ds.evaluate.asr import (ASR_JSON, GENERATIONS_FILE, Rate, load_asr, read_generations, transfer_markdown,
+                                    transfer_table)
 from shield_ds.io import read_json
 from shield_ds.tables import markdown_table
+from shield_ds.defaults import TINY_NOTE
+from shield_ds.plots import plt, save_figure
 
 # Harmful sources that only evaluations read (never trained on, `data.layouts.EVAL_ONLY_SOURCES`): their
 # prompts form a slice of their own instead of counting in the trained or held-out slices.
@@ -196,7 +199,6 @@ def results_markdown(rows: list[dict], title: str, *, model: str, tiny: bool = F
              "Intervals are 95% Wilson score intervals per arm (the random-mean row shows the min-max "
              "range over seeds instead). NLL drift: mean per-token NLL of the base model's greedy benign "
              "answers under the arm minus under the base model.")
-    from shield_ds.defaults import TINY_NOTE
 
     warning = f"**{TINY_NOTE}**\n\n" if tiny else ""
     return (f"# {title}\n\nModel: `{model}`\n\n{warning}{markdown_table(header, body)}\n\n{notes}\n\n"
@@ -223,8 +225,6 @@ def substantive_markdown(rows: list[dict], present: list[str]) -> str:
 
 def held_out_groups(base_dir: Path, trained: tuple[set[str], set[str]]) -> list[str]:
     """The evaluated languages and modalities that identify and train did not see."""
-    from shield_ds.evaluate.asr import load_asr
-
     table = load_asr(base_dir)
     languages, modalities = trained
     return ([language_group(lang) for lang in table.languages if lang not in languages]
@@ -305,8 +305,6 @@ def paired_markdown(comparisons: list[tuple[str, str, dict[str, tuple[int, int, 
 def plot_results(rows: list[dict], path: Path) -> Path | None:
     """Bar chart of ASR (trained, held-out) and over-refusal per main arm with 95% intervals (the budget
     sweep has its own figure: `plot_budgets`; other selections are in their table)."""
-    from shield_ds.plots import plt, save_figure
-
     main = [r for r in rows if is_main(r)]
     forms = [k for k in FORM_KEYS if any(r.get(f"{k}_n") for r in main)]
     keys = [k for k in (*SLICES, "over_refusal", *(forms if len(forms) > 1 else []))
@@ -372,8 +370,6 @@ def budget_markdown(rows: list[dict]) -> str:
 def plot_budgets(rows: list[dict], path: Path) -> Path | None:
     """ASR on trained and held-out languages and over-refusal (all benign prompts, the trained languages')
     against the trainable fraction, one line per arm kind through `budget_rows` (95% Wilson intervals; log x)."""
-    from shield_ds.plots import plt, save_figure
-
     keys = [k for k in ("trained", "held_out_languages", *refusal_keys(rows)) if any(r.get(k) is not None for r in rows)]
     if not keys or len({r["budget"] for r in rows}) < 2:
         return None
@@ -465,8 +461,6 @@ def curve_markdown(rows: list[dict], split: str = "test") -> str:
 
 def plot_curves(rows: list[dict], path: Path, split: str = "test") -> Path | None:
     """Trained-language ASR against over-refusal, one line per arm through its steps (from the base)."""
-    from shield_ds.plots import plt, save_figure
-
     arms = list(dict.fromkeys(r["arm"] for r in rows if r.get("trained") is not None))
     if not arms:
         return None

@@ -39,9 +39,20 @@ from typing import Any, Literal, Sequence, get_args
 
 from shield_ds import dist
 from shield_ds.config import Modality, ModelConfig, option
-from shield_ds.defaults import REPO_ROOT as REPO
+from shield_ds.defaults import REPO_ROOT as REPO, is_tiny_checkpoint
 from shield_ds.errors import ShieldError
 from shield_ds.io import read_json, write_json, write_text
+from shield_ds.data.splits import overlap_note
+from shield_ds.experiment.results import (arm_row, budget_markdown, budget_rows, curve_markdown, describe_selection,
+                                          held_out_groups, paired_counts, paired_markdown, plot_budgets, plot_curves,
+                                          plot_results, prompt_outcomes, results_markdown, selection_markdown,
+                                          selection_rows, transfer_section)
+from shield_ds.launch.env import free_local_port
+from shield_ds.neurons.identify import IdentifyConfig, SELECTION_KEYS
+from shield_ds.neurons.neuron_set import NeuronSet
+from shield_ds.tables import rows_to_csv
+from shield_ds.train import BENIGN_TARGETS_FILE, snapshot_dir
+from shield_ds.trainable import rank_for_budget
 
 log = dist.get_logger("experiment")
 
@@ -80,7 +91,6 @@ class Selection:
     def parse(cls, text: str) -> "Selection":
         from dataclasses import fields
 
-        from shield_ds.neurons.identify import IdentifyConfig
 
         name, sep, flags = text.partition("=")
         name = name.strip()
@@ -106,8 +116,6 @@ class Selection:
     @property
     def from_stats(self) -> bool:
         """Only flags that choose among neurons differ: select again from the main identify's statistics."""
-        from shield_ds.neurons.identify import SELECTION_KEYS
-
         keys = {_option_key(w) for w in self.flags if w.startswith("--")}
         return keys <= set(SELECTION_KEYS)
 
@@ -249,8 +257,6 @@ def _neuron_params(identify: Path | None) -> int | None:
 def _own_port(launcher: list[str]) -> list[str]:
     """A one-node `deepspeed` launcher without --master_port gets a free one: its default (29500) is taken while
     another job on the machine, or the ranks of a stage just stopped, still hold it."""
-    from shield_ds.launch.env import free_local_port
-
     if not launcher or Path(launcher[0]).name != "deepspeed":
         return launcher
     chosen = ("--hostfile", "-H", "--master_addr", "--master-addr", "--master_port", "--master-port")
@@ -348,8 +354,6 @@ class Experiment:
         arm trained with the same flags trains nothing: it is that arm (LoRA has no neurons, so the two would
         be the same run). Decided once its identify and the earlier arm's training finished; an arm that trained
         already keeps its own results."""
-        from shield_ds.trainable import rank_for_budget
-
         match = _flag_value(self.cfg.lora_args, "--lora-budget") == "match"
         trained: list[tuple[Arm, dict[str, Any]]] = []
         for arm in (a for a in arms if a.kind == "lora"):
@@ -385,8 +389,6 @@ class Experiment:
 
     def curve_points(self, arm: Arm) -> list[tuple[int, Path, Path]]:
         """(step, snapshot model dir, its evaluation dir) per curve step of a main arm (none for the sweep's)."""
-        from shield_ds.train import snapshot_dir
-
         steps = self.cfg.curve_steps if arm.main else []
         return [(step, snapshot_dir(arm.train_dir, step) / "model", self.output(f"eval-step-{step}", arm.root))
                 for step in steps]
@@ -494,8 +496,6 @@ class Experiment:
     def _share_benign_targets(self, train_dir: Path) -> None:
         """The base model's answers to the benign training prompts are the same for every arm: the first
         arm generates them (`--benign-targets self`), the others start from its cache."""
-        from shield_ds.train import BENIGN_TARGETS_FILE
-
         target = train_dir / BENIGN_TARGETS_FILE
         if target.exists():
             return
@@ -508,14 +508,6 @@ class Experiment:
 
     # --- results -------------------------------------------------------------------------------
     def write_results(self) -> list[dict[str, Any]]:
-        from shield_ds.data.splits import overlap_note
-        from shield_ds.defaults import is_tiny_checkpoint
-        from shield_ds.experiment.results import (arm_row, budget_markdown, budget_rows, curve_markdown,
-                                                  held_out_groups, paired_markdown, plot_budgets, plot_curves,
-                                                  plot_results, results_markdown, selection_markdown, selection_rows,
-                                                  transfer_section)
-        from shield_ds.tables import rows_to_csv
-
         base_dir = self.base_eval_dir
         arms = self.arms()
         note = overlap_note([base_dir, *((a.same_as or a).eval_dir for a in arms)], self.cfg.allow_overlap)
@@ -560,8 +552,6 @@ class Experiment:
 
     @staticmethod
     def _arm_row(arm: Arm, base_dir: Path, trained: tuple[set[str], set[str]]) -> dict[str, Any]:
-        from shield_ds.experiment.results import arm_row
-
         source = arm.same_as or arm
         row = arm_row(arm.name, arm.kind, arm.budget, source.eval_dir, source.train_dir, base_dir, trained,
                       arm.selection)
@@ -572,8 +562,6 @@ class Experiment:
                            ) -> list[tuple[str, str, dict[str, tuple[int, int, int]]]]:
         """Each safety arm against the base model and the other arms of its budget and selection (random
         seeds, LoRA, full FFN), prompt by prompt (`paired_counts`)."""
-        from shield_ds.experiment.results import paired_counts, prompt_outcomes
-
         read: dict[Path, dict[str, dict[tuple, bool]]] = {}  # each evaluation read once
 
         def counts(safety_dir: Path, control_dir: Path) -> dict[str, tuple[int, int, int]]:
@@ -592,16 +580,11 @@ class Experiment:
 
     def main_budget(self) -> float:
         """The main identify's parameter cap (its selected fraction when it had none)."""
-        from shield_ds.neurons.neuron_set import NeuronSet
-
         meta = NeuronSet.load(self.out / "identify").meta
         return float(meta.get("max_param_fraction") or meta["param_fraction"])
 
     def selection_sets(self) -> dict[str | None, dict[str, Any]]:
         """Per selection (None: the main one): its description, neuron count and neurons shared with the main set."""
-        from shield_ds.experiment.results import describe_selection
-        from shield_ds.neurons.neuron_set import NeuronSet
-
         main = NeuronSet.load(self.out / "identify")
         out: dict[str | None, dict[str, Any]] = {}
         named = [(s.name, self.out / SELECTIONS_DIR / s.name / "identify") for s in self.cfg.parsed_selections()]
@@ -614,8 +597,6 @@ class Experiment:
     def curve_rows(self, rows: list[dict[str, Any]], base_dir: Path,
                    trained: tuple[set[str], set[str]]) -> list[dict[str, Any]]:
         """One row per main arm and step: the snapshots' evaluations, then the final one (and the base at 0)."""
-        from shield_ds.experiment.results import arm_row
-
         final = {r["arm"]: r for r in rows}
         steps = int(_flag_value(self.cfg.train_args, "--max-steps"))
         out = []

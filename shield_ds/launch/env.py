@@ -16,7 +16,7 @@ five are missing, and never overwrites one that is set:
   MASTER_PORT = `master_port_for_job(SLURM_JOB_ID)`, so every rank computes the same port alone.
 * Anything else: nothing is set (one process, or a launcher already did it).
 
-`python -m shield_ds.launch.env hostfile PATH [--slots N]` writes a DeepSpeed hostfile for the
+`python -m shield_ds.launch hostfile PATH [--slots N]` writes a DeepSpeed hostfile for the
 nodes of the current Slurm job, for those who run the deepspeed launcher over ssh/pdsh instead.
 """
 
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable, Mapping, MutableMapping
 
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds.errors import ShieldError
+from shield_ds.io import write_text
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Ports derived from job ids stay below Linux's ephemeral range (32768+), where connect() picks
@@ -54,8 +55,6 @@ def master_port_for_job(job_id: str | int) -> int:
 
 def free_local_port() -> int:
     """A TCP port nothing on this machine listens on now (the OS picks it)."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -193,35 +192,5 @@ def deepspeed_hostfile(hosts: list[str], slots: int) -> str:
 
 def write_hostfile(path: str | os.PathLike, hosts: list[str], slots: int) -> Path:
     """Write a DeepSpeed hostfile atomically and return its path."""
-    from shield_ds.io import write_text
-
     write_text(path, deepspeed_hostfile(hosts, slots))
     return Path(path)
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="python -m shield_ds.launch.env",
-                                     description="Slurm/MPI environment helpers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    hostfile = sub.add_parser("hostfile", help="write a DeepSpeed hostfile for this Slurm job's nodes")
-    hostfile.add_argument("path")
-    hostfile.add_argument("--slots", type=int, default=None,
-                          help="ranks per host (default: SLURM_NTASKS_PER_NODE, else 8)")
-    sub.add_parser("show", help="print the distributed variables this process would get")
-    args = parser.parse_args(argv)
-    if args.command == "hostfile":
-        nodelist = os.environ.get("SLURM_JOB_NODELIST")
-        if not nodelist:
-            raise ShieldError("SLURM_JOB_NODELIST is unset: run this inside a Slurm job")
-        slots = args.slots or int(os.environ.get("SLURM_NTASKS_PER_NODE", "8").split("(")[0])
-        print(write_hostfile(args.path, slurm_hostnames(nodelist), slots))
-    else:
-        current = {name: os.environ[name] for name in DIST_VARS if name in os.environ}
-        current.update(distributed_env(os.environ))
-        for name in DIST_VARS:
-            print(f"{name}={current.get(name, '')}")
-
-
-if __name__ == "__main__":
-    main()

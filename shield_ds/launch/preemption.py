@@ -41,6 +41,7 @@ import torch
 
 from shield_ds import dist
 from shield_ds.dist import get_logger
+from shield_ds.io import atomic_path
 
 REQUEUE_EXIT_CODE = 3
 REQUEUE_MARKER_ENV = "SHIELD_REQUEUE_MARKER"
@@ -129,7 +130,6 @@ def mark_for_requeue(reason: str = "preempted") -> bool:
     path = os.environ.get(REQUEUE_MARKER_ENV)
     if not path:
         return False
-    from shield_ds.io import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(reason + "\n", encoding="utf-8")

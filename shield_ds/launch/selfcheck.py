@@ -30,9 +30,10 @@ import torch
 import torch.distributed as torch_dist
 
 from shield_ds import dist
-from shield_ds.engine import init_distributed
+from shield_ds.process_group import init_distributed
 from shield_ds.launch.env import export_distributed_env
 from shield_ds.launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, mark_for_requeue, restart_count
+from shield_ds.io import read_json, write_json
 
 
 def run_selfcheck(args: argparse.Namespace) -> int:
@@ -96,8 +97,6 @@ def run_selfcheck(args: argparse.Namespace) -> int:
               f"hosts {' '.join(f'{h}({n})' for h, n in counts.items())} restarts {restarts} outcome {outcome}",
               flush=True)
         if args.out:
-            from shield_ds.io import read_json, write_json
-
             path = os.path.join(args.out, "selfcheck.json")
             if args.resume and os.path.isfile(path):
                 # The attempt before the requeue, kept here: a scheduler's log files may not survive it.

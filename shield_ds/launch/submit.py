@@ -27,6 +27,7 @@ from pathlib import Path
 from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError
 from shield_ds.launch.preemption import REQUEUE_EXIT_CODE
+from shield_ds.process_group import hosted_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = {name: REPO / "recipes" / f"{name}.py" for name in ("identify", "train", "evaluate", "selfcheck")}
@@ -91,8 +92,6 @@ def run_recipe(recipe: str, args: list[str]) -> int:
     saved_argv = sys.argv
     sys.argv = [str(path), *args]
     try:
-        from shield_ds.engine import hosted_recipe
-
         with hosted_recipe():
             runpy.run_path(str(path), run_name="__main__")
         return 0

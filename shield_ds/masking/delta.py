@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from shield_ds.dist import get_logger
-from shield_ds.engine import gathered
+from shield_ds.zero_internals import gathered
 from shield_ds.masking.neuron_linear import (DIM, NEURONS, SLICE, SLICE_BIAS, make_neuron_linear,
                                              neuron_projections, restore_linear)
 from shield_ds.masking.partition import param_partition

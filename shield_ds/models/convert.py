@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from shield_ds.dist import get_logger
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error, first_line
+from shield_ds.errors import ShieldError, first_line
+from shield_ds.process_group import ToolParser, exit_on_error
 from shield_ds.io import atomic_dir
 
 from .adapters import TEXT_ONLY_FAMILIES

@@ -22,6 +22,7 @@ from shield_ds.dist import get_logger
 from shield_ds.errors import ShieldError, first_line
 
 from .adapters import TEXT_ONLY_FAMILIES, FamilyAdapter, get_adapter
+from shield_ds.zero_internals import full_numel, full_shape
 
 log = get_logger("models")
 
@@ -174,13 +175,9 @@ def config_hash(config: PretrainedConfig) -> str:
 
 def param_shape(param: torch.Tensor) -> torch.Size:
     """The full shape of a parameter, also when ZeRO-3 has partitioned it away."""
-    from shield_ds.zero_internals import full_shape
-
     return full_shape(param)
 
 
 def count_parameters(model: nn.Module) -> int:
     """Total parameter count (full sizes under ZeRO-3 partitioning; shared weights once)."""
-    from shield_ds.zero_internals import full_numel
-
     return sum(full_numel(param) for param in model.parameters())

@@ -21,8 +21,11 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
-from shield_ds.defaults import TINY_MARKER
-from shield_ds.errors import ShieldError, ToolParser, exit_on_error
+from shield_ds import dist
+from shield_ds.defaults import DEFAULT_ARCH, TINY_MARKER, default_model_dir
+from shield_ds.io import atomic_dir
+from shield_ds.errors import ShieldError
+from shield_ds.process_group import ToolParser, exit_on_error
 
 TINY_VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama", "gemma3", "idefics3")
 TINY_LLM_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
@@ -364,6 +367,16 @@ def build_tiny(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def default_model() -> Path:
+    """The tiny default checkpoint, built (seeded, identical every time) by rank 0 on first use."""
+    path = default_model_dir()
+    if not (path / "config.json").exists() and dist.is_rank0():
+        with atomic_dir(path) as tmp:
+            build_tiny(DEFAULT_ARCH, tmp)
+    dist.barrier()
+    return path
 
 
 @exit_on_error

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import shield_ds
 from shield_ds import dist
 from shield_ds.config import LATER_DATA_OPTIONS, DataConfig, InferenceConfig, option
-from shield_ds.engine import ShieldEngine, gathered, resolve_ds_config
+from shield_ds.engine import ShieldEngine, resolve_ds_config
+from shield_ds.zero_internals import gathered
 from shield_ds.data.records import language_group, modality_group
 from shield_ds.errors import ShieldError
 from shield_ds.io import atomic_dir
@@ -23,6 +24,8 @@ from shield_ds.neurons.neuron_set import META_FILE, NORMS_KEY, SETS_DIR, STATS_F
 from shield_ds.neurons.scores import compute_scores
 from shield_ds.neurons.selection import cap_by_param_fraction, cap_neurons, param_fraction, select_per_layer
 from shield_ds.neurons.statistics import ActivationStatistics
+from shield_ds.data import SafetyCollator, plan_batches, shard_batches
+from shield_ds.models import config_hash, count_parameters, get_adapter, load_config
 
 log = dist.get_logger("identify")
 
@@ -132,9 +135,6 @@ class Identifier:
                 "include_image_tokens": c.include_image_tokens, "scope": c.scope, **c.split_spec.fields()}
 
     def run(self) -> NeuronSet:
-        from shield_ds.data import SafetyCollator, plan_batches, shard_batches
-        from shield_ds.models import config_hash, count_parameters, get_adapter, load_config
-
         cfg = self.cfg
         out = Path(cfg.out)
         # Everything that can be wrong with the input is checked before the model is loaded.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from shield_ds.engine import init_distributed  # noqa: E402
+from shield_ds.process_group import init_distributed  # noqa: E402
 from shield_ds.models import get_adapter, load_config  # noqa: E402
 from shield_ds.neurons.identify import IdentifyConfig, Identifier  # noqa: E402
 

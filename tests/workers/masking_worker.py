@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import deepspeed  # noqa: E402
 
-from shield_ds.engine import init_distributed  # noqa: E402
+from shield_ds.process_group import init_distributed  # noqa: E402
 from shield_ds.masking import (GradientMasker, attach_deltas, build_masks, delta_masks, freeze_unselected,  # noqa: E402
                                merge_deltas)
 from shield_ds.models.adapters import FFNProjections  # noqa: E402

@@ -22,7 +22,8 @@ import deepspeed  # noqa: E402
 
 from shield_ds import zero_internals as zi  # noqa: E402
 from shield_ds.data import SafetyCollator, SafetyRecord  # noqa: E402
-from shield_ds.engine import ShieldEngine, exit_distributed, init_distributed, resolve_ds_config  # noqa: E402
+from shield_ds.engine import ShieldEngine, resolve_ds_config  # noqa: E402
+from shield_ds.process_group import exit_distributed, init_distributed  # noqa: E402
 
 problems: list[str] = []
 
