@@ -120,7 +120,7 @@ def test_embedded_default_only_without_model_or_config(recipe):
 
     args, where = read_config(RECIPES[recipe], [], embedded_default=recipe)
     assert args.per_group_limit is not None  # from configs/default/<recipe>.yaml (every key a real option)
-    assert args.model == str(default_model_dir()) and f"configs/default/{recipe}.yaml" in where
+    assert args.model == str(default_model_dir()) and f"recipe_defaults/{recipe}.yaml" in where  # configs/default links there
     args, where = read_config(RECIPES[recipe], ["--model", "x"], embedded_default=recipe)
     assert args.per_group_limit is None and where == "flags"
 
@@ -274,7 +274,7 @@ def test_choose_zero_resolves_auto_on_off(tiny_checkpoint, tmp_path):
 
 TOOLS = ["shield_ds.models.convert", "shield_ds.models.tiny", "shield_ds.evaluate.rejudge", "shield_ds.report",
          "shield_ds.experiment.publish", "shield_ds.plan", "shield_ds.data.summary", "shield_ds.patch",
-         "shield_ds.launch.env"]
+         "shield_ds.launch"]
 
 
 @pytest.mark.parametrize("module", TOOLS)
@@ -283,12 +283,12 @@ def test_tools_usage_errors_are_one_line(module, capsys):
     flag, exit 2 (not argparse's usage block); a subcommand's missing option names the subcommand."""
     import importlib
 
-    main = importlib.import_module(module).main
+    main = importlib.import_module(module + (".__main__" if module == "shield_ds.launch" else "")).main
     required = {  # the tool's required arguments, so that the unknown flag is the error
         "shield_ds.models.convert": ["--gguf", "g", "--out", "o"], "shield_ds.models.tiny": ["--arch", "llama", "--out", "o"],
         "shield_ds.evaluate.rejudge": ["d"], "shield_ds.report": ["--run", "r"],
         "shield_ds.experiment.publish": ["--run", "r", "--out", "o"], "shield_ds.patch": ["info", "--patch", "p"],
-        "shield_ds.launch.env": ["show"],
+        "shield_ds.launch": ["show"],
     }.get(module, [])
     with pytest.raises(SystemExit) as exited:
         main([*required, "--bogus"])
