@@ -3,7 +3,7 @@
     srun -N 2 --ntasks-per-node 8 python recipes/selfcheck.py          # or: sbatch slurm/selfcheck.sh
     mpirun -np 2 python recipes/selfcheck.py
 
-What it checks and prints: shield_ds/launch/selfcheck.py. The tools' argparse here (shield_ds.errors), not
+What it checks and prints: shield_ds/launch/selfcheck.py. The tools' argparse here (shield_ds.errors.ToolParser), not
 shield_ds.cli: `--help` answers before any heavy import (deepspeed, transformers).
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shield_ds.process_group import ToolParser  # noqa: E402
-from shield_ds.launch.selfcheck import run_selfcheck  # noqa: E402
+from shield_ds.errors import ToolParser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher passes --local_rank (LOCAL_RANK is in the environment as well).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # after parsing: --help and usage errors answer before torch and DeepSpeed load (seconds on a login node)
+    from shield_ds.launch.selfcheck import run_selfcheck
 
     return run_selfcheck(args)
 

@@ -7,7 +7,6 @@ Floor 1: imports the ground floor (`dist`, `errors`, `io`) and the scheduler-var
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import functools
@@ -22,7 +21,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from shield_ds import dist
-from shield_ds.errors import ShieldError
+from shield_ds.errors import ShieldError, ToolParser  # noqa: F401  (ToolParser: re-exported for the tools)
 from shield_ds.launch.env import export_distributed_env, free_local_port
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -143,14 +142,6 @@ def exit_with_error(message: str) -> typing.NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     _end_distributed(2, together=False)
     sys.exit(2)
-
-
-class ToolParser(argparse.ArgumentParser):
-    """The argument parser of the tools and scripts (`python -m shield_ds....`, benchmarks/, selfcheck): a
-    usage error is one line naming the tool, exit 2, not argparse's usage block. Subcommands inherit it."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        exit_with_error(f"{self.prog}: {message}")
 
 
 def exit_on_error(fn: F) -> F:
