@@ -144,12 +144,13 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 from shield_ds import dist
-from shield_ds.errors import ShieldError
 from shield_ds.process_group import exit_distributed, init_distributed
 
 init_distributed()
-print("THREADS", json.dumps({{"rank": dist.rank(), "torch": torch.get_num_threads(), **dist.thread_choice()}}),
-      flush=True)
+# one write per line: the two ranks share the launcher's stdout
+sys.stdout.write("THREADS " + json.dumps({{"rank": dist.rank(), "torch": torch.get_num_threads(),
+                                           **dist.thread_choice()}}) + "\n")
+sys.stdout.flush()
 exit_distributed(0)
 """
 
