@@ -149,7 +149,7 @@ from shield_ds.process_group import exit_distributed, init_distributed
 init_distributed()
 # one write per line: the two ranks share the launcher's stdout
 sys.stdout.write("THREADS " + json.dumps({{"rank": dist.rank(), "torch": torch.get_num_threads(),
-                                           **dist.thread_choice()}}) + "\n")
+                                           **dist.thread_choice()}}) + "\\n")
 sys.stdout.flush()
 exit_distributed(0)
 """
