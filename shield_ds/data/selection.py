@@ -160,8 +160,9 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
     limits = {"harmful": per_group_limit,
               "benign": benign_per_group_limit if benign_per_group_limit is not None else per_group_limit}
     benign, benign_mix, harmful = list(benign), list(benign_mix), list(harmful)
-    for spec in harmful + benign:
-        if spec.strip().lower() in EVAL_ONLY_SOURCES and not evaluation:
+    eval_only = {spec for spec in harmful + benign if spec.strip().lower() in EVAL_ONLY_SOURCES}
+    for spec in eval_only:
+        if not evaluation:
             raise ShieldError(f"{spec}: an evaluation-only source (never identified or trained on); use it with "
                               "evaluate.py only")
     weights = parse_mix(benign_mix, benign)
@@ -175,7 +176,7 @@ def load_labeled(harmful: Iterable[str], benign: Iterable[str], *, modalities: I
             # one selection per source, each with its share of the limit
             parts = [(recs, quota, languages) for recs, quota in zip(loaded, mix_quotas(limits[label], weights))]
         else:
-            own = [spec.strip().lower() in EVAL_ONLY_SOURCES for spec in specs]
+            own = [spec in eval_only for spec in specs]
             parts = [([r for recs, alone in zip(loaded, own) if not alone for r in recs], limits[label], languages)]
             # an evaluation-only source covers only some languages (SafeBench: English): the others are not missing
             parts += [([r for r in recs if languages is None or r.language in languages], limits[label], None)
